@@ -1,0 +1,192 @@
+"""`ray-rec`: prepare, train, evaluate, serve, demo, batch-score.
+
+User mistakes (missing paths, bad config, bad input files) end with one clear line and exit 2;
+only bugs show a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from ray_rec import __version__
+
+logger = logging.getLogger("ray_rec")
+
+
+def _parse_value(text: str) -> Any:
+    """``--set`` values are YAML scalars: 32 -> int, 0.5 -> float, true -> bool, gru -> str."""
+    return yaml.safe_load(text)
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set {pair!r} must look like section.field=value, e.g. model.dim=32")
+        out[key.strip()] = _parse_value(value)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ray-rec", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"ray-rec {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="import event logs into a sharded sequence dataset")
+    p.add_argument("--input", required=True, help="log file or folder (local path or s3://)")
+    p.add_argument("--format", required=True, choices=["events", "movielens", "seqtxt"])
+    p.add_argument("--output", required=True, help="dataset folder to write (local path or s3://)")
+    p.add_argument("--items", help="item side features: Parquet/CSV with item_id, or MovieLens u.item/movies.dat")
+    p.add_argument("--num-shards", type=int, default=8)
+    p.add_argument("--min-clicks", type=int, default=3, help="drop users with fewer clicks (>= 3)")
+    p.add_argument("--split", choices=["leave_one_out", "time"], default="leave_one_out")
+    p.add_argument("--cutoff", help="with --split time: epoch seconds or ISO 8601 time")
+    p.add_argument("--expected-events", type=int, help="approximate log size, to size the spill buckets")
+
+    p = sub.add_parser("train", help="train on Ray Train; writes checkpoints and <output>/model")
+    p.add_argument("--data", required=True, help="prepared dataset (local path or s3://)")
+    p.add_argument("--output", required=True, help="run folder (local path or s3://)")
+    p.add_argument("--config", help="YAML with model, data, train sections")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
+    p.add_argument("--workers", type=int, default=2, help="data-parallel training workers")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl)")
+    p.add_argument("--resume", action="store_true", help="continue the run already in --output")
+
+    p = sub.add_parser("evaluate", help="ranking metrics of a model on a split")
+    p.add_argument("--data", required=True)
+    p.add_argument("--model", required=True, help="model artifact folder (local path or s3://)")
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    p.add_argument("--output", help="also write eval_<split>.json here")
+
+    p = sub.add_parser("serve", help="serve a model over HTTP in the foreground (Ray Serve)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--api-key-env", default="", help="environment variable holding the API key")
+
+    p = sub.add_parser("batch-score", help="top-k recommendations for every user of a split, to Parquet")
+    p.add_argument("--data", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    p.add_argument("--k", type=int, default=10)
+
+    p = sub.add_parser("demo", help="the whole product end to end on synthetic data")
+    p.add_argument("--workdir", help="keep the demo's files here (default: a temporary folder)")
+    p.add_argument("--users", type=int, default=3000)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--no-s3", action="store_true", help="use a local folder instead of the loopback S3 server")
+    return parser
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from ray_rec.data.formats import parse_timestamps
+    from ray_rec.data.prepare import PrepareOptions, prepare
+
+    cutoff = None
+    if args.cutoff is not None:
+        import pyarrow as pa
+
+        cutoff = parse_timestamps(pa.array([args.cutoff])).to_pylist()[0]
+        if cutoff is None:
+            raise ValueError(f"--cutoff {args.cutoff!r} is neither epoch seconds nor ISO 8601")
+    opts = PrepareOptions(
+        input=args.input, output=args.output, format=args.format, items=args.items, num_shards=args.num_shards,
+        min_clicks=args.min_clicks, split=args.split, cutoff=cutoff, expected_events=args.expected_events,
+    )
+    manifest = prepare(opts, progress=lambda msg: print(f"[prepare] {msg}", file=sys.stderr, flush=True))
+    c, d = manifest["counts"], manifest["dropped"]
+    print(f"prepared {args.output}: {c['users']:,} users, {c['items']:,} items, {c['events']:,} events "
+          f"({c['clicks']:,} clicks) in {manifest['num_shards']} shards")
+    print("dropped: " + ", ".join(f"{k} {v:,}" for k, v in d.items()))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ray_rec.config import load_config
+    from ray_rec.data.prepare import read_manifest
+    from ray_rec.ray_session import init_ray
+    from ray_rec.train.trainer import train
+
+    config = load_config(args.config, _overrides(args.set))
+    read_manifest(args.data)  # fail fast, before Ray starts
+    init_ray(args.workers)
+    result = train(args.data, args.output, config, workers=args.workers, use_gpu=args.gpu, resume=args.resume)
+    print(f"trained: best epoch {result.best_epoch} of {result.epochs_run}, {json.dumps(result.best_metrics)}; "
+          f"{result.seconds:.0f} s")
+    print(f"model artifact: {result.model_uri}")
+    print(f"next: ray-rec evaluate --data {args.data} --model {result.model_uri}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ray_rec.ray_session import init_ray
+    from ray_rec.train.evaluate import evaluate_model, format_table
+
+    init_ray(1)
+    result = evaluate_model(args.data, args.model, split=args.split, output=args.output)
+    print(format_table(result))
+    print(json.dumps(result))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ray_rec.serve.local import serve_foreground
+
+    serve_foreground(args.model, args.host, args.port, args.max_batch_size, args.api_key_env)
+    return 0
+
+
+def _cmd_batch_score(args: argparse.Namespace) -> int:
+    from ray_rec.ray_session import init_ray
+    from ray_rec.train.batch_score import batch_score
+
+    init_ray(1)
+    n = batch_score(args.data, args.model, args.output, split=args.split, k=args.k)
+    print(f"wrote top-{args.k} recommendations for {n:,} users to {args.output}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ray_rec.demo import DemoOptions, run_demo
+
+    return run_demo(DemoOptions(workdir=args.workdir, users=args.users, epochs=args.epochs, use_s3=not args.no_s3))
+
+
+COMMANDS = {
+    "prepare": _cmd_prepare,
+    "train": _cmd_train,
+    "evaluate": _cmd_evaluate,
+    "serve": _cmd_serve,
+    "batch-score": _cmd_batch_score,
+    "demo": _cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from ray_rec.errors import USER_ERRORS
+
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as exc:
+        print(f"ray-rec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ray-rec {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

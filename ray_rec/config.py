@@ -1,0 +1,233 @@
+"""Typed, frozen settings for every stage: model, data, training and serving.
+
+YAML files and CLI flags only fill these in; all validation lives in ``__post_init__`` so a bad
+value is reported once, naming the field and the value. Importing this module does nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+TRACKERS = ("transformer", "gru")
+ENHANCERS = ("trend", "augru", "none")
+RELEVANCES = ("dot", "mlp")
+LOSSES = ("auto", "ce", "sampled_softmax", "bce")
+
+# Above this catalog size `loss: auto` switches from full cross-entropy to sampled softmax:
+# a (positions x items) logit matrix stops fitting comfortably in memory.
+FULL_SOFTMAX_MAX_ITEMS = 200_000
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def _check_range(name: str, value: float, low: float, high: float | None = None) -> None:
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name}={value!r} must be {bound}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The interest model's architecture.
+
+    ``num_items`` and ``side_features`` describe the catalog and are filled from the data set's
+    manifest at training time; the rest are choices.
+    """
+
+    num_items: int = 0  # catalog size; valid item indices are 1..num_items, 0 is padding
+    side_features: dict[str, int] = field(default_factory=dict)  # name -> vocabulary size
+    max_len: int = 50
+    dim: int = 64
+    use_time: bool = True  # bucketed time since the previous click (ignored if data has none)
+    time_buckets: int = 24
+    tracker: str = "transformer"
+    tracker_layers: int = 2
+    heads: int = 1
+    enhancer: str = "trend"
+    relevance: str = "dot"
+    dropout: float = 0.5
+    loss: str = "auto"
+    num_negatives: int = 256  # sampled negatives for `sampled_softmax` / `bce`
+    aux_loss_weight: float = 0.1  # DIEN's auxiliary next-click loss on the interest states
+
+    def __post_init__(self) -> None:
+        _check_choice("model.tracker", self.tracker, TRACKERS)
+        _check_choice("model.enhancer", self.enhancer, ENHANCERS)
+        _check_choice("model.relevance", self.relevance, RELEVANCES)
+        _check_choice("model.loss", self.loss, LOSSES)
+        _check_range("model.num_items", self.num_items, 0)
+        _check_range("model.max_len", self.max_len, 2, 4096)
+        _check_range("model.dim", self.dim, 4, 4096)
+        _check_range("model.tracker_layers", self.tracker_layers, 1, 24)
+        _check_range("model.heads", self.heads, 1, 64)
+        _check_range("model.dropout", self.dropout, 0.0, 0.95)
+        _check_range("model.time_buckets", self.time_buckets, 2, 256)
+        _check_range("model.num_negatives", self.num_negatives, 1)
+        _check_range("model.aux_loss_weight", self.aux_loss_weight, 0.0)
+        if self.dim % self.heads:
+            raise ValueError(f"model.dim={self.dim} must be divisible by model.heads={self.heads}")
+        for name, size in self.side_features.items():
+            if size < 1:
+                raise ValueError(f"model.side_features[{name!r}]={size} must be >= 1")
+
+    @property
+    def resolved_loss(self) -> str:
+        """The loss actually used: `auto` picks full softmax for dot relevance and small catalogs."""
+        if self.loss != "auto":
+            return self.loss
+        if self.relevance == "dot" and self.num_items <= FULL_SOFTMAX_MAX_ITEMS:
+            return "ce"
+        return "sampled_softmax"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How sequences become training examples."""
+
+    shuffle_buffer: int = 2048  # rows in the local shuffle buffer of each worker
+    seed: int = 0
+    min_clicks: int = 3  # used by `prepare`: users with fewer clicks are dropped
+
+    def __post_init__(self) -> None:
+        _check_range("data.shuffle_buffer", self.shuffle_buffer, 0)
+        _check_range("data.min_clicks", self.min_clicks, 3)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation and the run around it."""
+
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0
+    patience: int = 10  # epochs without a better validation NDCG@10 before stopping
+    eval_every: int = 1
+    keep_checkpoints: int = 2  # best K by validation NDCG@10
+    eval_batch_size: int = 512
+    max_failures: int = 2  # worker crashes Ray Train recovers from by itself
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_range("train.epochs", self.epochs, 1)
+        _check_range("train.batch_size", self.batch_size, 1)
+        _check_range("train.lr", self.lr, 1e-7, 10.0)
+        _check_range("train.weight_decay", self.weight_decay, 0.0)
+        _check_range("train.grad_clip", self.grad_clip, 0.0)
+        _check_range("train.patience", self.patience, 1)
+        _check_range("train.eval_every", self.eval_every, 1)
+        _check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
+        _check_range("train.eval_batch_size", self.eval_batch_size, 1)
+        _check_range("train.max_failures", self.max_failures, 0)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Limits and batching of the HTTP service."""
+
+    max_batch_size: int = 32
+    batch_wait_timeout_s: float = 0.005
+    max_history: int = 1000  # longer histories are rejected; up to this, the most recent are kept
+    max_candidates: int = 1000
+    max_k: int = 1000
+    max_body_bytes: int = 1_000_000
+    api_key_env: str = ""  # name of the environment variable holding the API key; "" = no key
+
+    def __post_init__(self) -> None:
+        _check_range("serve.max_batch_size", self.max_batch_size, 1)
+        _check_range("serve.batch_wait_timeout_s", self.batch_wait_timeout_s, 0.0, 10.0)
+        _check_range("serve.max_history", self.max_history, 1)
+        _check_range("serve.max_candidates", self.max_candidates, 1)
+        _check_range("serve.max_k", self.max_k, 1)
+        _check_range("serve.max_body_bytes", self.max_body_bytes, 1024)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one training run needs; one YAML file maps onto it section by section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+T = TypeVar("T")
+
+
+def build(cls: type[T], values: dict[str, Any] | None, section: str) -> T:
+    """Build dataclass ``cls`` from a dict, rejecting unknown keys by name."""
+    values = dict(values or {})
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown setting(s) in section {section!r}: {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(known))}"
+        )
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ValueError(f"bad settings in section {section!r}: {exc}") from None
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build a `Config` from a nested dict (as read from YAML)."""
+    if not isinstance(raw, dict):
+        raise ValueError("a config must be a mapping with sections model, data, train")
+    unknown = sorted(set(raw) - {"model", "data", "train"})
+    if unknown:
+        raise ValueError(f"unknown config section(s): {', '.join(unknown)}; known: model, data, train")
+    return Config(
+        model=build(ModelConfig, raw.get("model"), "model"),
+        data=build(DataConfig, raw.get("data"), "data"),
+        train=build(TrainConfig, raw.get("train"), "train"),
+    )
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply dotted overrides.
+
+    Example:
+        >>> load_config(None, {"model.dim": 32}).model.dim
+        32
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        import yaml
+
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ValueError(f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {path} must hold a mapping with sections model, data, train")
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if not key:
+            raise ValueError(f"override {dotted!r} must look like section.field")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ValueError(f"config section {section!r} must be a mapping")
+        raw[section][key] = value
+    return config_from_dict(raw)
+
+
+def with_catalog(model: ModelConfig, num_items: int, side_features: dict[str, int], has_time: bool) -> ModelConfig:
+    """Return ``model`` with the catalog facts of a data set filled in."""
+    return dataclasses.replace(
+        model, num_items=num_items, side_features=dict(side_features), use_time=model.use_time and has_time
+    )

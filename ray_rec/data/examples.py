@@ -1,0 +1,145 @@
+"""Per-user sequences -> training and evaluation examples, vectorised with numpy (no Ray).
+
+A sequence row holds ``items`` (item indices, 1-based), ``events`` (1 = click, 0 = browse) and
+``timestamps`` (seconds), in time order. Training examples use "sliding targets": a window of up
+to L clicked items, left-padded, with the next click after every step as that step's target;
+sequences longer than L + 1 clicks give several windows. Browsed-not-clicked items shown before a
+click become that step's labelled negatives.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+CLICK = 1
+BROWSE = 0
+
+
+def time_buckets(deltas: np.ndarray, num_buckets: int) -> np.ndarray:
+    """Bucket seconds since the previous click on a log scale: 1 = first click, 2 = < 1 minute,
+    then one bucket per doubling of minutes, capped at ``num_buckets``. Negative = first click."""
+    minutes = np.maximum(deltas, 0) / 60.0
+    buckets = 2 + np.floor(np.log2(1.0 + minutes)).astype(np.int64)
+    buckets = np.minimum(buckets, num_buckets)
+    return np.where(deltas < 0, 1, buckets)
+
+
+def _flat_list(table: pa.Table, name: str, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    column = table.column(name).combine_chunks()
+    lengths = column.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(dtype)
+    return values, lengths
+
+
+class _Clicks:
+    """Clicks of a batch of sequences, flattened, with per-click time deltas and browsed negatives."""
+
+    def __init__(self, table: pa.Table, max_browse: int) -> None:
+        items, lengths = _flat_list(table, "items", np.int64)
+        events, _ = _flat_list(table, "events", np.int8)
+        stamps, _ = _flat_list(table, "timestamps", np.int64)
+        n_rows = len(lengths)
+        event_row = np.repeat(np.arange(n_rows), lengths)
+        is_click = events == CLICK
+        self.items = items[is_click]
+        self.row = event_row[is_click]
+        self.lengths = np.bincount(self.row, minlength=n_rows)
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
+        ts = stamps[is_click]
+        first = np.arange(len(self.items)) == self.offsets[self.row]
+        self.deltas = np.where(first, -1, ts - np.concatenate([[0], ts[:-1]]))
+        self.negatives = self._browsed(items, event_row, is_click, max_browse)
+
+    def _browsed(self, items: np.ndarray, event_row: np.ndarray, is_click: np.ndarray, k: int) -> np.ndarray:
+        """(clicks, k) browsed items shown since the previous click, the latest first (0 = none)."""
+        table = np.zeros((len(self.items), k), dtype=np.int64)
+        if k == 0 or is_click.all():
+            return table
+        next_click = np.cumsum(is_click) - is_click  # global index of the next click
+        browse = ~is_click & (next_click < self.offsets[event_row + 1])
+        target = next_click[browse]
+        shown = items[browse]
+        order = np.lexsort((-np.arange(len(target)), target))  # by target, latest browse first
+        target, shown = target[order], shown[order]
+        starts = np.searchsorted(target, target, side="left")
+        rank = np.arange(len(target)) - starts
+        keep = (rank < k) & (shown != self.items[target])
+        table[target[keep], rank[keep]] = shown[keep]
+        return table
+
+
+def training_examples(table: pa.Table, max_len: int, num_time_buckets: int, max_browse: int = 0) -> dict[str, np.ndarray]:
+    """Sequences -> sliding-target training windows.
+
+    Returns:
+        ``items``, ``targets``, ``time_buckets``: (W, L) int64, left-padded with 0; and, when
+        ``max_browse`` > 0, ``negatives``: (W, L, max_browse) browsed items per step (0 = none).
+    """
+    c = _Clicks(table, max_browse)
+    n_targets = np.maximum(c.lengths - 1, 0)
+    n_windows = -(-n_targets // max_len)  # ceil
+    win_row = np.repeat(np.arange(len(c.lengths)), n_windows)
+    win_idx = np.arange(len(win_row)) - np.repeat(np.cumsum(n_windows) - n_windows, n_windows)
+    win_end = n_targets[win_row] - win_idx * max_len  # local index of the window's last target
+    local = win_end[:, None] - (max_len - 1) + np.arange(max_len)[None, :]  # (W, L)
+    valid = local >= 1
+    g = c.offsets[win_row][:, None] + np.where(valid, local, 1)  # global index of each target
+    out = {
+        "items": np.where(valid, c.items[g - 1], 0),
+        "targets": np.where(valid, c.items[g], 0),
+        "time_buckets": np.where(valid, time_buckets(c.deltas[g - 1], num_time_buckets), 0),
+    }
+    if max_browse > 0:
+        out["negatives"] = np.where(valid[..., None], c.negatives[g], 0)
+    return out
+
+
+def evaluation_examples(
+    table: pa.Table, max_len: int, num_time_buckets: int, with_target: bool = True
+) -> dict[str, np.ndarray]:
+    """Sequences -> one example per row: the last click is the target (``with_target``), or every
+    click is history (for recommending after the whole sequence).
+
+    Returns:
+        ``items`` and ``time_buckets`` (n, L) left-padded history; ``seen`` (n, S) every clicked
+        item of the history (0-padded), for exclusion; ``row`` (n,) the source row of each
+        example; and ``targets`` (n,) with ``with_target``. Rows without enough clicks are skipped.
+    """
+    c = _Clicks(table, 0)
+    rows = np.flatnonzero(c.lengths >= (2 if with_target else 1))
+    start = c.offsets[rows]
+    end = c.offsets[rows + 1] - (1 if with_target else 0)  # history is [start, end)
+    g = end[:, None] + np.arange(-max_len, 0)[None, :]  # (n, L)
+    valid = g >= start[:, None]
+    g = np.where(valid, g, 0)
+    seen_width = max(int((end - start).max()) if len(rows) else 1, 1)
+    s = end[:, None] - seen_width + np.arange(seen_width)[None, :]
+    seen_valid = s >= start[:, None]
+    out = {
+        "items": np.where(valid, c.items[g], 0),
+        "time_buckets": np.where(valid, time_buckets(c.deltas[g], num_time_buckets), 0),
+        "seen": np.where(seen_valid, c.items[np.where(seen_valid, s, 0)], 0),
+        "row": rows,
+    }
+    if with_target:
+        out["targets"] = c.items[end]
+    return out
+
+
+def collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Numpy example batch -> int64 torch tensors (the model's batch).
+
+    Leading columns that are padding in every row are cut off: positions count from the right,
+    so this changes no result and saves the work on them.
+    """
+    items = batch["items"]
+    used = np.flatnonzero((items != 0).any(0))
+    start = int(used[0]) if len(used) else items.shape[1] - 1
+    out = {}
+    for name, values in batch.items():
+        if values.ndim >= 2 and values.shape[1] == items.shape[1]:
+            values = values[:, start:]
+        out[name] = torch.as_tensor(np.ascontiguousarray(values), dtype=torch.long)
+    return out

@@ -1,0 +1,316 @@
+"""Readers that turn a user's logs into a stream of standard event tables.
+
+Every reader yields pyarrow tables with columns ``user_id`` (string), ``item_id`` (string),
+``timestamp`` (int64 seconds; null where unparseable) and ``event`` (int8: 1 click, 0 browse,
+-1 unknown value), one bounded batch at a time, so a log larger than memory streams through.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import posixpath
+import re
+from collections.abc import Iterator
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from ray_rec import storage
+
+FORMATS = ("events", "movielens", "seqtxt")
+BATCH_ROWS = 1 << 18
+TEXT_CHUNK_BYTES = 1 << 24
+STANDARD = pa.schema(
+    [("user_id", pa.string()), ("item_id", pa.string()), ("timestamp", pa.int64()), ("event", pa.int8())]
+)
+_NUMERIC = r"^\s*-?\d+(\.\d*)?\s*$"
+
+
+class InputError(ValueError):
+    """The user's input cannot be read: names the file and what is wrong with it."""
+
+
+def list_inputs(uri: str, suffixes: tuple[str, ...]) -> list[str]:
+    """The data files at a path: the file itself, or the matching files in a folder (sorted)."""
+    fs, path = storage.resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"input {uri} does not exist")
+    if info.type == pafs.FileType.File:
+        return [uri]
+    files = [f for f in storage.list_files(uri) if f.lower().endswith(suffixes) and not posixpath.basename(f).startswith((".", "_"))]
+    if not files:
+        raise InputError(f"input folder {uri} holds no {'/'.join(suffixes)} files")
+    return [storage.join(uri, f) for f in files]
+
+
+def parse_timestamps(values: pa.Array) -> pa.Array:
+    """Epoch seconds (int, float, or milliseconds when > 1e11) or ISO 8601 strings -> int64 seconds.
+
+    Unparseable values become null (the caller counts and drops them).
+    """
+    if pa.types.is_timestamp(values.type) or pa.types.is_date(values.type):
+        return pc.cast(pc.cast(values, pa.timestamp("s"), safe=False), pa.int64())
+    if pa.types.is_integer(values.type) or pa.types.is_floating(values.type):
+        secs = pc.cast(values, pa.float64())
+        secs = pc.if_else(pc.greater(pc.abs(secs), 1e11), pc.divide(secs, 1000.0), secs)
+        return pc.cast(pc.floor(secs), pa.int64())
+    strings = pc.cast(values, pa.string())
+    numeric = pc.fill_null(pc.match_substring_regex(strings, _NUMERIC), False)
+    out: list[int | None] = []
+    for text, is_num in zip(strings.to_pylist(), numeric.to_pylist()):
+        out.append(_parse_one(text, is_num))
+    return pa.array(out, pa.int64())
+
+
+def _parse_one(text: str | None, is_num: bool) -> int | None:
+    if text is None:
+        return None
+    try:
+        if is_num:
+            secs = float(text)
+            return int(math.floor(secs / 1000 if abs(secs) > 1e11 else secs))
+        stamp = datetime.fromisoformat(text.strip())
+    except (ValueError, OverflowError):
+        return None
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=timezone.utc)
+    return int(stamp.timestamp())
+
+
+def parse_events(values: pa.Array | None, n: int) -> pa.Array:
+    """click/browse (any case; also 1/0, true/false) -> 1/0; other values -> -1; absent -> all clicks."""
+    if values is None:
+        return pa.array([1] * n, pa.int8())
+    text = pc.utf8_lower(pc.utf8_trim_whitespace(pc.cast(values, pa.string())))
+    click = pc.is_in(text, pa.array(["click", "1", "true", "clicked"]))
+    browse = pc.is_in(text, pa.array(["browse", "0", "false", "impression", "view", "shown"]))
+    return pc.cast(pc.if_else(click, 1, pc.if_else(browse, 0, -1)), pa.int8())
+
+
+def standardise(table: pa.Table, source: str) -> pa.Table:
+    """Rename-free conversion of a table with the events columns to the `STANDARD` schema."""
+    def as_string(name: str) -> pa.Array:
+        col = table.column(name).combine_chunks()
+        if pa.types.is_floating(col.type):  # ints read as floats because of nulls
+            col = pc.cast(col, pa.int64(), safe=False)
+        try:
+            return pc.cast(col, pa.string())
+        except pa.ArrowInvalid as exc:
+            raise InputError(f"{source}: column {name!r} cannot be read as ids: {exc}") from None
+
+    event = table.column("event").combine_chunks() if "event" in table.column_names else None
+    return pa.table(
+        {
+            "user_id": as_string("user_id"),
+            "item_id": as_string("item_id"),
+            "timestamp": parse_timestamps(table.column("timestamp").combine_chunks()),
+            "event": parse_events(event, table.num_rows),
+        },
+        schema=STANDARD,
+    )
+
+
+def _require(columns: list[str], required: tuple[str, ...], source: str) -> None:
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise InputError(
+            f"{source}: missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'} "
+            f"(the events format needs user_id, item_id, timestamp and optionally event)"
+        )
+
+
+def read_events_format(uri: str) -> Iterator[pa.Table]:
+    """Parquet or CSV files with user_id, item_id, timestamp[, event]."""
+    for path in list_inputs(uri, (".parquet", ".pq", ".csv", ".csv.gz", ".tsv")):
+        fs, fpath = storage.resolve(path)
+        try:
+            if path.lower().endswith((".parquet", ".pq")):
+                schema = pq.read_schema(fpath, filesystem=fs)
+                _require(schema.names, ("user_id", "item_id", "timestamp"), path)
+                cols = [c for c in ("user_id", "item_id", "timestamp", "event") if c in schema.names]
+                source = pads.dataset(fpath, format="parquet", filesystem=fs)
+                for batch in source.to_batches(columns=cols, batch_size=BATCH_ROWS):
+                    if batch.num_rows:
+                        yield standardise(pa.Table.from_batches([batch]), path)
+            else:
+                yield from _read_csv(path, fs, fpath)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"{path}: cannot be read: {exc}") from None
+
+
+def _read_csv(path: str, fs: pafs.FileSystem, fpath: str) -> Iterator[pa.Table]:
+    delimiter = "\t" if path.lower().endswith(".tsv") else ","
+    text_cols = {c: pa.string() for c in ("user_id", "item_id", "event")}
+    with fs.open_input_stream(fpath, compression="detect") as stream:
+        reader = pacsv.open_csv(
+            stream,
+            read_options=pacsv.ReadOptions(block_size=TEXT_CHUNK_BYTES),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter),
+            convert_options=pacsv.ConvertOptions(column_types=text_cols, strings_can_be_null=True),
+        )
+        _require(reader.schema.names, ("user_id", "item_id", "timestamp"), path)
+        for batch in reader:
+            if batch.num_rows:
+                yield standardise(pa.Table.from_batches([batch]), path)
+
+
+def _text_chunks(path: str) -> Iterator[bytes]:
+    """A text file in chunks that end on line boundaries."""
+    fs, fpath = storage.resolve(path)
+    rest = b""
+    with fs.open_input_stream(fpath, compression="detect") as stream:
+        while True:
+            block = stream.read(TEXT_CHUNK_BYTES)
+            if not block:
+                break
+            block = rest + block
+            cut = block.rfind(b"\n")
+            if cut < 0:
+                rest = block
+                continue
+            rest = block[cut + 1 :]
+            yield block[: cut + 1]
+    if rest.strip():
+        yield rest + b"\n"
+
+
+MOVIELENS_FILES = ("ratings.csv", "ratings.dat", "u.data")
+
+
+def _movielens_file(uri: str) -> str:
+    fs, path = storage.resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        for name in MOVIELENS_FILES:
+            if storage.exists(storage.join(uri, name)):
+                return storage.join(uri, name)
+        raise InputError(f"input folder {uri} holds none of {', '.join(MOVIELENS_FILES)}")
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise InputError(f"input {uri} does not exist")
+    return uri
+
+
+def read_movielens(uri: str) -> Iterator[pa.Table]:
+    """MovieLens ratings (every rating is a click): ``u.data``, ``ratings.dat`` or ``ratings.csv``."""
+    path = _movielens_file(uri)
+    name = posixpath.basename(path).lower()
+    names = ["user_id", "item_id", "rating", "timestamp"]
+    for chunk in _text_chunks(path):
+        if name.endswith(".csv"):
+            first = chunk.split(b"\n", 1)[0].lower()
+            skip = 1 if first.startswith(b"userid") else 0
+            opts = pacsv.ParseOptions(delimiter=",")
+        else:
+            skip = 0
+            if b"::" in chunk[:4096]:
+                chunk = chunk.replace(b"::", b"\t")
+            opts = pacsv.ParseOptions(delimiter="\t")
+        try:
+            table = pacsv.read_csv(
+                io.BytesIO(chunk),
+                read_options=pacsv.ReadOptions(column_names=names, skip_rows=skip),
+                parse_options=opts,
+                convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}),
+            )
+        except pa.ArrowInvalid as exc:
+            raise InputError(f"{path}: not a MovieLens ratings file (user, item, rating, timestamp): {exc}") from None
+        if table.num_rows:
+            yield standardise(table.drop_columns(["rating"]), path)
+
+
+_SPACES = re.compile(rb"\s+")
+
+
+def read_seqtxt(uri: str) -> Iterator[pa.Table]:
+    """One user a line, ``user item item ...`` in time order; timestamps are the positions."""
+    for path in list_inputs(uri, (".txt", ".txt.gz", ".seq")):
+        for chunk in _text_chunks(path):
+            users: list[str] = []
+            items: list[str] = []
+            stamps: list[int] = []
+            for line in chunk.splitlines():
+                parts = _SPACES.split(line.strip())
+                if len(parts) < 2 or not parts[0]:
+                    continue
+                user = parts[0].decode("utf-8", "replace")
+                users.extend([user] * (len(parts) - 1))
+                items.extend(p.decode("utf-8", "replace") for p in parts[1:])
+                stamps.extend(range(len(parts) - 1))
+            if users:
+                yield pa.table(
+                    {
+                        "user_id": pa.array(users, pa.string()),
+                        "item_id": pa.array(items, pa.string()),
+                        "timestamp": pa.array(stamps, pa.int64()),
+                        "event": pa.array([1] * len(users), pa.int8()),
+                    },
+                    schema=STANDARD,
+                )
+
+
+def read_input(uri: str, fmt: str) -> Iterator[pa.Table]:
+    """Dispatch on ``fmt`` (one of `FORMATS`)."""
+    if fmt == "events":
+        return read_events_format(uri)
+    if fmt == "movielens":
+        return read_movielens(uri)
+    if fmt == "seqtxt":
+        return read_seqtxt(uri)
+    raise InputError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+
+
+def read_item_features(uri: str) -> pa.Table:
+    """Item side features -> a table with ``item_id`` (string) and string feature columns.
+
+    Parquet/CSV with ``item_id`` and categorical columns, or MovieLens ``u.item`` / ``movies.dat``
+    / ``movies.csv`` (the first listed genre becomes the ``genre`` feature).
+    """
+    name = posixpath.basename(uri).lower()
+    fs, path = storage.resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise InputError(f"items file {uri} does not exist")
+    try:
+        if name in ("u.item", "movies.dat", "movies.csv"):
+            return _movielens_items(uri, name)
+        if name.endswith((".parquet", ".pq")):
+            table = pq.read_table(path, filesystem=fs)
+        else:
+            with fs.open_input_stream(path, compression="detect") as stream:
+                table = pacsv.read_csv(stream, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"items file {uri}: cannot be read: {exc}") from None
+    if "item_id" not in table.column_names:
+        raise InputError(f"items file {uri}: missing column item_id; found {', '.join(table.column_names)}")
+    cols = {"item_id": pc.cast(table.column("item_id"), pa.string())}
+    for col in table.column_names:
+        if col != "item_id":
+            cols[col] = pc.cast(table.column(col), pa.string())
+    return pa.table(cols)
+
+
+def _movielens_items(uri: str, name: str) -> pa.Table:
+    ids, genres = [], []
+    raw = storage.read_bytes(uri).decode("latin-1")
+    for i, line in enumerate(raw.splitlines()):
+        if not line.strip() or (name == "movies.csv" and i == 0):
+            continue
+        if name == "u.item":
+            parts = line.split("|")
+            flags = parts[5:]
+            genre = next((str(j) for j, f in enumerate(flags) if f.strip() == "1"), None)
+        elif name == "movies.dat":
+            parts = line.split("::")
+            genre = parts[-1].split("|")[0] if len(parts) >= 3 else None
+        else:
+            parts = line.rsplit(",", 1)
+            genre = parts[-1].split("|")[0] if len(parts) == 2 else None
+            parts = [line.split(",", 1)[0]]
+        ids.append(parts[0].strip())
+        genres.append(genre)
+    return pa.table({"item_id": pa.array(ids, pa.string()), "genre": pa.array(genres, pa.string())})

@@ -1,0 +1,358 @@
+"""`ray-rec prepare`: raw logs -> one dataset folder of sharded per-user sequences.
+
+Two streaming passes, so a log larger than memory imports:
+1. read the input batch by batch, drop bad rows (counted), count item clicks, and spill each event
+   to a local bucket file chosen by a stable hash of its user;
+2. per bucket (all events of its users): drop exact duplicates, sort by time, drop users with too
+   few clicks, split, and append the users' sequences to the shard files.
+Shards go to a staging prefix; the old dataset's manifest is removed before anything of it is
+replaced and the new manifest is written last, so only a finished import looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import uuid
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ray_rec import storage
+from ray_rec.data.formats import InputError, read_input, read_item_features
+from ray_rec.vocab import Vocabulary
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+SPLITS = ("train", "valid", "test")
+BUCKET_TARGET_ROWS = 4_000_000  # events per spill bucket, bounding pass-2 memory
+DROP_REASONS = ("null_ids", "bad_timestamps", "bad_events", "duplicates", "short_users", "short_user_events")
+SEQUENCE_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.string()),
+        ("items", pa.list_(pa.int32())),
+        ("events", pa.list_(pa.int8())),
+        ("timestamps", pa.list_(pa.int64())),
+    ]
+)
+
+
+@dataclass
+class PrepareOptions:
+    """What `prepare` does; mirrors the CLI flags."""
+
+    input: str
+    output: str
+    format: str = "events"
+    items: str | None = None
+    num_shards: int = 8
+    min_clicks: int = 3
+    split: str = "leave_one_out"  # or "time"
+    cutoff: int | None = None  # epoch seconds, for split="time"
+    expected_events: int | None = None  # sizes the spill buckets; None = estimate from the input
+
+    def __post_init__(self) -> None:
+        if self.num_shards < 1:
+            raise ValueError(f"num_shards={self.num_shards} must be >= 1")
+        if self.min_clicks < 3:
+            raise ValueError(f"min_clicks={self.min_clicks} must be >= 3 (one click each for train, valid, test)")
+        if self.split not in ("leave_one_out", "time"):
+            raise ValueError(f"split={self.split!r} must be leave_one_out or time")
+        if self.split == "time" and self.cutoff is None:
+            raise ValueError("split=time needs a cutoff (epoch seconds or ISO 8601)")
+
+
+@dataclass
+class Counts:
+    """Rows seen and dropped, by reason."""
+
+    rows: int = 0
+    users: int = 0
+    events: int = 0
+    clicks: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+
+def _user_buckets(users: pa.Array, n: int) -> np.ndarray:
+    """A stable bucket per row from a CRC32 of its user id (the same on every run and machine)."""
+    encoded = pc.dictionary_encode(users).combine_chunks() if isinstance(users, pa.ChunkedArray) else pc.dictionary_encode(users)
+    per_user = np.fromiter(
+        (zlib.crc32(u.encode()) % n for u in encoded.dictionary.to_pylist()), dtype=np.int64, count=len(encoded.dictionary)
+    )
+    return per_user[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
+def _clean(table: pa.Table, counts: Counts) -> pa.Table:
+    counts.rows += table.num_rows
+    null_ids = pc.or_(
+        pc.or_(pc.is_null(table["user_id"]), pc.equal(pc.utf8_length(pc.fill_null(table["user_id"], "")), 0)),
+        pc.or_(pc.is_null(table["item_id"]), pc.equal(pc.utf8_length(pc.fill_null(table["item_id"], "")), 0)),
+    )
+    bad_time = pc.and_(pc.invert(null_ids), pc.is_null(table["timestamp"]))
+    bad_event = pc.and_(pc.invert(pc.or_(null_ids, bad_time)), pc.equal(table["event"], -1))
+    counts.dropped["null_ids"] += pc.sum(null_ids).as_py() or 0
+    counts.dropped["bad_timestamps"] += pc.sum(bad_time).as_py() or 0
+    counts.dropped["bad_events"] += pc.sum(bad_event).as_py() or 0
+    keep = pc.invert(pc.or_(pc.or_(null_ids, bad_time), bad_event))
+    return table.filter(keep)
+
+
+def _spill(opts: PrepareOptions, scratch: str, progress: Callable[[str], None]) -> tuple[int, Counts, Counter, set[str]]:
+    """Pass 1. Returns (number of buckets, counts, clicks per item, all item ids)."""
+    counts = Counts()
+    clicks: Counter = Counter()
+    items: set[str] = set()
+    n_buckets = opts.num_shards * max(1, math.ceil((opts.expected_events or 0) / BUCKET_TARGET_ROWS))
+    writers: dict[int, pq.ParquetWriter] = {}
+    seq = 0
+    started = time.monotonic()
+    try:
+        for raw in read_input(opts.input, opts.format):
+            table = _clean(raw, counts)
+            if not table.num_rows:
+                continue
+            table = table.append_column("seq", pa.array(np.arange(seq, seq + table.num_rows, dtype=np.int64)))
+            seq += table.num_rows
+            is_click = pc.equal(table["event"], 1)
+            for entry in pc.value_counts(table["item_id"].filter(is_click)).to_pylist():
+                clicks[entry["values"]] += entry["counts"]
+            items.update(pc.unique(table["item_id"]).to_pylist())
+            buckets = _user_buckets(table["user_id"], n_buckets)
+            order = np.argsort(buckets, kind="stable")
+            sorted_buckets = buckets[order]
+            table = table.take(pa.array(order))
+            bounds = np.flatnonzero(np.diff(sorted_buckets)) + 1
+            for start, end in zip(np.r_[0, bounds], np.r_[bounds, len(order)]):
+                b = int(sorted_buckets[start])
+                if b not in writers:
+                    writers[b] = pq.ParquetWriter(os.path.join(scratch, f"bucket-{b:05d}.parquet"), table.schema)
+                writers[b].write_table(table.slice(start, end - start))
+            progress(f"read {counts.rows:,} rows ({counts.rows / max(time.monotonic() - started, 1e-6):,.0f}/s)")
+    finally:
+        for w in writers.values():
+            w.close()
+    return n_buckets, counts, clicks, items
+
+
+def _build_vocab(clicks: Counter, items: set[str], side: pa.Table | None) -> Vocabulary:
+    ids = sorted(items, key=lambda i: (-clicks.get(i, 0), len(i), i))
+    id_type = "int" if all(i.lstrip("-").isdigit() for i in ids) else "str"
+    if id_type == "int":
+        ids = sorted(items, key=lambda i: (-clicks.get(i, 0), int(i)))
+    counts = np.array([clicks.get(i, 0) for i in ids], dtype=np.int64)
+    side_values: dict[str, list[str]] = {}
+    side_table = None
+    if side is not None:
+        names = sorted(c for c in side.column_names if c != "item_id")
+        row_of = {iid: r for r, iid in enumerate(side.column("item_id").to_pylist())}
+        rows = np.array([row_of.get(i, -1) for i in ids], dtype=np.int64)
+        side_table = np.zeros((len(ids), len(names)), dtype=np.int64)
+        for j, name in enumerate(names):
+            column = side.column(name).to_pylist()
+            values = sorted({v for v in column if v not in (None, "")})
+            code = {v: k + 1 for k, v in enumerate(values)}
+            side_values[name] = values
+            side_table[:, j] = [code.get(column[r], 0) if r >= 0 else 0 for r in rows]
+    return Vocabulary(ids=ids, counts=counts, id_type=id_type, side_values=side_values, side_table=side_table)
+
+
+def _prefix_rows(user_start: np.ndarray, end: np.ndarray, keep: np.ndarray, table: pa.Table, users: np.ndarray) -> pa.Table:
+    """Per-user prefixes [start, end) of the sorted events as a sequence table."""
+    start, end, users = user_start[keep], end[keep], users[keep]
+    lengths = end - start
+    flat = np.repeat(start - np.r_[0, np.cumsum(lengths)[:-1]], lengths) + np.arange(lengths.sum())
+    offsets = pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32))
+    take = pa.array(flat)
+
+    def lists(name: str, typ: pa.DataType) -> pa.Array:
+        return pa.ListArray.from_arrays(offsets, pc.cast(table[name].take(take), typ).combine_chunks())
+
+    return pa.Table.from_arrays(
+        [pa.array(users, pa.string()), lists("item", pa.int32()), lists("event", pa.int8()), lists("timestamp", pa.int64())],
+        schema=SEQUENCE_SCHEMA,
+    )
+
+
+def _split_bucket(table: pa.Table, vocab_ids: pa.Array, opts: PrepareOptions, counts: Counts) -> dict[str, pa.Table]:
+    """Pass 2 for one bucket: dedupe, sort, filter users, split."""
+    table = table.append_column("item", pc.add(pc.index_in(table["item_id"], value_set=vocab_ids), 1))
+    before = table.num_rows
+    table = table.group_by(["user_id", "item_id", "timestamp", "event"], use_threads=False).aggregate(
+        [("seq", "min"), ("item", "min")]
+    ).rename_columns(["user_id", "item_id", "timestamp", "event", "seq", "item"])
+    counts.dropped["duplicates"] += before - table.num_rows
+    table = table.sort_by([("user_id", "ascending"), ("timestamp", "ascending"), ("seq", "ascending")])
+    user_codes = pc.dictionary_encode(table["user_id"]).combine_chunks()
+    codes = user_codes.indices.to_numpy()
+    bounds = np.flatnonzero(np.diff(codes)) + 1
+    user_start, user_end = np.r_[0, bounds], np.r_[bounds, len(codes)]
+    users = np.array(table["user_id"].take(pa.array(user_start)).to_pylist(), dtype=object)
+    is_click = table["event"].to_numpy() == 1
+    click_rank = np.cumsum(is_click)  # clicks up to and including each event
+    base = np.r_[0, click_rank][user_start]
+    n_clicks = click_rank[user_end - 1] - base
+    stamps = table["timestamp"].to_numpy()
+
+    def position_of_click(k: np.ndarray) -> np.ndarray:
+        """Event index of each user's k-th click (1-based); -1 where absent."""
+        want = base + k
+        pos = np.searchsorted(click_rank, want, side="left")
+        ok = (k >= 1) & (k <= n_clicks)
+        return np.where(ok, pos, -1)
+
+    if opts.split == "leave_one_out":
+        keep = n_clicks >= opts.min_clicks
+        last, second = position_of_click(n_clicks), position_of_click(n_clicks - 1)
+        ends = {"train": second, "valid": second + 1, "test": last + 1}
+        masks = {s: keep for s in SPLITS}
+    else:
+        assert opts.cutoff is not None
+        clicks_before = np.add.reduceat((is_click & (stamps < opts.cutoff)).astype(np.int64), user_start)
+        keep = n_clicks >= opts.min_clicks
+        first_after = position_of_click(clicks_before + 1)
+        last_before = position_of_click(clicks_before)
+        ends = {"train": last_before, "valid": last_before + 1, "test": first_after + 1}
+        masks = {
+            "train": keep & (clicks_before >= 2),
+            "valid": keep & (clicks_before >= 2),
+            "test": keep & (first_after >= 0) & (clicks_before >= 1),
+        }
+    dropped_users = ~keep
+    counts.dropped["short_users"] += int(dropped_users.sum())
+    counts.dropped["short_user_events"] += int((user_end - user_start)[dropped_users].sum())
+    counts.users += int(keep.sum())
+    counts.events += int((user_end - user_start)[keep].sum())
+    counts.clicks += int(n_clicks[keep].sum())
+    return {s: _prefix_rows(user_start, ends[s], masks[s] & (ends[s] > user_start), table, users) for s in SPLITS}
+
+
+def _write_manifest(opts: PrepareOptions, vocab: Vocabulary, counts: Counts, files: dict[str, list[str]], has_time: bool, has_browse: bool) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {"input": opts.input, "format": opts.format, "items": opts.items},
+        "counts": {
+            "users": counts.users,
+            "items": len(vocab),
+            "events": counts.events,
+            "clicks": counts.clicks,
+            "rows_read": counts.rows,
+        },
+        "dropped": {k: counts.dropped.get(k, 0) for k in DROP_REASONS},
+        "split": {"protocol": opts.split, "cutoff": opts.cutoff, "min_clicks": opts.min_clicks},
+        "num_shards": opts.num_shards,
+        "has_time": has_time,
+        "has_browse": has_browse,
+        "id_type": vocab.id_type,
+        "side_features": vocab.side_sizes,
+        "files": files,
+    }
+
+
+def prepare(opts: PrepareOptions, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Import a log into a dataset folder and return its manifest.
+
+    Raises:
+        InputError: the input or items file is missing, unreadable or lacks a column.
+    """
+    say = progress or (lambda msg: logger.info(msg))
+    run_id = uuid.uuid4().hex[:8]
+    staging = storage.join(opts.output, f"_staging-{run_id}")
+    with tempfile.TemporaryDirectory(prefix="ray-rec-prepare-") as scratch:
+        n_buckets, counts, clicks, items = _spill(opts, scratch, say)
+        if not items:
+            raise InputError(f"{opts.input}: no usable events (read {counts.rows:,} rows; dropped {dict(counts.dropped)})")
+        side = read_item_features(opts.items) if opts.items else None
+        vocab = _build_vocab(clicks, items, side)
+        vocab_ids = pa.array(vocab.ids, pa.string())
+        has_browse = False
+        local_out = os.path.join(scratch, "out")
+        writers = {s: {} for s in SPLITS}  # type: dict[str, dict[int, pq.ParquetWriter]]
+        files: dict[str, list[str]] = {s: [] for s in SPLITS}
+        try:
+            for b in range(n_buckets):
+                path = os.path.join(scratch, f"bucket-{b:05d}.parquet")
+                if not os.path.exists(path):
+                    continue
+                bucket = pq.read_table(path)
+                has_browse = has_browse or bool(pc.any(pc.equal(bucket["event"], 0)).as_py())
+                shard = b % opts.num_shards
+                for split, rows in _split_bucket(bucket, vocab_ids, opts, counts).items():
+                    if shard not in writers[split]:
+                        os.makedirs(os.path.join(local_out, split), exist_ok=True)
+                        name = f"part-{shard:05d}.parquet"
+                        files[split].append(f"{split}/{name}")
+                        writers[split][shard] = pq.ParquetWriter(os.path.join(local_out, split, name), SEQUENCE_SCHEMA)
+                    writers[split][shard].write_table(rows)
+                os.remove(path)
+                say(f"split bucket {b + 1}/{n_buckets}")
+        finally:
+            for per_split in writers.values():
+                for w in per_split.values():
+                    w.close()
+        if counts.users == 0:
+            raise InputError(
+                f"{opts.input}: no user has {opts.min_clicks} or more clicks (read {counts.rows:,} rows); "
+                f"lower --min-clicks or check the event column"
+            )
+        vocab.save(local_out)
+        has_time = opts.format != "seqtxt"
+        manifest = _write_manifest(opts, vocab, counts, {s: sorted(f) for s, f in files.items()}, has_time, has_browse)
+        say("uploading shards")
+        storage.copy_dir(local_out, staging)
+    _commit(opts.output, staging, manifest)
+    return manifest
+
+
+def _commit(output: str, staging: str, manifest: dict[str, Any]) -> None:
+    """Replace the dataset at ``output`` with ``staging``; the manifest goes last."""
+    manifest_uri = storage.join(output, "manifest.json")
+    if storage.exists(manifest_uri):
+        storage.delete_dir(manifest_uri) if storage.is_dir(manifest_uri) else _delete_file(manifest_uri)
+    for name in (*SPLITS, "items.parquet", "side_features.json"):
+        target = storage.join(output, name)
+        if storage.exists(target):
+            storage.delete_dir(target) if storage.is_dir(target) else _delete_file(target)
+    for name in (*SPLITS, "items.parquet", "side_features.json"):
+        src = storage.join(staging, name)
+        if not storage.exists(src):
+            continue
+        if storage.is_dir(src):
+            storage.move_dir(src, storage.join(output, name))
+        else:
+            storage.write_bytes(storage.join(output, name), storage.read_bytes(src))
+    storage.delete_dir(staging)
+    for stale in {rel.split("/", 1)[0] for rel in storage.list_files(output) if rel.startswith("_staging-")}:
+        storage.delete_dir(storage.join(output, stale))  # left by an import that failed
+    storage.write_bytes(manifest_uri, json.dumps(manifest, indent=2).encode())
+
+
+def _delete_file(uri: str) -> None:
+    fs, path = storage.resolve(uri)
+    fs.delete_file(path)
+
+
+def read_manifest(data: str) -> dict[str, Any]:
+    """The manifest of a finished dataset; raises a clear error for anything else."""
+    uri = storage.join(data, "manifest.json")
+    if not storage.exists(uri):
+        raise InputError(
+            f"{data} is not a prepared dataset (no manifest.json): run `ray-rec prepare` first, "
+            f"or an earlier import did not finish"
+        )
+    manifest = json.loads(storage.read_bytes(uri))
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise InputError(f"{data}: dataset schema version {manifest.get('schema_version')} is not {SCHEMA_VERSION}")
+    return manifest

@@ -1,0 +1,179 @@
+"""The model artifact: one self-contained folder written by training, read by everything else.
+
+Layout: ``config.json`` (format, version, model config, training summary), ``weights.safetensors``
+(tensors only, no pickle), ``items.parquet`` + ``side_features.json`` (the vocabulary).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ray_rec import storage
+from ray_rec.config import ModelConfig, build
+from ray_rec.model.interest_model import InterestModel
+from ray_rec.vocab import RawId, Vocabulary
+
+logger = logging.getLogger(__name__)
+
+ARTIFACT_FORMAT = "ray_rec.model/1"
+REQUIRED_FILES = ("config.json", "weights.safetensors", "items.parquet", "side_features.json")
+
+
+class ArtifactError(ValueError):
+    """The artifact is missing, incomplete or not a ray_rec model."""
+
+
+def save_model(model: InterestModel, vocab: Vocabulary, folder: str, extra: dict[str, Any] | None = None) -> str:
+    """Write the artifact to a local folder or s3:// URI; returns its version id."""
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "weights.safetensors")
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, weights)
+        with open(weights, "rb") as f:
+            version = hashlib.sha256(f.read()).hexdigest()[:12]
+        meta = {
+            "format": ARTIFACT_FORMAT,
+            "version": version,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model": asdict(model.config),
+            **(extra or {}),
+        }
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        vocab.save(tmp)
+        storage.copy_dir(tmp, folder)
+    return version
+
+
+class Recommender:
+    """A loaded model with the public API on raw item ids.
+
+    Example:
+        >>> rec = load_model("out/model")  # doctest: +SKIP
+        >>> rec.recommend([[12, 7, 3]], k=5)  # doctest: +SKIP
+        [[(41, 7.1), (9, 6.8), ...]]
+    """
+
+    def __init__(self, model: InterestModel, vocab: Vocabulary, meta: dict[str, Any], uri: str) -> None:
+        self.model = model.eval()
+        self.vocab = vocab
+        self.meta = meta
+        self.uri = uri
+        self.version: str = meta["version"]
+        self.loaded_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def encode_histories(self, histories: list[list[RawId]]) -> tuple[torch.Tensor, list[list[RawId]]]:
+        """Raw histories -> left-padded (B, L) indices (the most recent ``max_len`` known items)
+        and, per history, the unknown ids that were skipped."""
+        max_len = self.config.max_len
+        rows, unknown = [], []
+        for history in histories:
+            known, missing = self.vocab.lookup(history)
+            rows.append(known[-max_len:])
+            unknown.append(missing)
+        width = max([len(r) for r in rows] + [1])
+        out = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            if row:
+                out[i, width - len(row) :] = torch.tensor(row)
+        return out, unknown
+
+    def score(self, histories: list[list[RawId]], candidates: list[list[RawId]]) -> list[list[float | None]]:
+        """Relevance of each candidate to each history (higher = more likely the next click).
+
+        Unknown candidates get None. ``histories`` and ``candidates`` are parallel lists.
+        """
+        if len(histories) != len(candidates):
+            raise ValueError(f"{len(histories)} histories but {len(candidates)} candidate lists")
+        items, _ = self.encode_histories(histories)
+        width = max([len(c) for c in candidates] + [1])
+        cand = torch.zeros(len(candidates), width, dtype=torch.long)
+        for i, row in enumerate(candidates):
+            for j, raw in enumerate(row):
+                cand[i, j] = self.vocab.index_of(raw) or 0
+        scores = self.model.score(items, cand)
+        return [
+            [float(scores[i, j]) if cand[i, j] > 0 else None for j in range(len(row))]
+            for i, row in enumerate(candidates)
+        ]
+
+    def recommend(
+        self, histories: list[list[RawId]], k: int = 10, exclude_seen: bool = True
+    ) -> list[list[tuple[RawId, float]]]:
+        """The top-k items of the catalog for each history, as (raw id, score), best first."""
+        if k < 1:
+            raise ValueError(f"k={k} must be >= 1")
+        items, _ = self.encode_histories(histories)
+        exclude = None
+        if exclude_seen:
+            seen = [self.vocab.lookup(h)[0] for h in histories]
+            exclude = torch.zeros(len(seen), max([len(s) for s in seen] + [1]), dtype=torch.long)
+            for i, s in enumerate(seen):
+                exclude[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        ids, scores = self.model.recommend(items, k, exclude=exclude)
+        return [
+            [(self.vocab.raw_id(int(i)), float(s)) for i, s in zip(ids[b], scores[b]) if s != float("-inf")]
+            for b in range(ids.shape[0])
+        ]
+
+
+def _read_local(folder: str) -> Recommender:
+    missing = [f for f in REQUIRED_FILES if not os.path.exists(os.path.join(folder, f))]
+    if missing:
+        raise ArtifactError(f"{folder} is not a complete ray_rec model: missing {', '.join(missing)}")
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{folder}/config.json is not valid JSON: {exc}") from None
+    if meta.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{folder}: format {meta.get('format')!r} is not {ARTIFACT_FORMAT!r}")
+    config = build(ModelConfig, meta["model"], "model")
+    model = InterestModel(config)
+    try:
+        state = load_file(os.path.join(folder, "weights.safetensors"))
+    except Exception as exc:  # safetensors raises several types for a corrupt file
+        raise ArtifactError(f"{folder}/weights.safetensors cannot be read as safetensors: {exc}") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{folder}: weights do not match the config: {exc}") from None
+    vocab = Vocabulary.load(folder)
+    if len(vocab) != config.num_items:
+        raise ArtifactError(f"{folder}: vocabulary has {len(vocab)} items, the model {config.num_items}")
+    return Recommender(model, vocab, meta, folder)
+
+
+def load_model(uri: str) -> Recommender:
+    """Load an artifact from a local folder or an s3:// URI.
+
+    Raises:
+        ArtifactError: the folder is missing, incomplete, corrupt or of another format.
+    """
+    if storage.is_s3(uri):
+        with tempfile.TemporaryDirectory() as tmp:
+            if not storage.exists(storage.join(uri, "config.json")):
+                raise ArtifactError(f"{uri} holds no ray_rec model (no config.json)")
+            storage.copy_dir(uri, tmp)
+            rec = _read_local(tmp)
+    else:
+        if not os.path.isdir(uri):
+            raise ArtifactError(f"{uri} is not a folder holding a ray_rec model")
+        rec = _read_local(uri)
+    rec.uri = uri
+    logger.info("loaded model %s from %s (%d items)", rec.version, uri, len(rec.vocab))
+    return rec

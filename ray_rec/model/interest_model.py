@@ -1,0 +1,144 @@
+"""The interest model: feature extraction -> interest tracking -> enhancement -> relevance.
+
+Shapes use one legend: B batch, L history length, C candidates, D width, N catalog size,
+P positions that have a next click.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ray_rec.config import ModelConfig
+from ray_rec.model.enhancement import ENHANCERS
+from ray_rec.model.features import SequenceFeatureExtractor
+from ray_rec.model.losses import (
+    auxiliary_next_click_loss,
+    binary_loss,
+    full_softmax_loss,
+    sampled_softmax_loss,
+)
+from ray_rec.model.relevance import RELEVANCES
+from ray_rec.model.tracking import TRACKERS
+
+
+class InterestModel(nn.Module):
+    """Predicts the next click from the clicked history.
+
+    Training batches (see ``ray_rec.data.examples``) hold, per row, a left-padded history window
+    and the next click after every step, so one pass trains every position.
+
+    Args:
+        config: a `ModelConfig` with the catalog filled in (``num_items`` > 0).
+
+    Example:
+        >>> m = InterestModel(ModelConfig(num_items=100, dim=16))
+        >>> m.score(torch.tensor([[0, 3, 7]]), torch.tensor([[1, 2, 3]])).shape
+        torch.Size([1, 3])
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.num_items < 1:
+            raise ValueError(f"model.num_items={config.num_items}: the catalog must hold at least one item")
+        self.config = config
+        self.features = SequenceFeatureExtractor(config)
+        self.tracker = TRACKERS.build(config.tracker, config)
+        self.enhancer = ENHANCERS.build(config.enhancer, config)
+        self.relevance = RELEVANCES.build(config.relevance, config)
+        self.loss_kind = config.resolved_loss
+
+    def encode(self, items: torch.Tensor, time_buckets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """History (B, L) -> (interest states, enhanced interests), both (B, L, D), zero at padding."""
+        valid = items > 0  # (B, L)
+        feats = self.features.sequence_features(items, time_buckets)  # (B, L, D)
+        states = self.tracker(feats, valid)  # (B, L, D)
+        return states, self.enhancer(states, valid)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Training losses for a batch.
+
+        Args:
+            batch: ``items`` (B, L), ``targets`` (B, L) next click per step (0 = none), optional
+                ``time_buckets`` (B, L) and ``negatives`` (B, L, K) browsed-not-clicked items.
+
+        Returns:
+            ``loss`` (the total to minimise), ``main`` and ``aux``, scalars.
+        """
+        items, targets = batch["items"], batch["targets"]
+        states, interest = self.encode(items, batch.get("time_buckets"))
+        has_target = targets > 0  # (B, L)
+        u = interest[has_target]  # (P, D)
+        tgt = targets[has_target]  # (P,)
+        main = self._main_loss(u, tgt, batch.get("negatives"), has_target)
+        losses = {"main": main, "aux": main.new_zeros(())}
+        if self.config.aux_loss_weight > 0:
+            neg = torch.randint(1, self.config.num_items + 1, tgt.shape, device=tgt.device)
+            losses["aux"] = auxiliary_next_click_loss(
+                states[has_target], self.features.item_features(tgt), self.features.item_features(neg)
+            )
+        losses["loss"] = main + self.config.aux_loss_weight * losses["aux"]
+        return losses
+
+    def _main_loss(
+        self, u: torch.Tensor, tgt: torch.Tensor, negatives: torch.Tensor | None, has_target: torch.Tensor
+    ) -> torch.Tensor:
+        cfg = self.config
+        if self.loss_kind == "ce":
+            return full_softmax_loss(self.relevance.catalog(u, self.features.all_item_features()[1:]), tgt)
+        pos = self.relevance(u, self.features.item_features(tgt).unsqueeze(1)).squeeze(1)  # (P,)
+        if self.loss_kind == "sampled_softmax":
+            neg_ids = torch.randint(1, cfg.num_items + 1, (cfg.num_negatives,), device=u.device)  # (K,)
+            neg = self.relevance.catalog(u, self.features.item_features(neg_ids))  # (P, K)
+            return sampled_softmax_loss(pos, neg, neg_ids, tgt)
+        sampled = torch.randint(1, cfg.num_items + 1, (u.shape[0], cfg.num_negatives), device=u.device)
+        neg_ids = sampled if negatives is None else torch.cat([negatives[has_target], sampled], 1)  # (P, K)
+        neg = self.relevance(u, self.features.item_features(neg_ids))  # (P, K)
+        return binary_loss(pos, neg, ((neg_ids > 0) & (neg_ids != tgt.unsqueeze(1))).float())
+
+    def user_interest(self, items: torch.Tensor, time_buckets: torch.Tensor | None = None) -> torch.Tensor:
+        """The enhanced interest after the last step of each history: (B, L) -> (B, D)."""
+        _, interest = self.encode(items, time_buckets)
+        return interest[:, -1]
+
+    @torch.inference_mode()
+    def score(
+        self, items: torch.Tensor, candidates: torch.Tensor, time_buckets: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Scores of candidates given left-padded histories: (B, L), (B, C) -> (B, C)."""
+        u = self.user_interest(items, time_buckets)  # (B, D)
+        return self.relevance(u, self.features.item_features(candidates))
+
+    @torch.inference_mode()
+    def score_catalog(self, items: torch.Tensor, time_buckets: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores of every item: (B, L) -> (B, N + 1); column 0 (padding) is -inf."""
+        u = self.user_interest(items, time_buckets)
+        scores = self.relevance.catalog(u, self.features.all_item_features())
+        scores[:, 0] = float("-inf")
+        return scores
+
+    @torch.inference_mode()
+    def recommend(
+        self,
+        items: torch.Tensor,
+        k: int,
+        exclude: torch.Tensor | None = None,
+        time_buckets: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k items of the whole catalog.
+
+        Args:
+            items: (B, L) left-padded histories.
+            k: how many items to return (at most the catalog size).
+            exclude: (B, E) item indices never to return (0 entries are ignored), e.g. the history.
+
+        Returns:
+            (ids (B, k), scores (B, k)), best first.
+        """
+        scores = self.score_catalog(items, time_buckets)  # (B, N + 1)
+        if exclude is not None:
+            scores.scatter_(1, exclude, float("-inf"))
+            scores[:, 0] = float("-inf")
+        k = min(k, self.config.num_items)
+        top = torch.topk(scores, k, dim=1)
+        return top.indices, top.values

@@ -1,0 +1,31 @@
+"""Starting or joining Ray the same way from the CLI, the jobs and the demo."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+logger = logging.getLogger(__name__)
+
+
+def local_cpus(workers: int) -> int:
+    """Logical CPUs for a local Ray: every core, and at least two more than training workers.
+
+    Each training worker holds one logical CPU for the whole run; without spare logical CPUs the
+    Ray Data read and map tasks that feed them can never be scheduled and the run hangs. The
+    extra ones oversubscribe the cores on purpose: those tasks are short and mostly I/O.
+    """
+    return max(os.cpu_count() or 1, workers) + 2
+
+
+def init_ray(workers: int = 2) -> None:
+    """Join the cluster named by ``RAY_ADDRESS`` (or the job's cluster), else start a local Ray."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level=logging.WARNING)
+    else:
+        ray.init(address="local", num_cpus=local_cpus(workers), logging_level=logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False

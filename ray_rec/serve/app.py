@@ -1,0 +1,264 @@
+"""The Ray Serve application: a FastAPI ingress whose requests are batched into one model call.
+
+``build_app`` is the ``import_path`` target for ``serve run`` / ``serve deploy``; the model URI
+can be changed at run time through ``user_config`` (hot reload, the old model keeps serving if
+the new artifact is bad).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve import Application
+
+from ray_rec.model.artifact import Recommender, load_model
+from ray_rec.serve.schemas import (
+    ModelInfo,
+    RecommendRequest,
+    RecommendResponse,
+    ScoreRequest,
+    ScoreResponse,
+    ServeArgs,
+)
+
+logger = logging.getLogger("ray.serve")
+
+API_KEY_HEADER = "X-API-Key"
+
+api = FastAPI(
+    title="ray_rec",
+    description="Scores candidates and recommends items from a user's click history.",
+    version="1",
+)
+
+
+@dataclass
+class Job:
+    """One request inside a batch: a score job has candidates, a recommend job has k."""
+
+    history: list[int]
+    candidates: list[int] | None = None
+    k: int = 0
+    exclude: bool = True
+
+
+class BodyLimit:
+    """ASGI middleware: a body over the replica's ``max_body_bytes`` gets 413, declared or streamed."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        service = getattr(api.state, "service", None)
+        if scope["type"] != "http" or service is None:
+            await self.app(scope, receive, send)
+            return
+        limit = service.args.max_body_bytes
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await JSONResponse({"detail": f"request body over {limit} bytes"}, 413)(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise HTTPException(413, f"request body over {limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+api.add_middleware(BodyLimit)
+
+
+def _check_key(request: Request) -> None:
+    service = request.app.state.service
+    expected = service.api_key
+    if expected is None:
+        return
+    given = request.headers.get(API_KEY_HEADER, "")
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise HTTPException(401, f"missing or wrong {API_KEY_HEADER} header")
+
+
+@serve.deployment
+@serve.ingress(api)
+class RecommenderService:
+    """One replica: holds a loaded model and serves the HTTP API."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        self.args = ServeArgs(**args)
+        self.api_key: str | None = None
+        if self.args.api_key_env:
+            self.api_key = os.environ.get(self.args.api_key_env) or None
+            if self.api_key is None:
+                raise RuntimeError(f"api_key_env={self.args.api_key_env!r} is set but that variable is empty")
+        self.rec: Recommender = load_model(self.args.model_uri)
+        self.reload_error: str | None = None
+        self._batched.set_max_batch_size(self.args.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        api.state.service = self
+        torch.set_num_threads(1)
+        logger.info("serving model %s from %s", self.rec.version, self.args.model_uri)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Hot reload: ``user_config: {model_uri: ...}`` swaps the model if the new one loads."""
+        uri = (user_config or {}).get("model_uri")
+        if not uri or uri == self.rec.uri:
+            return
+        try:
+            new = load_model(uri)
+        except Exception as exc:  # any failure keeps the old model serving
+            self.reload_error = f"{uri}: {exc}"
+            logger.error("model reload rejected, still serving %s: %s", self.rec.version, self.reload_error)
+            return
+        self.rec, self.reload_error = new, None
+        logger.info("model reloaded: now serving %s from %s", new.version, uri)
+
+    def _history(self, raw: list[Any]) -> tuple[list[int], list[Any]]:
+        if not raw:
+            raise HTTPException(422, "history is empty: send at least one clicked item id")
+        if len(raw) > self.args.max_history:
+            raise HTTPException(422, f"history has {len(raw)} items; the limit is {self.args.max_history}")
+        known, unknown = self.rec.vocab.lookup(raw)
+        return known[-self.rec.config.max_len :], unknown
+
+    @api.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(_check_key)])
+    async def score(self, body: ScoreRequest) -> dict[str, Any]:
+        """Relevance of each candidate to the history, in order (null for unknown candidates)."""
+        history, unknown = self._history(body.history)
+        if not body.candidates:
+            raise HTTPException(422, "candidates is empty")
+        if len(body.candidates) > self.args.max_candidates:
+            raise HTTPException(422, f"{len(body.candidates)} candidates; the limit is {self.args.max_candidates}")
+        rec = self.rec
+        idx = [rec.vocab.index_of(c) or 0 for c in body.candidates]
+        scores = await self._call(Job(history=history, candidates=idx), rec)
+        return {
+            "model_version": rec.version,
+            "scores": [s if i else None for s, i in zip(scores, idx)],
+            "unknown_history": unknown,
+            "unknown_candidates": [c for c, i in zip(body.candidates, idx) if not i],
+        }
+
+    @api.post("/v1/recommend", response_model=RecommendResponse, dependencies=[Depends(_check_key)])
+    async def recommend(self, body: RecommendRequest) -> dict[str, Any]:
+        """The top-k items of the catalog for the history."""
+        history, unknown = self._history(body.history)
+        if not 1 <= body.k <= self.args.max_k:
+            raise HTTPException(422, f"k={body.k} must be between 1 and {self.args.max_k}")
+        rec = self.rec
+        if not history:
+            top = torch.topk(torch.as_tensor(rec.vocab.counts, dtype=torch.float64), min(body.k, len(rec.vocab)))
+            items = [{"item_id": rec.vocab.raw_id(int(i) + 1), "score": float(s)} for i, s in zip(top.indices, top.values)]
+            return {"model_version": rec.version, "items": items, "unknown_history": unknown, "fallback": "popularity"}
+        pairs = await self._call(Job(history=history, k=body.k, exclude=body.exclude_history), rec)
+        items = [{"item_id": rec.vocab.raw_id(i), "score": s} for i, s in pairs]
+        return {"model_version": rec.version, "items": items, "unknown_history": unknown, "fallback": None}
+
+    @api.get("/v1/model", response_model=ModelInfo, dependencies=[Depends(_check_key)])
+    async def model_info(self) -> dict[str, Any]:
+        """Which model is serving, since when, and its configuration."""
+        rec = self.rec
+        return {
+            "model_version": rec.version,
+            "model_uri": rec.uri,
+            "loaded_at": rec.loaded_at,
+            "catalog_size": len(rec.vocab),
+            "config": rec.meta["model"],
+            "last_reload_error": self.reload_error,
+        }
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        """Liveness; needs no API key."""
+        return {"status": "ok", "model_version": self.rec.version}
+
+    async def _call(self, job: Job, rec: Recommender) -> Any:
+        if self.args.batching:
+            return await self._batched((job, rec))
+        return run_jobs(rec, [job])[0]
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _batched(self, items: list[tuple[Job, Recommender]]) -> list[Any]:
+        """One model call for a whole batch of score and recommend jobs (grouped by model, which
+        only differs across a hot reload)."""
+        out: list[Any] = [None] * len(items)
+        by_model: dict[int, list[int]] = {}
+        for i, (_, rec) in enumerate(items):
+            by_model.setdefault(id(rec), []).append(i)
+        for positions in by_model.values():
+            rec = items[positions[0]][1]
+            for pos, result in zip(positions, run_jobs(rec, [items[p][0] for p in positions])):
+                out[pos] = result
+        return out
+
+
+@torch.inference_mode()
+def run_jobs(rec: Recommender, jobs: list[Job]) -> list[Any]:
+    """Score and recommend jobs in one forward pass, padded to the longest history."""
+    model = rec.model
+    width = max(max(len(j.history) for j in jobs), 1)
+    items = torch.zeros(len(jobs), width, dtype=torch.long)
+    for r, job in enumerate(jobs):
+        if job.history:
+            items[r, width - len(job.history) :] = torch.tensor(job.history)
+    u = model.user_interest(items)  # (B, D)
+    results: list[Any] = [None] * len(jobs)
+    score_rows = [r for r, j in enumerate(jobs) if j.candidates is not None]
+    if score_rows:
+        c = max(len(jobs[r].candidates or []) for r in score_rows)
+        cand = torch.zeros(len(score_rows), c, dtype=torch.long)
+        for i, r in enumerate(score_rows):
+            cand[i, : len(jobs[r].candidates or [])] = torch.tensor(jobs[r].candidates or [])
+        scores = model.relevance(u[score_rows], model.features.item_features(cand))  # (S, C)
+        for i, r in enumerate(score_rows):
+            results[r] = scores[i, : len(jobs[r].candidates or [])].tolist()
+    rec_rows = [r for r, j in enumerate(jobs) if j.candidates is None]
+    if rec_rows:
+        scores = model.relevance.catalog(u[rec_rows], model.features.all_item_features())  # (R, N + 1)
+        scores[:, 0] = float("-inf")
+        for i, r in enumerate(rec_rows):
+            if jobs[r].exclude and jobs[r].history:
+                scores[i, torch.tensor(jobs[r].history)] = float("-inf")
+        k = min(max(jobs[r].k for r in rec_rows), model.config.num_items)
+        top = torch.topk(scores, k, dim=1)
+        for i, r in enumerate(rec_rows):
+            pairs = zip(top.indices[i, : jobs[r].k].tolist(), top.values[i, : jobs[r].k].tolist())
+            results[r] = [(int(idx), float(s)) for idx, s in pairs if s != float("-inf")]
+    return results
+
+
+def deployment_options(args: ServeArgs) -> dict[str, Any]:
+    """Serve deployment options from the builder's arguments."""
+    options: dict[str, Any] = {
+        # A batch can never be larger than the requests a replica accepts (ray#43288).
+        "max_ongoing_requests": max(4 * args.max_batch_size, 64),
+        "ray_actor_options": {"num_cpus": args.num_cpus},
+        "user_config": {"model_uri": args.model_uri},
+    }
+    if args.max_replicas > args.min_replicas:
+        options["autoscaling_config"] = {
+            "min_replicas": args.min_replicas,
+            "max_replicas": args.max_replicas,
+            "target_ongoing_requests": args.target_ongoing_requests,
+        }
+    else:
+        options["num_replicas"] = args.num_replicas
+    return options
+
+
+def build_app(args: ServeArgs) -> Application:
+    """Application builder: ``serve run ray_rec.serve.app:build_app model_uri=s3://.../model``."""
+    return RecommenderService.options(**deployment_options(args)).bind(args.model_dump())

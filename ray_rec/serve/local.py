@@ -1,0 +1,37 @@
+"""`ray-rec serve`: the Serve app on a local Ray, in the foreground until Ctrl-C."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ray import serve
+
+from ray_rec.ray_session import init_ray
+from ray_rec.serve.app import build_app
+from ray_rec.serve.schemas import ServeArgs
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "ray_rec"
+
+
+def start(model_uri: str, host: str = "127.0.0.1", port: int = 8000, **args: object) -> str:
+    """Deploy the app on the current Ray and return its base URL."""
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(ServeArgs(model_uri=model_uri, **args)), name=APP_NAME, route_prefix="/")  # type: ignore[arg-type]
+    return f"http://{host}:{port}"
+
+
+def serve_foreground(model_uri: str, host: str, port: int, max_batch_size: int, api_key_env: str) -> None:
+    from ray_rec.model.artifact import load_model
+
+    load_model(model_uri)  # a bad artifact fails here, with a clear message, before Ray starts
+    init_ray(1)
+    url = start(model_uri, host, port, max_batch_size=max_batch_size, api_key_env=api_key_env)
+    print(f"serving {model_uri} at {url} (OpenAPI docs at {url}/docs); Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()

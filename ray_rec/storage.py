@@ -1,0 +1,126 @@
+"""Local paths and ``s3://`` URIs behind one small interface, on pyarrow's filesystems.
+
+S3 settings come from the standard AWS configuration: the credentials chain and
+``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` for S3-compatible stores (MinIO, a loopback server).
+Requests are retried with backoff, so a store that blips for a few seconds is not fatal.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+S3_RETRY_ATTEMPTS = 10
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a local path or URI."""
+    if is_s3(uri):
+        return posixpath.join(uri.rstrip("/"), *parts)
+    return str(Path(uri, *parts))
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """An S3 filesystem configured from the standard AWS environment."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict[str, object] = {
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRY_ATTEMPTS),
+        "connect_timeout": 5,
+        "request_timeout": 30,
+    }
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+        kwargs.setdefault("region", "us-east-1")
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
+        kwargs["secret_key"] = os.environ["AWS_SECRET_ACCESS_KEY"]
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    return pafs.S3FileSystem(**kwargs)  # type: ignore[arg-type]
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Return (filesystem, path within it) for a local path or ``s3://bucket/key`` URI."""
+    uri = str(uri)
+    if is_s3(uri):
+        rest = uri[len("s3://") :].rstrip("/")
+        if not rest:
+            raise ValueError(f"{uri!r} names no bucket")
+        return s3_filesystem(), rest
+    if "://" in uri and not uri.startswith("file://"):
+        raise ValueError(f"{uri!r}: only local paths and s3:// URIs are supported")
+    return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def delete_dir(uri: str) -> None:
+    """Delete a folder and everything under it; a missing folder is fine."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def list_files(uri: str) -> list[str]:
+    """Relative paths of every file under a folder, sorted."""
+    fs, path = resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return sorted(posixpath.relpath(i.path, path) for i in infos if i.type == pafs.FileType.File)
+
+
+def copy_dir(src: str, dst: str) -> None:
+    """Copy a folder between any two locations (local or S3)."""
+    src_fs, src_path = resolve(src)
+    dst_fs, dst_path = resolve(dst)
+    if isinstance(src_fs, pafs.LocalFileSystem) and isinstance(dst_fs, pafs.LocalFileSystem):
+        shutil.copytree(src_path, dst_path, dirs_exist_ok=True)
+        return
+    dst_fs.create_dir(dst_path, recursive=True)
+    pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
+def move_dir(src: str, dst: str) -> None:
+    """Move a folder: a rename locally, copy then delete on S3 (which has no rename)."""
+    src_fs, src_path = resolve(src)
+    dst_fs, dst_path = resolve(dst)
+    if isinstance(src_fs, pafs.LocalFileSystem) and isinstance(dst_fs, pafs.LocalFileSystem):
+        Path(dst_path).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src_path, dst_path)
+        return
+    copy_dir(src, dst)
+    delete_dir(src)

@@ -1,0 +1,42 @@
+"""Training checkpoints: the model artifact plus the trainer's state, both pickle-free to read."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from ray_rec.model.artifact import REQUIRED_FILES, save_model
+from ray_rec.model.interest_model import InterestModel
+from ray_rec.vocab import Vocabulary
+
+STATE_FILE = "trainer_state.pt"
+HISTORY_FILE = "history.json"
+
+
+def write_checkpoint(
+    folder: str, model: InterestModel, vocab: Vocabulary, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Write the artifact, the optimizer state and the loop state (epoch, best, history)."""
+    save_model(model, vocab, folder, extra={"training": {k: v for k, v in state.items() if k != "history"}})
+    torch.save({"optimizer": optimizer.state_dict(), "epoch": state["epoch"]}, os.path.join(folder, STATE_FILE))
+    with open(os.path.join(folder, HISTORY_FILE), "w") as f:
+        json.dump(state, f)
+
+
+def read_checkpoint(folder: str, model: InterestModel, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model and optimizer from a checkpoint folder; returns the loop state."""
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(os.path.join(folder, "weights.safetensors")))
+    saved = torch.load(os.path.join(folder, STATE_FILE), weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    with open(os.path.join(folder, HISTORY_FILE)) as f:
+        return json.load(f)
+
+
+def artifact_files() -> tuple[str, ...]:
+    """The files of a checkpoint that make up the model artifact."""
+    return REQUIRED_FILES

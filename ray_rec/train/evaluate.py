@@ -1,0 +1,122 @@
+"""`ray-rec evaluate`: ranking metrics of a model artifact on a split, with Ray Data batch inference.
+
+Full ranking over the catalog with the user's seen items excluded, ranking among 100 sampled
+negatives, and a popularity baseline (items ranked by their clicks in the train split) on the
+same users.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from ray_rec import storage
+from ray_rec.data.examples import CLICK, evaluation_examples
+from ray_rec.data.pipeline import read_sequences
+from ray_rec.data.prepare import read_manifest
+from ray_rec.metrics import DEFAULT_KS, RankingMetrics, full_ranks, sample_negatives, sampled_ranks
+from ray_rec.model.artifact import load_model
+from ray_rec.vocab import Vocabulary
+
+logger = logging.getLogger(__name__)
+
+SAMPLED_NEGATIVES = 100
+
+
+class EvaluationError(ValueError):
+    """The model and the data set do not fit together."""
+
+
+class RankUsers:
+    """``map_batches`` actor: loads the artifact once, returns each user's target ranks."""
+
+    def __init__(self, model_uri: str, popularity: np.ndarray, seed: int) -> None:
+        self.rec = load_model(model_uri)
+        self.popularity = torch.as_tensor(popularity, dtype=torch.float64)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
+        cfg = self.rec.config
+        ex = {k: torch.as_tensor(v) for k, v in evaluation_examples(table, cfg.max_len, cfg.time_buckets).items()}
+        if not len(ex["targets"]):
+            return {"full": np.zeros(0, np.int64), "sampled": np.zeros(0, np.int64), "popularity": np.zeros(0, np.int64)}
+        scores = self.rec.model.score_catalog(ex["items"], ex["time_buckets"])
+        neg = sample_negatives(cfg.num_items, ex["targets"], ex["seen"], SAMPLED_NEGATIVES, self.generator)
+        target_scores = scores.gather(1, ex["targets"].unsqueeze(1)).squeeze(1)
+        pop = self.popularity.unsqueeze(0).expand(len(ex["targets"]), -1)
+        return {
+            "full": full_ranks(scores, ex["targets"], ex["seen"]).numpy(),
+            "sampled": sampled_ranks(target_scores, scores.gather(1, neg)).numpy(),
+            "popularity": full_ranks(pop, ex["targets"], ex["seen"]).numpy(),
+        }
+
+
+def _count_clicks(table: pa.Table) -> dict[str, np.ndarray]:
+    items = table.column("items").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    events = table.column("events").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return {"item": items[events == CLICK].astype(np.int64)}
+
+
+def train_popularity(data: str, num_items: int, manifest: dict[str, Any]) -> np.ndarray:
+    """Clicks per item in the train split, as scores (N + 1,), with index 0 = padding."""
+    counts = np.zeros(num_items + 1, dtype=np.float64)
+    clicks = read_sequences(data, "train", manifest).map_batches(_count_clicks, batch_format="pyarrow")
+    for batch in clicks.iter_batches(batch_format="numpy", batch_size=1 << 20):
+        counts += np.bincount(batch["item"], minlength=num_items + 1)
+    # Break ties by index (lower = more clicks overall) so equal counts do not all tie with the target.
+    return counts + np.linspace(0.5, 0.0, num_items + 1)
+
+
+def evaluate_model(data: str, model_uri: str, split: str = "test", output: str | None = None, seed: int = 0) -> dict[str, Any]:
+    """Metrics of the artifact at ``model_uri`` on ``split`` of the prepared dataset ``data``."""
+    manifest = read_manifest(data)
+    if split not in manifest["files"]:
+        raise EvaluationError(f"split {split!r} is not one of {', '.join(manifest['files'])}")
+    rec = load_model(model_uri)
+    data_vocab = Vocabulary.load(data)
+    if data_vocab.ids != rec.vocab.ids:
+        raise EvaluationError(
+            f"the model at {model_uri} was trained on another item vocabulary than {data} "
+            f"({len(rec.vocab)} vs {len(data_vocab)} items): evaluate it on the dataset it was trained on"
+        )
+    popularity = train_popularity(data, rec.config.num_items, manifest)
+    ranks = read_sequences(data, split, manifest).map_batches(
+        RankUsers,
+        fn_constructor_args=(model_uri, popularity, seed),
+        batch_format="pyarrow",
+        batch_size=512,
+        concurrency=1,
+    )
+    acc = {name: RankingMetrics(DEFAULT_KS) for name in ("full", "sampled", "popularity")}
+    for batch in ranks.iter_batches(batch_format="numpy", batch_size=4096):
+        for name, metric in acc.items():
+            metric.add(torch.as_tensor(batch[name]))
+    result = {
+        "split": split,
+        "model": model_uri,
+        "model_version": rec.version,
+        "full_ranking": acc["full"].result(),
+        "sampled_100": acc["sampled"].result(),
+        "popularity_full_ranking": acc["popularity"].result(),
+    }
+    if output:
+        storage.write_bytes(storage.join(output, f"eval_{split}.json"), json.dumps(result, indent=2).encode())
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The metrics as a small text table."""
+    rows = [("model, full ranking", result["full_ranking"]), ("model, 100 sampled", result["sampled_100"]),
+            ("popularity, full ranking", result["popularity_full_ranking"])]
+    keys = [k for k in result["full_ranking"] if k != "count"]
+    lines = [f"{'':26}" + "".join(f"{k:>9}" for k in keys)]
+    for name, m in rows:
+        lines.append(f"{name:26}" + "".join(f"{m[k]:9.4f}" for k in keys))
+    lines.append(f"({result['full_ranking']['count']:,} users, split {result['split']})")
+    return "\n".join(lines)

@@ -1,0 +1,261 @@
+"""`ray-rec train`: data-parallel training on Ray Train, checkpoints and the final artifact.
+
+The per-worker loop only wires Ray in: it takes its shard of the Ray Data pipeline, wraps the
+model with ``prepare_model`` (DDP; gloo on CPU, nccl on GPU), runs the plain `train_step`, evaluates
+its share of the validation users, and reports. Rank 0 writes checkpoints and the metrics file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from ray_rec import storage
+from ray_rec.config import Config, config_from_dict, with_catalog
+from ray_rec.data.examples import collate, evaluation_examples
+from ray_rec.data.pipeline import RayRecCollate, read_sequences, training_dataset
+from ray_rec.data.prepare import read_manifest
+from ray_rec.errors import TrainingError
+from ray_rec.metrics import RankingMetrics
+from ray_rec.model.interest_model import InterestModel
+from ray_rec.train.checkpoint import artifact_files, read_checkpoint, write_checkpoint
+from ray_rec.train.loop import evaluate, make_optimizer, train_step
+from ray_rec.train.report import write_metrics_files
+from ray_rec.vocab import Vocabulary
+
+logger = logging.getLogger(__name__)
+
+RUN_NAME = "run"
+SCORE = "val_NDCG@10"
+MAX_BROWSE = 8
+
+
+@dataclass
+class TrainResult:
+    """Where the run left its outputs and how it went."""
+
+    output: str
+    model_uri: str
+    best_epoch: int
+    epochs_run: int
+    best_metrics: dict[str, float]
+    seconds: float
+
+
+def _log(msg: str) -> None:
+    if ray.train.get_context().get_world_rank() == 0:
+        print(f"[ray-rec] {msg}", flush=True)
+
+
+def _evaluate_shard(model: InterestModel, shard: Any, cfg: Config) -> dict[str, float]:
+    """Full-ranking validation on this worker's users, summed over all workers."""
+    def batches() -> Any:
+        for table in shard.iter_batches(batch_size=cfg.train.eval_batch_size, batch_format="pyarrow"):
+            examples = evaluation_examples(table, model.config.max_len, model.config.time_buckets)
+            if len(examples["targets"]):
+                yield collate(examples)
+
+    full, _ = evaluate(model, batches())
+    sums = full.sums.clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    merged = RankingMetrics(full.ks)
+    merged.merge(sums)
+    return merged.result()
+
+
+def _maybe_fail(fail_once: dict[str, Any] | None, epoch: int, step: int) -> None:
+    """Test hook: kill this worker process once (SIGKILL) at a given epoch and step."""
+    if not fail_once or ray.train.get_context().get_world_rank() != 0:
+        return
+    if epoch == fail_once["epoch"] and step == fail_once.get("step", 1) and not os.path.exists(fail_once["marker"]):
+        with open(fail_once["marker"], "w") as f:
+            f.write(f"killed at epoch {epoch} step {step}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs."""
+    cfg = config_from_dict(loop_config["config"])
+    manifest = loop_config["manifest"]
+    output = loop_config["output"]
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(cfg.train.seed + rank)
+    torch.set_num_threads(max(1, loop_config.get("threads_per_worker", 1)))
+    mcfg = with_catalog(cfg.model, manifest["counts"]["items"], manifest["side_features"], manifest["has_time"])
+    vocab = Vocabulary.load(loop_config["data"])
+    model = InterestModel(mcfg)
+    model.features.set_item_side(torch.as_tensor(vocab.side_matrix()))
+    optimizer = make_optimizer(model, cfg.train)
+    state: dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad": 0, "resumes": 0, "history": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = read_checkpoint(folder, model, optimizer)
+        state["resumes"] += 1
+        _log(f"resumed from the checkpoint of epoch {state['epoch']}")
+    ddp_model = ray.train.torch.prepare_model(model)
+    train_shard = ray.train.get_dataset_shard("train")
+    valid_shard = ray.train.get_dataset_shard("valid")
+    tcfg = cfg.train
+    for epoch in range(state["epoch"] + 1, tcfg.epochs + 1):
+        t0 = time.monotonic()
+        total, steps, examples = 0.0, 0, 0
+        for batch in train_shard.iter_torch_batches(
+            batch_size=tcfg.batch_size,
+            collate_fn=RayRecCollate(),
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            local_shuffle_seed=cfg.data.seed + 1000 * epoch + rank,
+        ):
+            steps += 1
+            _maybe_fail(loop_config.get("fail_once"), epoch, steps)
+            total += train_step(ddp_model, batch, optimizer, tcfg.grad_clip)["loss"]
+            examples += int(batch["items"].shape[0])
+        train_s = time.monotonic() - t0
+        metrics: dict[str, Any] = {"epoch": epoch, "resumes": state["resumes"], "loss": total / max(steps, 1), "train_s": train_s,
+                                   "examples_per_s": examples * ray.train.get_context().get_world_size() / max(train_s, 1e-9)}
+        evaluated = epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs
+        if evaluated:
+            val = _evaluate_shard(model, valid_shard, cfg)
+            metrics.update({"val_HR@10": val["HR@10"], SCORE: val["NDCG@10"]})
+            if val["NDCG@10"] > state["best"]:
+                state.update(best=val["NDCG@10"], best_epoch=epoch, bad=0)
+            else:
+                state["bad"] += 1
+        metrics.setdefault(SCORE, state["best"])
+        state["epoch"] = epoch
+        state["history"].append(metrics)
+        stop = state["bad"] >= tcfg.patience
+        _log(
+            f"epoch {epoch}/{tcfg.epochs} loss {metrics['loss']:.4f} "
+            + (f"val HR@10 {metrics['val_HR@10']:.4f} NDCG@10 {metrics[SCORE]:.4f} " if evaluated else "")
+            + f"({metrics['examples_per_s']:,.0f} examples/s)"
+        )
+        with tempfile.TemporaryDirectory() as folder:
+            ckpt = None
+            if rank == 0:
+                write_checkpoint(folder, model, vocab, optimizer, state)
+                write_metrics_files(output, state["history"])
+                ckpt = Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=ckpt)
+        if stop:
+            _log(f"early stop: no better validation NDCG@10 for {state['bad']} evaluations (best epoch {state['best_epoch']})")
+            break
+
+
+def _storage(output: str) -> tuple[str, Any]:
+    """Ray Train's storage path and filesystem for an output URI."""
+    if storage.is_s3(output):
+        fs, path = storage.resolve(output)
+        return path, fs
+    os.makedirs(output, exist_ok=True)
+    return os.path.abspath(output), None
+
+
+def _aws_env() -> dict[str, str]:
+    names = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+             "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION")
+    return {n: os.environ[n] for n in names if n in os.environ}
+
+
+def train(
+    data: str,
+    output: str,
+    config: Config,
+    workers: int = 2,
+    use_gpu: bool = False,
+    resume: bool = False,
+    fail_once: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train on a prepared dataset with ``workers`` data-parallel Ray Train workers.
+
+    Writes checkpoints under ``<output>/run``, ``metrics.jsonl`` and ``metrics.png``, and the model
+    artifact of the best epoch to ``<output>/model``.
+
+    Raises:
+        TrainingError: the output already holds a run (without ``resume``), or there is nothing to resume.
+    """
+    if workers < 1:
+        raise TrainingError(f"--workers={workers} must be >= 1")
+    manifest = read_manifest(data)
+    run_dir = storage.join(output, RUN_NAME)
+    if storage.exists(run_dir) and not resume:
+        raise TrainingError(f"{output} already holds a training run: pass --resume to continue it, or choose another --output")
+    if resume and not storage.exists(run_dir):
+        raise TrainingError(f"--resume: {output} holds no training run to continue")
+    mcfg = with_catalog(config.model, manifest["counts"]["items"], manifest["side_features"], manifest["has_time"])
+    started = time.monotonic()
+    storage_path, fs = _storage(output)
+    cpus = os.cpu_count() or 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": config.to_dict(),
+            "manifest": manifest,
+            "data": data,
+            "output": output,
+            "fail_once": fail_once,
+            "threads_per_worker": max(1, cpus // workers) if not use_gpu else 1,
+        },
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        datasets={
+            "train": training_dataset(data, mcfg, MAX_BROWSE if manifest["has_browse"] else 0, config.data.seed, manifest),
+            "valid": read_sequences(data, "valid", manifest),
+        },
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=storage_path,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=config.train.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.train.keep_checkpoints, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+            ),
+            worker_runtime_env={"env_vars": _aws_env()},
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise TrainingError(f"training failed: {result.error}")
+    best = result.get_best_checkpoint(SCORE, "max") if result.best_checkpoints else result.checkpoint
+    if best is None:
+        raise TrainingError("training finished without a checkpoint")
+    model_uri = storage.join(output, "model")
+    with best.as_directory() as folder:
+        with open(os.path.join(folder, "history.json")) as f:
+            state = json.load(f)
+        staging = storage.join(output, "_model-staging")
+        storage.delete_dir(staging)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in artifact_files():
+                with open(os.path.join(folder, name), "rb") as src, open(os.path.join(tmp, name), "wb") as dst:
+                    dst.write(src.read())
+            storage.copy_dir(tmp, staging)
+        storage.delete_dir(model_uri)
+        storage.move_dir(staging, model_uri)
+    best_row = next((r for r in state["history"] if r["epoch"] == state["best_epoch"]), {})
+    final_history = result.metrics or {}
+    return TrainResult(
+        output=output,
+        model_uri=model_uri,
+        best_epoch=state["best_epoch"],
+        epochs_run=int(final_history.get("epoch", state["epoch"])),
+        best_metrics={k: v for k, v in best_row.items() if k.startswith("val_")},
+        seconds=time.monotonic() - started,
+    )
+
+
+def summary(result: TrainResult) -> dict[str, Any]:
+    return asdict(result)

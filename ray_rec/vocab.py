@@ -1,0 +1,118 @@
+"""The item vocabulary: raw item ids <-> indices 1..N (0 = padding), with side features.
+
+Stored as ``items.parquet`` (index, item_id, count, one int column per side feature) and
+``side_features.json`` (feature name -> its values, value index j+1 = values[j]).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ray_rec import storage
+
+RawId = int | str
+
+
+@dataclass
+class Vocabulary:
+    """Maps raw item ids to indices and back.
+
+    Args:
+        ids: raw ids as strings; ``ids[i]`` has index i + 1.
+        counts: clicks per item, same order.
+        id_type: "int" when every raw id was an integer (they are returned as int), else "str".
+        side_values: feature name -> list of its values (value index j + 1 = values[j]).
+        side_table: (N, S) value index of each item for each feature in sorted-name order (0 = unknown).
+    """
+
+    ids: list[str]
+    counts: np.ndarray
+    id_type: str = "str"
+    side_values: dict[str, list[str]] = field(default_factory=dict)
+    side_table: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self._index = {raw: i + 1 for i, raw in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def side_names(self) -> list[str]:
+        return sorted(self.side_values)
+
+    @property
+    def side_sizes(self) -> dict[str, int]:
+        return {name: len(values) for name, values in self.side_values.items()}
+
+    def index_of(self, raw: RawId) -> int | None:
+        """Index of a raw id (int or str), or None if the item is unknown."""
+        return self._index.get(str(raw))
+
+    def raw_id(self, index: int) -> RawId:
+        raw = self.ids[index - 1]
+        return int(raw) if self.id_type == "int" else raw
+
+    def lookup(self, raws: Iterable[RawId]) -> tuple[list[int], list[RawId]]:
+        """Indices of the known ids, in order, and the unknown ids."""
+        known, unknown = [], []
+        for raw in raws:
+            idx = self._index.get(str(raw))
+            if idx is None:
+                unknown.append(raw)
+            else:
+                known.append(idx)
+        return known, unknown
+
+    def side_matrix(self) -> np.ndarray:
+        """(N + 1, S) side-feature value indices with a zero row for padding."""
+        s = len(self.side_values)
+        table = np.zeros((len(self.ids) + 1, s), dtype=np.int64)
+        if self.side_table is not None and s:
+            table[1:] = self.side_table
+        return table
+
+    def to_arrow(self) -> pa.Table:
+        cols: dict[str, object] = {
+            "index": pa.array(np.arange(1, len(self.ids) + 1, dtype=np.int32)),
+            "item_id": pa.array(self.ids, pa.string()),
+            "count": pa.array(np.asarray(self.counts, dtype=np.int64)),
+        }
+        for j, name in enumerate(self.side_names):
+            assert self.side_table is not None
+            cols[f"side:{name}"] = pa.array(self.side_table[:, j].astype(np.int32))
+        return pa.table(cols)
+
+    def save(self, folder: str) -> None:
+        """Write ``items.parquet`` and ``side_features.json`` into a folder (local or s3://)."""
+        buf = io.BytesIO()
+        pq.write_table(self.to_arrow(), buf)
+        storage.write_bytes(storage.join(folder, "items.parquet"), buf.getvalue())
+        meta = {"id_type": self.id_type, "side_features": self.side_values}
+        storage.write_bytes(storage.join(folder, "side_features.json"), json.dumps(meta).encode())
+
+    @classmethod
+    def load(cls, folder: str) -> Vocabulary:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(folder, "items.parquet"))))
+        meta = json.loads(storage.read_bytes(storage.join(folder, "side_features.json")))
+        names = sorted(meta["side_features"])
+        side_table = None
+        if names:
+            side_table = np.stack([table.column(f"side:{n}").to_numpy() for n in names], 1).astype(np.int64)
+        indices = table.column("index").to_numpy()
+        if not np.array_equal(indices, np.arange(1, len(indices) + 1)):
+            raise ValueError(f"{folder}/items.parquet: item indices are not 1..N in order")
+        return cls(
+            ids=table.column("item_id").to_pylist(),
+            counts=table.column("count").to_numpy(),
+            id_type=meta["id_type"],
+            side_values=meta["side_features"],
+            side_table=side_table,
+        )

@@ -1,0 +1,123 @@
+"""Shared fixtures: one loopback S3-protocol server and one local Ray per test session.
+
+Order matters: the S3 settings go into the environment before Ray starts, so every Ray worker
+process inherits them (set later, reads happened to work and writes failed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from ray_rec.data.synthetic import SyntheticSpec, generate
+
+BUCKET = "ray-rec-test"
+API_KEY_ENV = "RAY_REC_TEST_API_KEY"
+API_KEY = "test-key-5f2c"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class S3:
+    endpoint: str
+    bucket: str
+    client: object
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3]:
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            API_KEY_ENV: API_KEY,
+        }
+    )
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    yield S3(endpoint, BUCKET, client)
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3: S3) -> Iterator[None]:
+    import ray
+
+    ray.init(address="local", num_cpus=6, logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+TINY = SyntheticSpec(users=240, items=60, topics=6, min_clicks=6, max_clicks=14, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic click-and-browse log (events.parquet) with items.csv."""
+    folder = tmp_path_factory.mktemp("logs")
+    log, catalog = generate(TINY)
+    pq.write_table(log, folder / "events.parquet")
+    pacsv.write_csv(catalog, folder / "items.csv")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_logs: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny log prepared into a local dataset folder."""
+    from ray_rec.data.prepare import PrepareOptions, prepare
+
+    out = str(tmp_path_factory.mktemp("data") / "tiny")
+    prepare(PrepareOptions(input=str(tiny_logs / "events.parquet"), output=out, items=str(tiny_logs / "items.csv"), num_shards=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def s3_data(tiny_logs: Path, s3: S3) -> str:
+    """The tiny log uploaded to S3 and prepared there."""
+    from ray_rec.data.prepare import PrepareOptions, prepare
+
+    s3.client.upload_file(str(tiny_logs / "events.parquet"), s3.bucket, "raw/events.parquet")
+    s3.client.upload_file(str(tiny_logs / "items.csv"), s3.bucket, "raw/items.csv")
+    out = s3.uri("datasets/tiny")
+    prepare(PrepareOptions(input=s3.uri("raw/events.parquet"), output=out, items=s3.uri("raw/items.csv"), num_shards=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(ray_cluster: None, s3_data: str, s3: S3):
+    """A 2-worker training run on the S3 dataset, output in S3 (shared by train and serve tests)."""
+    from ray_rec.config import load_config
+    from ray_rec.train.trainer import train
+
+    config = load_config(None, {"model.dim": 16, "train.epochs": 3, "train.batch_size": 64})
+    return train(s3_data, s3.uri("runs/main"), config, workers=2)

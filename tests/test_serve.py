@@ -1,0 +1,176 @@
+"""Real HTTP against a real Serve app running a trained artifact."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import requests
+import torch
+
+from ray_rec import load_model
+from ray_rec.model.artifact import save_model
+
+from .conftest import API_KEY, API_KEY_ENV, free_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def service(trained, ray_cluster):
+    from ray import serve
+
+    from ray_rec.serve.local import start
+
+    port = free_port()
+    url = start(trained.model_uri, port=port, max_candidates=50, max_k=20, max_history=100, max_body_bytes=4096)
+    yield url
+    serve.delete("ray_rec")
+    serve.shutdown()
+
+
+def post(url, path, body, **kw):
+    return requests.post(url + path, json=body, timeout=30, **kw)
+
+
+def test_score_and_recommend_match_the_python_api(service, trained):
+    rec = load_model(trained.model_uri)
+    history = ["i1", "i5", "i7", "unknown-item"]
+    cands = ["i2", "i3", "nope", "i9"]
+    r = post(service, "/v1/score", {"history": history, "candidates": cands})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_version"] == rec.version
+    assert body["unknown_history"] == ["unknown-item"] and body["unknown_candidates"] == ["nope"]
+    expected = rec.score([history], [cands])[0]
+    assert body["scores"][2] is None
+    assert [body["scores"][i] for i in (0, 1, 3)] == pytest.approx([expected[i] for i in (0, 1, 3)], rel=1e-4, abs=1e-5)
+    r = post(service, "/v1/recommend", {"history": history, "k": 5})
+    assert r.status_code == 200, r.text
+    got = [(i["item_id"], i["score"]) for i in r.json()["items"]]
+    want = rec.recommend([history], k=5)[0]
+    assert [g[0] for g in got] == [w[0] for w in want]
+    assert [g[1] for g in got] == pytest.approx([w[1] for w in want], rel=1e-4, abs=1e-5)
+
+
+def test_concurrent_mixed_requests_are_all_answered(service):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i):
+        if i % 2:
+            return post(service, "/v1/score", {"history": ["i1", f"i{i % 50}"], "candidates": ["i2", "i3"]}).status_code
+        return post(service, "/v1/recommend", {"history": [f"i{i % 50}"], "k": 3}).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(one, range(64)))
+    assert codes == [200] * 64
+
+
+@pytest.mark.parametrize(
+    "path,body,code,needle",
+    [
+        ("/v1/score", b"{not json", 422, ""),
+        ("/v1/score", {"history": "i1", "candidates": ["i2"]}, 422, ""),
+        ("/v1/score", {"history": [1.5], "candidates": ["i2"]}, 422, ""),
+        ("/v1/score", {"history": [], "candidates": ["i2"]}, 422, "history is empty"),
+        ("/v1/score", {"history": ["i1"], "candidates": []}, 422, "candidates is empty"),
+        ("/v1/score", {"history": ["i1"], "candidates": ["i2"] * 51}, 422, "limit is 50"),
+        ("/v1/score", {"history": ["i1"] * 101, "candidates": ["i2"]}, 422, "limit is 100"),
+        ("/v1/recommend", {"history": ["i1"], "k": 0}, 422, "k=0"),
+        ("/v1/recommend", {"history": ["i1"], "k": 21}, 422, "k=21"),
+        ("/v1/recommend", {"history": ["i1"], "k": 5, "extra": 1}, 422, ""),
+        ("/v1/recommend", {"history": ["i1"] * 3000}, 413, "over 4096 bytes"),
+    ],
+)
+def test_bad_requests_get_a_4xx_with_a_message(service, path, body, code, needle):
+    if isinstance(body, bytes):
+        r = requests.post(service + path, data=body, headers={"content-type": "application/json"}, timeout=30)
+    else:
+        r = post(service, path, body)
+    assert r.status_code == code, r.text
+    assert needle in r.text
+
+
+def test_long_histories_keep_the_most_recent_items(service, trained):
+    rec = load_model(trained.model_uri)
+    long = [f"i{i % 60}" for i in range(90)]
+    r = post(service, "/v1/score", {"history": long, "candidates": ["i1"]})
+    assert r.json()["scores"] == pytest.approx(rec.score([long[-rec.config.max_len:]], [["i1"]])[0], rel=1e-4, abs=1e-5)
+
+
+def test_unknown_history_falls_back_to_popularity(service):
+    r = post(service, "/v1/recommend", {"history": ["never-seen"], "k": 3})
+    assert r.status_code == 200 and r.json()["fallback"] == "popularity" and len(r.json()["items"]) == 3
+
+
+def test_model_info_health_and_openapi(service, trained):
+    info = requests.get(service + "/v1/model", timeout=10).json()
+    assert info["catalog_size"] == load_model(trained.model_uri).config.num_items
+    assert requests.get(service + "/healthz", timeout=10).json()["status"] == "ok"
+    paths = requests.get(service + "/openapi.json", timeout=10).json()["paths"]
+    assert {"/v1/score", "/v1/recommend", "/v1/model", "/healthz"} <= set(paths)
+
+
+def test_hot_reload_swaps_the_version_without_failed_requests(trained, ray_cluster, s3, tmp_path):
+    from ray import serve
+
+    from ray_rec.serve.app import RecommenderService, deployment_options
+    from ray_rec.serve.schemas import ServeArgs
+
+    old = load_model(trained.model_uri)
+    with torch.no_grad():
+        old.model.features.item.weight.mul_(1.5)
+    new_uri = s3.uri("models/reloaded")
+    new_version = save_model(old.model, old.vocab, new_uri)
+    args = ServeArgs(model_uri=trained.model_uri)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+    def deploy(uri):
+        opts = {**deployment_options(args), "user_config": {"model_uri": uri}}
+        serve.run(RecommenderService.options(**opts).bind(args.model_dump()), name="reload", route_prefix="/reload")
+
+    deploy(trained.model_uri)
+    url = f"http://127.0.0.1:{port}/reload"
+    codes, versions, stop = [], [], threading.Event()
+
+    def stream():
+        while not stop.is_set():
+            r = post(url, "/v1/recommend", {"history": ["i1", "i2"], "k": 3})
+            codes.append(r.status_code)
+            versions.append(r.json().get("model_version"))
+
+    worker = threading.Thread(target=stream)
+    worker.start()
+    time.sleep(1.0)
+    deploy(new_uri)
+    time.sleep(1.0)
+    deploy(s3.uri("models/does-not-exist"))  # a bad artifact is rejected
+    time.sleep(1.0)
+    stop.set()
+    worker.join()
+    assert codes and set(codes) == {200}
+    assert versions[0] == old.version and versions[-1] == new_version
+    info = requests.get(url + "/v1/model", timeout=10).json()
+    assert info["model_version"] == new_version and "does-not-exist" in info["last_reload_error"]
+    serve.delete("reload")
+
+
+def test_api_key_is_required_except_for_health(trained, ray_cluster):
+    from ray import serve
+
+    from ray_rec.serve.app import build_app
+    from ray_rec.serve.schemas import ServeArgs
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(ServeArgs(model_uri=trained.model_uri, api_key_env=API_KEY_ENV)), name="keyed", route_prefix="/keyed")
+    url = f"http://127.0.0.1:{port}/keyed"
+    body = {"history": ["i1"], "k": 2}
+    assert post(url, "/v1/recommend", body).status_code == 401
+    assert post(url, "/v1/recommend", body, headers={"X-API-Key": "wrong"}).status_code == 401
+    assert post(url, "/v1/recommend", body, headers={"X-API-Key": API_KEY}).status_code == 200
+    assert requests.get(url + "/v1/model", timeout=10).status_code == 401
+    assert requests.get(url + "/healthz", timeout=10).status_code == 200
+    serve.delete("keyed")

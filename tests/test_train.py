@@ -1,0 +1,94 @@
+"""Ray Train: 2 workers on S3 data, checkpoints, artifact, failure recovery, --resume, evaluate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ray_rec import load_model, storage
+from ray_rec.config import load_config
+from ray_rec.errors import TrainingError
+
+
+def history(output: str) -> list[dict]:
+    return [json.loads(line) for line in storage.read_bytes(storage.join(output, "metrics.jsonl")).decode().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_workers_write_checkpoints_and_a_loadable_artifact_to_s3(trained, s3):
+    keys = [o["Key"] for o in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix="runs/main/")["Contents"]]
+    checkpoints = {k.split("/")[3] for k in keys if k.startswith("runs/main/run/checkpoint_2")}
+    assert 1 <= len(checkpoints) <= 2  # best 2 kept
+    assert "runs/main/metrics.jsonl" in keys and "runs/main/metrics.png" in keys
+    rows = history(trained.output)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert all(r["val_NDCG@10"] > 0 for r in rows)
+    rec = load_model(trained.model_uri)
+    assert rec.config.num_items > 0 and rec.config.side_features == {"category": 6}
+    assert len(rec.recommend([["i1", "i2"]], k=5)[0]) == 5
+
+
+@pytest.mark.slow
+def test_a_killed_worker_resumes_from_the_checkpoint(ray_cluster, s3_data, s3, tmp_path):
+    from ray_rec.train.trainer import train
+
+    marker = tmp_path / "killed"
+    config = load_config(None, {"model.dim": 16, "train.epochs": 3, "train.batch_size": 64})
+    out = s3.uri("runs/fault")
+    result = train(s3_data, out, config, workers=2, fail_once={"epoch": 2, "step": 1, "marker": str(marker)})
+    assert marker.exists(), "the fault was not injected"
+    rows = history(out)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r["resumes"] for r in rows] == [0, 1, 1], "epochs 2-3 must run after resuming from epoch 1's checkpoint"
+    assert result.epochs_run == 3
+    load_model(result.model_uri)
+
+
+@pytest.mark.slow
+def test_resume_continues_a_stopped_run(ray_cluster, s3_data, s3, tmp_path):
+    from ray_rec.train.trainer import train
+
+    out = s3.uri("runs/stopped")
+    config = load_config(None, {"model.dim": 16, "train.epochs": 3, "train.batch_size": 64, "train.max_failures": 0})
+    with pytest.raises(TrainingError, match="training failed"):
+        train(s3_data, out, config, workers=2, fail_once={"epoch": 2, "step": 1, "marker": str(tmp_path / "m")})
+    with pytest.raises(TrainingError, match="already holds a training run"):
+        train(s3_data, out, config, workers=2)
+    result = train(s3_data, out, config, workers=2, resume=True)
+    rows = history(out)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r["resumes"] for r in rows] == [0, 1, 1]
+    assert result.epochs_run == 3
+
+
+def test_resume_without_a_run_is_a_clear_error(ray_cluster, tiny_data, tmp_path):
+    from ray_rec.train.trainer import train
+
+    with pytest.raises(TrainingError, match="holds no training run"):
+        train(tiny_data, str(tmp_path / "empty"), load_config(None), resume=True)
+
+
+@pytest.mark.slow
+def test_evaluate_reports_full_sampled_and_popularity(trained, s3_data):
+    from ray_rec.train.evaluate import evaluate_model
+
+    result = evaluate_model(s3_data, trained.model_uri, split="test")
+    full = result["full_ranking"]
+    assert set(full) >= {"HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR"}
+    assert full["count"] == 240
+    assert 0 <= full["NDCG@10"] <= full["HR@10"] <= full["HR@20"] <= 1
+    assert result["sampled_100"]["HR@10"] >= full["HR@10"]
+
+
+@pytest.mark.slow
+def test_batch_score_writes_top_k_for_every_user(trained, s3_data, s3):
+    from ray_rec.train.batch_score import batch_score
+
+    out = s3.uri("scores/test")
+    assert batch_score(s3_data, trained.model_uri, out, k=5) == 240
+    fs, path = storage.resolve(out)
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
+    assert table.num_rows == 240 and all(len(r) == 5 for r in table.column("items").to_pylist())

@@ -54,7 +54,7 @@ class ModelConfig:
     dropout: float = 0.5
     loss: str = "auto"
     num_negatives: int = 256  # sampled negatives for `sampled_softmax` / `bce`
-    aux_loss_weight: float = 0.1  # DIEN's auxiliary next-click loss on the interest states
+    aux_loss_weight: float = 0.0  # DIEN's auxiliary next-click loss on the interest states (off: see README)
 
     def __post_init__(self) -> None:
         _check_choice("model.tracker", self.tracker, TRACKERS)
@@ -92,11 +92,9 @@ class DataConfig:
 
     shuffle_buffer: int = 2048  # rows in the local shuffle buffer of each worker
     seed: int = 0
-    min_clicks: int = 3  # used by `prepare`: users with fewer clicks are dropped
 
     def __post_init__(self) -> None:
         _check_range("data.shuffle_buffer", self.shuffle_buffer, 0)
-        _check_range("data.min_clicks", self.min_clicks, 3)
 
 
 @dataclass(frozen=True)

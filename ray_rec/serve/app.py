@@ -5,21 +5,20 @@ can be changed at run time through ``user_config`` (hot reload, the old model ke
 the new artifact is bad).
 """
 
-from __future__ import annotations
 
-import hmac
 import logging
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, HTTPException
 from ray import serve
 from ray.serve import Application
 
 from ray_rec.model.artifact import Recommender, load_model
+from ray_rec.serve.batching import Job, run_jobs
+from ray_rec.serve import http as replica_http
+from ray_rec.serve.http import BodyLimit, check_key
 from ray_rec.serve.schemas import (
     ModelInfo,
     RecommendRequest,
@@ -31,65 +30,12 @@ from ray_rec.serve.schemas import (
 
 logger = logging.getLogger("ray.serve")
 
-API_KEY_HEADER = "X-API-Key"
-
 api = FastAPI(
     title="ray_rec",
     description="Scores candidates and recommends items from a user's click history.",
     version="1",
 )
-
-
-@dataclass
-class Job:
-    """One request inside a batch: a score job has candidates, a recommend job has k."""
-
-    history: list[int]
-    candidates: list[int] | None = None
-    k: int = 0
-    exclude: bool = True
-
-
-class BodyLimit:
-    """ASGI middleware: a body over the replica's ``max_body_bytes`` gets 413, declared or streamed."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        service = getattr(api.state, "service", None)
-        if scope["type"] != "http" or service is None:
-            await self.app(scope, receive, send)
-            return
-        limit = service.args.max_body_bytes
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await JSONResponse({"detail": f"request body over {limit} bytes"}, 413)(scope, receive, send)
-            return
-        seen = 0
-
-        async def limited() -> dict:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise HTTPException(413, f"request body over {limit} bytes")
-            return message
-
-        await self.app(scope, limited, send)
-
-
 api.add_middleware(BodyLimit)
-
-
-def _check_key(request: Request) -> None:
-    service = request.app.state.service
-    expected = service.api_key
-    if expected is None:
-        return
-    given = request.headers.get(API_KEY_HEADER, "")
-    if not hmac.compare_digest(given.encode(), expected.encode()):
-        raise HTTPException(401, f"missing or wrong {API_KEY_HEADER} header")
 
 
 @serve.deployment
@@ -108,7 +54,7 @@ class RecommenderService:
         self.reload_error: str | None = None
         self._batched.set_max_batch_size(self.args.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
-        api.state.service = self
+        replica_http.REPLICA.service = self  # through the module: Serve ships this class by value
         torch.set_num_threads(1)
         logger.info("serving model %s from %s", self.rec.version, self.args.model_uri)
 
@@ -134,7 +80,7 @@ class RecommenderService:
         known, unknown = self.rec.vocab.lookup(raw)
         return known[-self.rec.config.max_len :], unknown
 
-    @api.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(_check_key)])
+    @api.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(check_key)])
     async def score(self, body: ScoreRequest) -> dict[str, Any]:
         """Relevance of each candidate to the history, in order (null for unknown candidates)."""
         history, unknown = self._history(body.history)
@@ -152,7 +98,7 @@ class RecommenderService:
             "unknown_candidates": [c for c, i in zip(body.candidates, idx) if not i],
         }
 
-    @api.post("/v1/recommend", response_model=RecommendResponse, dependencies=[Depends(_check_key)])
+    @api.post("/v1/recommend", response_model=RecommendResponse, dependencies=[Depends(check_key)])
     async def recommend(self, body: RecommendRequest) -> dict[str, Any]:
         """The top-k items of the catalog for the history."""
         history, unknown = self._history(body.history)
@@ -167,7 +113,7 @@ class RecommenderService:
         items = [{"item_id": rec.vocab.raw_id(i), "score": s} for i, s in pairs]
         return {"model_version": rec.version, "items": items, "unknown_history": unknown, "fallback": None}
 
-    @api.get("/v1/model", response_model=ModelInfo, dependencies=[Depends(_check_key)])
+    @api.get("/v1/model", response_model=ModelInfo, dependencies=[Depends(check_key)])
     async def model_info(self) -> dict[str, Any]:
         """Which model is serving, since when, and its configuration."""
         rec = self.rec
@@ -203,41 +149,6 @@ class RecommenderService:
             for pos, result in zip(positions, run_jobs(rec, [items[p][0] for p in positions])):
                 out[pos] = result
         return out
-
-
-@torch.inference_mode()
-def run_jobs(rec: Recommender, jobs: list[Job]) -> list[Any]:
-    """Score and recommend jobs in one forward pass, padded to the longest history."""
-    model = rec.model
-    width = max(max(len(j.history) for j in jobs), 1)
-    items = torch.zeros(len(jobs), width, dtype=torch.long)
-    for r, job in enumerate(jobs):
-        if job.history:
-            items[r, width - len(job.history) :] = torch.tensor(job.history)
-    u = model.user_interest(items)  # (B, D)
-    results: list[Any] = [None] * len(jobs)
-    score_rows = [r for r, j in enumerate(jobs) if j.candidates is not None]
-    if score_rows:
-        c = max(len(jobs[r].candidates or []) for r in score_rows)
-        cand = torch.zeros(len(score_rows), c, dtype=torch.long)
-        for i, r in enumerate(score_rows):
-            cand[i, : len(jobs[r].candidates or [])] = torch.tensor(jobs[r].candidates or [])
-        scores = model.relevance(u[score_rows], model.features.item_features(cand))  # (S, C)
-        for i, r in enumerate(score_rows):
-            results[r] = scores[i, : len(jobs[r].candidates or [])].tolist()
-    rec_rows = [r for r, j in enumerate(jobs) if j.candidates is None]
-    if rec_rows:
-        scores = model.relevance.catalog(u[rec_rows], model.features.all_item_features())  # (R, N + 1)
-        scores[:, 0] = float("-inf")
-        for i, r in enumerate(rec_rows):
-            if jobs[r].exclude and jobs[r].history:
-                scores[i, torch.tensor(jobs[r].history)] = float("-inf")
-        k = min(max(jobs[r].k for r in rec_rows), model.config.num_items)
-        top = torch.topk(scores, k, dim=1)
-        for i, r in enumerate(rec_rows):
-            pairs = zip(top.indices[i, : jobs[r].k].tolist(), top.values[i, : jobs[r].k].tolist())
-            results[r] = [(int(idx), float(s)) for idx, s in pairs if s != float("-inf")]
-    return results
 
 
 def deployment_options(args: ServeArgs) -> dict[str, Any]:

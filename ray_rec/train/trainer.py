@@ -226,7 +226,13 @@ def train(
             worker_runtime_env={"env_vars": _aws_env()},
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise TrainingError(
+            f"training failed after {config.train.max_failures} recoveries: {exc}. "
+            f"Fix the cause, then rerun with --resume to continue from the last checkpoint"
+        ) from None
     if result.error is not None:
         raise TrainingError(f"training failed: {result.error}")
     best = result.get_best_checkpoint(SCORE, "max") if result.best_checkpoints else result.checkpoint

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that measure, never assert. Results go to bench/results/."""

@@ -1,0 +1,95 @@
+"""Model quality on the Amazon sequence files under the standard protocol.
+
+Leave-one-out (last item = test, second-to-last = validation), full ranking over all items with
+the user's seen items excluded, HR@k / NDCG@k on test for the default model and its ablations,
+each trained in this process with the plain PyTorch loop and early stopping on validation NDCG@10.
+
+    python -m bench.model_quality                         # Beauty, every variant
+    python -m bench.model_quality --variants default sasrec --dataset Sports_and_Outdoors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+from ray_rec.config import load_config
+from ray_rec.data.prepare import PrepareOptions, prepare, read_manifest
+from ray_rec.train.local import train_local
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Each variant changes only what its name says against the default model.
+VARIANTS: dict[str, dict[str, object]] = {
+    "default": {},
+    "sasrec": {"model.enhancer": "none", "model.aux_loss_weight": 0.0},  # transformer, dot, full CE
+    "enhancer=none": {"model.enhancer": "none"},
+    "enhancer=augru": {"model.enhancer": "augru"},
+    "tracker=gru": {"model.tracker": "gru"},
+    "relevance=mlp": {"model.relevance": "mlp"},
+}
+PUBLISHED = {"Beauty": {"ICLRec (released model)": {"HR@10": 0.0744, "NDCG@10": 0.0403, "HR@20": 0.1058, "NDCG@20": 0.0483}}}
+
+
+def prepared(dataset: str) -> str:
+    src = SHARED / f"{dataset}.txt"
+    if not src.exists():
+        raise SystemExit(f"{src} not found: this benchmark reads the shared data sets beside the checkout")
+    out = RESULTS / "cache" / dataset
+    try:
+        read_manifest(str(out))
+    except ValueError:
+        prepare(PrepareOptions(input=str(src), output=str(out), format="seqtxt", num_shards=4))
+    return str(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="Beauty")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--epochs", type=int, default=60, help="at most this many epochs per variant")
+    parser.add_argument("--patience", type=int, default=6)
+    parser.add_argument("--set", action="append", default=[], help="extra override for every variant, k=v")
+    args = parser.parse_args()
+    data = prepared(args.dataset)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    started = time.monotonic()
+    for name in args.variants:
+        overrides = {"train.epochs": args.epochs, "train.patience": args.patience, **VARIANTS[name]}
+        for pair in args.set:
+            key, _, value = pair.partition("=")
+            overrides[key] = json.loads(value) if value[:1].isdigit() else value
+        run = train_local(data, load_config(None, overrides), log=lambda m, n=name: print(f"[{n}] {m}", flush=True))
+        rows[name] = {**{k: run.test[k] for k in ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")},
+                      "best_epoch": run.best_epoch, "seconds": round(run.seconds), "overrides": VARIANTS[name]}
+        print(f"[{name}] test {json.dumps(rows[name])}", flush=True)
+    report = {"dataset": args.dataset, "machine": f"{platform.machine()}, {os.cpu_count()} cores", "rows": rows,
+              "published": PUBLISHED.get(args.dataset, {}), "total_seconds": round(time.monotonic() - started),
+              "command": "python -m bench.model_quality " + " ".join(f"--variants {' '.join(args.variants)}".split())}
+    out = RESULTS / f"model_quality_{args.dataset}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(markdown(report))
+    print(f"wrote {out}")
+
+
+def markdown(report: dict) -> str:
+    keys = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")
+    lines = ["| model | " + " | ".join(keys) + " | best epoch | seconds |", "|---" * (len(keys) + 3) + "|"]
+    for name, r in report["rows"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + f" | {r['best_epoch']} | {r['seconds']} |")
+    for name, r in report["published"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.4f}" if k in r else "-" for k in keys) + " | - | - |")
+    if "default" in report["rows"] and "sasrec" in report["rows"]:
+        ratio = report["rows"]["default"]["NDCG@10"] / report["rows"]["sasrec"]["NDCG@10"]
+        lines.append(f"\ndefault / SASRec-shaped NDCG@10: {ratio:.3f}x")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Training throughput: the plain PyTorch loop against the Ray trainer with 1 and 2 workers.
+
+Same model, data and batch size, run one after the other in this process. The Ray figures are
+the workers' own examples/s over a whole epoch (after the first, which warms up), so they show
+what Ray and Ray Data cost per example once running; the fixed start-up seconds are reported
+apart.
+
+    python -m bench.train_speed                 # Amazon Beauty from ../shared/data
+    python -m bench.train_speed --synthetic     # a generated log instead
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+from bench.model_quality import RESULTS, prepared
+from ray_rec.config import load_config, with_catalog
+from ray_rec.data.local import InMemoryExamples
+from ray_rec.data.prepare import PrepareOptions, prepare, read_manifest
+from ray_rec.model.interest_model import InterestModel
+from ray_rec.train.loop import make_optimizer, train_step
+
+
+def plain_loop(data: str, overrides: dict, epochs: int) -> float:
+    """Examples/s of the single-process loop over the last of ``epochs`` epochs."""
+    import torch
+
+    cfg = load_config(None, overrides)
+    m = read_manifest(data)
+    mcfg = with_catalog(cfg.model, m["counts"]["items"], m["side_features"], m["has_time"])
+    torch.manual_seed(0)
+    model = InterestModel(mcfg)
+    opt = make_optimizer(model, cfg.train)
+    ex = InMemoryExamples.training(data, "train", mcfg.max_len, mcfg.time_buckets, 8 if m["has_browse"] else 0)
+    rate = 0.0
+    for epoch in range(epochs):
+        t0, n = time.monotonic(), 0
+        for batch in ex.batches(cfg.train.batch_size, seed=epoch):
+            train_step(model, batch, opt, cfg.train.grad_clip)
+            n += batch["items"].shape[0]
+        rate = n / (time.monotonic() - t0)
+    return rate
+
+
+def ray_trainer(data: str, overrides: dict, epochs: int, workers: int) -> dict:
+    from ray_rec.train.trainer import train
+
+    cfg = load_config(None, {**overrides, "train.epochs": epochs, "train.eval_every": 1000, "train.patience": 1000})
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.monotonic()
+        train(data, out, cfg, workers=workers)
+        wall = time.monotonic() - t0
+        rows = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
+    return {"examples_per_s": rows[-1]["examples_per_s"], "wall_s": wall,
+            "fixed_s": wall - sum(r["train_s"] for r in rows), "epochs": len(rows)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--synthetic", action="store_true")
+    parser.add_argument("--epochs", type=int, default=2)
+    args = parser.parse_args()
+    if args.synthetic:
+        from ray_rec.data.synthetic import SyntheticSpec, generate
+        import pyarrow.parquet as pq
+
+        tmp = tempfile.mkdtemp()
+        log, _ = generate(SyntheticSpec(users=5000, items=1000))
+        pq.write_table(log, f"{tmp}/events.parquet")
+        data = f"{tmp}/data"
+        prepare(PrepareOptions(input=f"{tmp}/events.parquet", output=data, num_shards=4))
+        name = "synthetic"
+    else:
+        data, name = prepared("Beauty"), "Beauty"
+    overrides = {"train.batch_size": 128}
+    from ray_rec.ray_session import init_ray
+
+    plain = plain_loop(data, overrides, args.epochs)
+    print(f"plain PyTorch loop: {plain:,.0f} examples/s", flush=True)
+    init_ray(2)
+    one = ray_trainer(data, overrides, args.epochs, 1)
+    print(f"Ray trainer, 1 worker: {one['examples_per_s']:,.0f} examples/s ({one['examples_per_s'] / plain:.2f}x plain); "
+          f"fixed cost {one['fixed_s']:.1f} s", flush=True)
+    two = ray_trainer(data, overrides, args.epochs, 2)
+    print(f"Ray trainer, 2 workers: {two['examples_per_s']:,.0f} examples/s ({two['examples_per_s'] / plain:.2f}x plain); "
+          f"fixed cost {two['fixed_s']:.1f} s", flush=True)
+    report = {"dataset": name, "machine": f"{platform.machine()}, {os.cpu_count()} cores", "plain_examples_per_s": plain,
+              "ray_1_worker": one, "ray_2_workers": two, "ratio_1_worker": one["examples_per_s"] / plain,
+              "command": "python -m bench.train_speed" + (" --synthetic" if args.synthetic else "")}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"train_speed_{name}.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

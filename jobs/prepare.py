@@ -1,0 +1,19 @@
+"""Import event logs into a sharded sequence dataset, as a Ray job.
+
+    ray job submit --working-dir . \
+        --runtime-env-json '{"env_vars": {"AWS_DEFAULT_REGION": "us-east-1"}}' \
+        -- python jobs/prepare.py --input s3://BUCKET/logs/ --format events \
+           --output s3://BUCKET/datasets/clicks --num-shards 32
+
+Arguments are those of `ray-rec prepare` (see `ray-rec prepare --help`).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jobs._common import run  # noqa: E402
+
+if __name__ == "__main__":
+    run("prepare")

@@ -67,8 +67,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
     if args.synthetic:
-        from ray_rec.data.synthetic import SyntheticSpec, generate
         import pyarrow.parquet as pq
+
+        from ray_rec.data.synthetic import SyntheticSpec, generate
 
         tmp = tempfile.mkdtemp()
         log, _ = generate(SyntheticSpec(users=5000, items=1000))

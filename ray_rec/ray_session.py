@@ -29,3 +29,5 @@ def init_ray(workers: int = 2) -> None:
     else:
         ray.init(address="local", num_cpus=local_cpus(workers), logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    for name in ("ray.data", "ray.train", "ray.serve"):  # our own progress lines say what matters
+        logging.getLogger(name).setLevel(logging.WARNING)

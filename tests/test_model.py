@@ -110,9 +110,10 @@ def test_overfits_a_tiny_data_set(enhancer):
 
 
 def test_save_and_load_give_identical_scores(tmp_path):
+    import numpy as np
+
     from ray_rec.model.artifact import load_model, save_model
     from ray_rec.vocab import Vocabulary
-    import numpy as np
 
     model = make().eval()
     vocab = Vocabulary(ids=[f"i{i}" for i in range(1, N + 1)], counts=np.ones(N, dtype=np.int64),

@@ -51,7 +51,7 @@ class InMemoryExamples:
         order = rng.permutation(self.size)
         lengths = (self.examples["items"] != 0).sum(1)
         window = 64 * batch_size
-        groups = []
+        groups: list[np.ndarray] = []
         for start in range(0, self.size, window):
             chunk = order[start : start + window]
             chunk = chunk[np.argsort(lengths[chunk], kind="stable")]

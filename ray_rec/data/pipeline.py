@@ -27,7 +27,7 @@ SEQUENCES_PER_TASK = 4096
 class RayRecCollate(NumpyBatchCollateFn):
     """Ray Data collate function around the plain, separately tested `collate`."""
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:  # type: ignore[override]
         return collate(batch)
 
 

@@ -49,11 +49,12 @@ def generate(spec: SyntheticSpec) -> tuple[pa.Table, pa.Table]:
                 continue
             clicked = int(rng.choice(by_topic[topic], p=weights[topic]))
             shown = rng.integers(0, spec.items, spec.shown_per_step - 1)
-            for item in shown:
-                if item != clicked:
-                    users.append(f"u{u}"), items.append(f"i{item}"), stamps.append(t), events.append("browse")
-                    t += int(rng.integers(1, 30))
-            users.append(f"u{u}"), items.append(f"i{clicked}"), stamps.append(t), events.append("click")
+            for item, event in [*((int(i), "browse") for i in shown if i != clicked), (clicked, "click")]:
+                users.append(f"u{u}")
+                items.append(f"i{item}")
+                stamps.append(t)
+                events.append(event)
+                t += int(rng.integers(1, 30))
             t += int(rng.exponential(3600)) + 1
             if rng.random() > spec.stay:
                 pos += 1

@@ -27,6 +27,8 @@ class SequenceFeatureExtractor(nn.Module):
         torch.Size([1, 2, 64])
     """
 
+    item_side: torch.Tensor
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         d = config.dim

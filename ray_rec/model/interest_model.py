@@ -18,7 +18,7 @@ from ray_rec.model.losses import (
     full_softmax_loss,
     sampled_softmax_loss,
 )
-from ray_rec.model.relevance import RELEVANCES
+from ray_rec.model.relevance import RELEVANCES, DotRelevance, MLPRelevance
 from ray_rec.model.tracking import TRACKERS
 
 
@@ -45,7 +45,7 @@ class InterestModel(nn.Module):
         self.features = SequenceFeatureExtractor(config)
         self.tracker = TRACKERS.build(config.tracker, config)
         self.enhancer = ENHANCERS.build(config.enhancer, config)
-        self.relevance = RELEVANCES.build(config.relevance, config)
+        self.relevance: DotRelevance | MLPRelevance = RELEVANCES.build(config.relevance, config)  # type: ignore[assignment]
         self.loss_kind = config.resolved_loss
 
     def encode(self, items: torch.Tensor, time_buckets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

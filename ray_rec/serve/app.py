@@ -16,8 +16,8 @@ from ray import serve
 from ray.serve import Application
 
 from ray_rec.model.artifact import Recommender, load_model
-from ray_rec.serve.batching import Job, run_jobs
 from ray_rec.serve import http as replica_http
+from ray_rec.serve.batching import Job, run_jobs
 from ray_rec.serve.http import BodyLimit, check_key
 from ray_rec.serve.schemas import (
     ModelInfo,
@@ -52,8 +52,8 @@ class RecommenderService:
                 raise RuntimeError(f"api_key_env={self.args.api_key_env!r} is set but that variable is empty")
         self.rec: Recommender = load_model(self.args.model_uri)
         self.reload_error: str | None = None
-        self._batched.set_max_batch_size(self.args.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self._batched.set_max_batch_size(self.args.max_batch_size)  # type: ignore[attr-defined]
+        self._batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)  # type: ignore[attr-defined]
         replica_http.REPLICA.service = self  # through the module: Serve ships this class by value
         torch.set_num_threads(1)
         logger.info("serving model %s from %s", self.rec.version, self.args.model_uri)
@@ -172,4 +172,4 @@ def deployment_options(args: ServeArgs) -> dict[str, Any]:
 
 def build_app(args: ServeArgs) -> Application:
     """Application builder: ``serve run ray_rec.serve.app:build_app model_uri=s3://.../model``."""
-    return RecommenderService.options(**deployment_options(args)).bind(args.model_dump())
+    return RecommenderService.options(**deployment_options(args)).bind(args.model_dump())  # type: ignore[attr-defined]

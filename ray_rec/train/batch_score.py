@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 import torch
 
 from ray_rec import storage
@@ -43,7 +44,8 @@ def batch_score(data: str, model_uri: str, output: str, split: str = "test", k: 
     storage.delete_dir(staging)
     fs, staging_path = storage.resolve(staging)
     ds = read_sequences(data, split).map_batches(
-        TopK, fn_constructor_args=(model_uri, k), batch_format="pyarrow", batch_size=512, concurrency=1
+        TopK, fn_constructor_args=(model_uri, k), batch_format="pyarrow", batch_size=512,
+        compute=ray.data.ActorPoolStrategy(size=1),
     )
     ds.write_parquet(staging_path, filesystem=fs)
     storage.delete_dir(output)

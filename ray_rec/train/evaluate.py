@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import ray
 import torch
 
 from ray_rec import storage
@@ -38,7 +37,7 @@ class RankUsers:
 
     def __init__(self, model_uri: str, popularity: np.ndarray, seed: int) -> None:
         self.rec = load_model(model_uri)
-        self.popularity = torch.as_tensor(popularity, dtype=torch.float64)
+        self.popularity = torch.tensor(popularity, dtype=torch.float64)
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
@@ -91,12 +90,12 @@ def evaluate_model(data: str, model_uri: str, split: str = "test", output: str |
         fn_constructor_args=(model_uri, popularity, seed),
         batch_format="pyarrow",
         batch_size=512,
-        concurrency=1,
+        compute=ray.data.ActorPoolStrategy(size=1),
     )
     acc = {name: RankingMetrics(DEFAULT_KS) for name in ("full", "sampled", "popularity")}
     for batch in ranks.iter_batches(batch_format="numpy", batch_size=4096):
         for name, metric in acc.items():
-            metric.add(torch.as_tensor(batch[name]))
+            metric.add(torch.tensor(batch[name]))
     result = {
         "split": split,
         "model": model_uri,

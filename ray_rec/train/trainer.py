@@ -223,7 +223,7 @@ def train(
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.train.keep_checkpoints, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
             ),
-            worker_runtime_env={"env_vars": _aws_env()},
+            worker_runtime_env={"env_vars": _aws_env()},  # type: ignore[call-arg]
         ),
     )
     try:
@@ -251,7 +251,7 @@ def train(
             storage.copy_dir(tmp, staging)
         storage.delete_dir(model_uri)
         storage.move_dir(staging, model_uri)
-    best_row = next((r for r in state["history"] if r["epoch"] == state["best_epoch"]), {})
+    best_row: dict[str, Any] = next((r for r in state["history"] if r["epoch"] == state["best_epoch"]), {})
     final_history = result.metrics or {}
     return TrainResult(
         output=output,

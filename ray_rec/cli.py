@@ -130,9 +130,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ray_rec.data.prepare import read_manifest
+    from ray_rec.model.artifact import load_model
     from ray_rec.ray_session import init_ray
     from ray_rec.train.evaluate import evaluate_model, format_table
 
+    read_manifest(args.data)  # fail fast, before Ray starts
+    load_model(args.model)
     init_ray(1)
     result = evaluate_model(args.data, args.model, split=args.split, output=args.output)
     print(format_table(result))
@@ -148,9 +152,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_batch_score(args: argparse.Namespace) -> int:
+    from ray_rec.data.prepare import read_manifest
+    from ray_rec.model.artifact import load_model
     from ray_rec.ray_session import init_ray
     from ray_rec.train.batch_score import batch_score
 
+    read_manifest(args.data)  # fail fast, before Ray starts
+    load_model(args.model)
     init_ray(1)
     n = batch_score(args.data, args.model, args.output, split=args.split, k=args.k)
     print(f"wrote top-{args.k} recommendations for {n:,} users to {args.output}")

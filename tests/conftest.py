@@ -69,6 +69,8 @@ def s3() -> Iterator[S3]:
 def ray_cluster(s3: S3) -> Iterator[None]:
     import ray
 
+    if ray.is_initialized():  # a CLI test may have started one in this process
+        ray.shutdown()
     ray.init(address="local", num_cpus=6, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield

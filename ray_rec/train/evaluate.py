@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import ray
 import torch
 
 from ray_rec import storage

@@ -1,0 +1,76 @@
+"""`ray job submit` against a `ray start --head` cluster with token authentication on:
+prepare -> train -> evaluate -> batch scoring on data in the loopback S3 server.
+
+Named to run last: it shuts the session's Ray down first (two clusters on two cores starve
+each other) and `ray stop`s the cluster it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ray_rec import load_model, storage
+
+from .conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent
+
+
+def sh(*args: str, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    out = subprocess.run(list(args), capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    assert out.returncode == 0, f"{' '.join(args)}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def head(s3, tiny_logs):
+    import ray
+
+    ray.shutdown()
+    token = Path.home() / ".ray" / "auth_token"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env.pop("RAY_ADDRESS", None)
+    if not token.exists():
+        sh(str(BIN / "ray"), "get-auth-token", "--generate", env=env)
+    port, dash = free_port(), free_port()
+    sh(str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=6",
+       "--dashboard-host=127.0.0.1", "--disable-usage-stats", env=env, timeout=120)
+    s3.client.upload_file(str(tiny_logs / "events.parquet"), s3.bucket, "jobs/raw/events.parquet")
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def submit(head, *job: str) -> str:
+    address, env = head
+    runtime = {"env_vars": {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                                        "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}}
+    out = sh(str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
+             "--runtime-env-json", json.dumps(runtime), "--", sys.executable, *job, env=env, timeout=900)
+    return out.stdout
+
+
+def test_jobs_prepare_train_evaluate_and_batch_score(head, s3):
+    data, run = s3.uri("jobs/data"), s3.uri("jobs/run")
+    submit(head, "jobs/prepare.py", "--input", s3.uri("jobs/raw/events.parquet"), "--format", "events",
+           "--output", data, "--num-shards", "2")
+    assert json.loads(storage.read_bytes(data + "/manifest.json"))["counts"]["users"] == 240
+    submit(head, "jobs/train.py", "--data", data, "--output", run, "--workers", "2",
+           "--set", "model.dim=16", "--set", "train.epochs=2")
+    rec = load_model(run + "/model")
+    assert rec.config.dim == 16
+    out = submit(head, "jobs/evaluate.py", "--data", data, "--model", run + "/model", "--output", run)
+    assert "NDCG@10" in out
+    assert json.loads(storage.read_bytes(run + "/eval_test.json"))["full_ranking"]["count"] == 240
+    submit(head, "jobs/batch_score.py", "--data", data, "--model", run + "/model", "--output", s3.uri("jobs/recs"))
+    assert [f for f in storage.list_files(s3.uri("jobs/recs")) if f.endswith(".parquet")]

@@ -1,0 +1,173 @@
+"""Serving load: requests/s and p50/p99 latency of the Serve app against two ceilings measured in
+the same run (a no-op Serve app with the same batching and deployment settings, and a bare
+uvicorn app returning a constant), at concurrency 1, 8, 32 and 128, batching on and off.
+Loopback only; every level sends a bounded number of requests.
+
+    python -m bench.serve_load [--requests 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.model_quality import RESULTS
+
+LEVELS = (1, 8, 32, 128)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def small_artifact(folder: str) -> str:
+    """A model trained for two epochs on synthetic data (5,000 items), saved as an artifact."""
+    import pyarrow.parquet as pq
+
+    from ray_rec.config import load_config
+    from ray_rec.data.prepare import PrepareOptions, prepare
+    from ray_rec.data.synthetic import SyntheticSpec, generate
+    from ray_rec.model.artifact import save_model
+    from ray_rec.train.local import train_local
+    from ray_rec.vocab import Vocabulary
+
+    log, _ = generate(SyntheticSpec(users=3000, items=5000, topics=50))
+    pq.write_table(log, f"{folder}/events.parquet")
+    prepare(PrepareOptions(input=f"{folder}/events.parquet", output=f"{folder}/data", num_shards=2))
+    run = train_local(f"{folder}/data", load_config(None, {"train.epochs": 2}), evaluate_test=False, log=lambda m: None)
+    save_model(run.model, Vocabulary.load(f"{folder}/data"), f"{folder}/model")
+    return f"{folder}/model"
+
+
+async def load(url: str, body: dict, concurrency: int, total: int) -> dict[str, float]:
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    queue = iter(range(total))
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        for _ in queue:
+            t0 = time.perf_counter()
+            try:
+                async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=60)) as r:
+                    await r.read()
+                    if r.status != 200:
+                        errors += 1
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                errors += 1
+            latencies.append(time.perf_counter() - t0)
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(*(worker(session) for _ in range(min(concurrency, 4))))  # warm-up connections
+        queue = iter(range(total))
+        t0 = time.perf_counter()
+        latencies.clear()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    lat = np.array(latencies) * 1000
+    return {"rps": total / wall, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)), "errors": errors}
+
+
+UVICORN_APP = '''
+from fastapi import FastAPI
+app = FastAPI()
+@app.post("/v1/recommend")
+async def recommend(body: dict):
+    return {"model_version": "constant", "items": []}
+'''
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    import ray
+    from ray import serve
+
+    from ray_rec.serve.app import build_app
+    from ray_rec.serve.noop import build_noop_app
+    from ray_rec.serve.schemas import ServeArgs
+
+    tmp = tempfile.mkdtemp()
+    model_uri = small_artifact(tmp)
+    history = {"history": [f"i{i}" for i in range(1, 40)], "k": 10}
+    score = {"history": history["history"], "candidates": [f"i{i}" for i in range(100, 200)]}
+
+    from ray_rec import load_model
+    from ray_rec.serve.batching import Job, run_jobs
+
+    rec = load_model(model_uri)
+    idx = rec.vocab.lookup(history["history"])[0]
+    t0 = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t0 < 5:
+        run_jobs(rec, [Job(history=idx, k=10) for _ in range(32)])
+        n += 32
+    model_only = n / (time.perf_counter() - t0)
+    print(f"model only (one replica's forward passes, batches of 32 recommend jobs): {model_only:,.0f} requests/s", flush=True)
+
+    port = free_port()
+    uv_port = free_port()
+    app_file = Path(tmp, "bare.py")
+    app_file.write_text(UVICORN_APP)
+    bare = subprocess.Popen([sys.executable, "-m", "uvicorn", "bare:app", "--port", str(uv_port), "--log-level", "warning"],
+                            cwd=tmp)
+    ray.init(address="local", num_cpus=4, logging_level="WARNING")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    rows: dict[str, dict[str, Any]] = {}
+    try:
+        setups = {
+            "model, batching on": (build_app(ServeArgs(model_uri=model_uri)), "/model"),
+            "model, batching off": (build_app(ServeArgs(model_uri=model_uri, batching=False)), "/nobatch"),
+            "no-op Serve, batching on": (build_noop_app(32, 0.005), "/noop"),
+        }
+        for name, (app, prefix) in setups.items():
+            serve.run(app, name=prefix.strip("/"), route_prefix=prefix)
+        time.sleep(2)
+        targets = {name: f"http://127.0.0.1:{port}{prefix}/v1/recommend" for name, (_, prefix) in setups.items()}
+        targets["bare uvicorn"] = f"http://127.0.0.1:{uv_port}/v1/recommend"
+        targets["model /v1/score, batching on"] = f"http://127.0.0.1:{port}/model/v1/score"
+        for name, url in targets.items():
+            body = score if "score" in name else history
+            for c in LEVELS:
+                r = asyncio.run(load(url, body, c, args.requests))
+                rows.setdefault(name, {})[c] = r
+                print(f"{name:32} c={c:<4} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}", flush=True)
+    finally:
+        bare.terminate()
+        serve.shutdown()
+        ray.shutdown()
+    noop32, model32 = rows["no-op Serve, batching on"][32], rows["model, batching on"][32]
+    summary = {
+        "rps_ratio_c32": model32["rps"] / noop32["rps"],
+        "p99_ratio_c32": model32["p99_ms"] / noop32["p99_ms"],
+        "batching_gain_c128": rows["model, batching on"][128]["rps"] / rows["model, batching off"][128]["rps"],
+        "model_only_rps": model_only,
+    }
+    print(json.dumps(summary, indent=2))
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "requests_per_level": args.requests,
+              "rows": rows, "summary": summary, "command": f"python -m bench.serve_load --requests {args.requests}"}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "serve_load.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -139,7 +139,7 @@ def main() -> None:
             "model, batching off": (build_app(ServeArgs(model_uri=model_uri, batching=False)), "/nobatch"),
             "no-op Serve, batching on": (build_noop_app(32, 0.005), "/noop"),
         }
-        for name, (app, prefix) in setups.items():
+        for app, prefix in setups.values():
             serve.run(app, name=prefix.strip("/"), route_prefix=prefix)
         time.sleep(2)
         targets = {name: f"http://127.0.0.1:{port}{prefix}/v1/recommend" for name, (_, prefix) in setups.items()}

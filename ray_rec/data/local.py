@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ray_rec import storage
-from ray_rec.data.examples import collate, evaluation_examples, training_examples
+from ray_rec.data.examples import BUCKET_WINDOW, collate, evaluation_examples, length_buckets, training_examples
 from ray_rec.data.prepare import read_manifest
 
 
@@ -42,20 +42,15 @@ class InMemoryExamples:
 
     def batches(self, batch_size: int, seed: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """Batches in order, or shuffled by ``seed`` with rows of similar length batched together
-        (within windows of 64 batches), which saves the work on padding."""
+        (within windows of `BUCKET_WINDOW` batches), which saves the work on padding."""
         if seed is None:
             for start in range(0, self.size, batch_size):
                 yield collate({k: v[start : start + batch_size] for k, v in self.examples.items()})
             return
         rng = np.random.default_rng(seed)
         order = rng.permutation(self.size)
-        lengths = (self.examples["items"] != 0).sum(1)
-        window = 64 * batch_size
-        groups: list[np.ndarray] = []
+        window = BUCKET_WINDOW * batch_size
         for start in range(0, self.size, window):
-            chunk = order[start : start + window]
-            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-            groups.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
-        for g in rng.permutation(len(groups)):
-            idx = np.sort(groups[g])
-            yield collate({k: v[idx] for k, v in self.examples.items()})
+            chunk = np.sort(order[start : start + window])
+            for batch in length_buckets({k: v[chunk] for k, v in self.examples.items()}, batch_size, rng):
+                yield collate(batch)

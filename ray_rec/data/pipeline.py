@@ -1,8 +1,9 @@
 """The Ray Data pipeline: sharded sequence parquet (S3 or local) -> training tensors.
 
 Reading and example building run as Ray Data tasks (``map_batches`` over pyarrow batches);
-the training workers consume their split with ``iter_torch_batches`` and `RayRecCollate`.
-Nothing here materialises the data set.
+each training worker streams its split in chunks (``iter_batches`` with a seeded local shuffle),
+regroups each chunk by history length and collates it with the plain `collate` function (see
+``ray_rec.train.trainer._training_batches``). Nothing here materialises the data set.
 """
 
 from __future__ import annotations
@@ -12,23 +13,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
-import torch
-from ray.data.collate_fn import NumpyBatchCollateFn
 
 from ray_rec import storage
 from ray_rec.config import ModelConfig
-from ray_rec.data.examples import collate, training_examples
+from ray_rec.data.examples import training_examples
 from ray_rec.data.prepare import read_manifest
 
 # Sequences per map_batches call: large enough to amortise task overhead, small enough to stream.
 SEQUENCES_PER_TASK = 4096
-
-
-class RayRecCollate(NumpyBatchCollateFn):
-    """Ray Data collate function around the plain, separately tested `collate`."""
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        return collate(batch)
 
 
 class ToTrainingExamples:

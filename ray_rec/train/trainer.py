@@ -13,9 +13,11 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 import torch
@@ -25,8 +27,8 @@ from ray.train.torch import TorchTrainer
 
 from ray_rec import storage
 from ray_rec.config import Config, config_from_dict, with_catalog
-from ray_rec.data.examples import collate, evaluation_examples
-from ray_rec.data.pipeline import RayRecCollate, read_sequences, training_dataset
+from ray_rec.data.examples import BUCKET_WINDOW, collate, evaluation_examples, length_buckets
+from ray_rec.data.pipeline import read_sequences, training_dataset
 from ray_rec.data.prepare import read_manifest
 from ray_rec.errors import TrainingError
 from ray_rec.metrics import RankingMetrics
@@ -77,6 +79,21 @@ def _evaluate_shard(model: InterestModel, shard: Any, cfg: Config) -> dict[str, 
     return merged.result()
 
 
+def _training_batches(shard: Any, cfg: Config, epoch: int, rank: int) -> Iterator[dict[str, torch.Tensor]]:
+    """This worker's batches for one epoch: streamed chunks, shuffled from the seed, regrouped by
+    history length (`length_buckets`), collated. Every worker gets the same number of batches,
+    as DDP needs: Ray Train splits the rows equally and the chunking is the same on each."""
+    rng = np.random.default_rng([cfg.data.seed, epoch, rank])
+    for chunk in shard.iter_batches(
+        batch_size=BUCKET_WINDOW * cfg.train.batch_size,
+        batch_format="numpy",
+        local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+        local_shuffle_seed=cfg.data.seed + 1000 * epoch + rank,
+    ):
+        for batch in length_buckets(chunk, cfg.train.batch_size, rng):
+            yield collate(batch)
+
+
 def _maybe_fail(fail_once: dict[str, Any] | None, epoch: int, step: int) -> None:
     """Test hook: kill this worker process once (SIGKILL) at a given epoch and step."""
     if not fail_once or ray.train.get_context().get_world_rank() != 0:
@@ -114,12 +131,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(state["epoch"] + 1, tcfg.epochs + 1):
         t0 = time.monotonic()
         total, steps, examples = 0.0, 0, 0
-        for batch in train_shard.iter_torch_batches(
-            batch_size=tcfg.batch_size,
-            collate_fn=RayRecCollate(),
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-            local_shuffle_seed=cfg.data.seed + 1000 * epoch + rank,
-        ):
+        for batch in _training_batches(train_shard, cfg, epoch, rank):
             steps += 1
             _maybe_fail(loop_config.get("fail_once"), epoch, steps)
             total += train_step(ddp_model, batch, optimizer, tcfg.grad_clip)["loss"]

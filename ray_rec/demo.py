@@ -89,7 +89,8 @@ def run_demo(opts: DemoOptions) -> int:
         root = f"s3://{BUCKET}" if use_s3 else workdir
         print(f"storage: {root}" + (f" (loopback S3 server at {endpoint})" if use_s3 else ""))
         code = _run(opts, workdir, root)
-    shutil.rmtree(workdir, ignore_errors=True) if opts.workdir is None else None
+    if opts.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s")
     return code
 

@@ -87,7 +87,9 @@ class Counts:
 
 def _user_buckets(users: pa.Array, n: int) -> np.ndarray:
     """A stable bucket per row from a CRC32 of its user id (the same on every run and machine)."""
-    encoded = pc.dictionary_encode(users).combine_chunks() if isinstance(users, pa.ChunkedArray) else pc.dictionary_encode(users)
+    encoded = pc.dictionary_encode(users)
+    if isinstance(encoded, pa.ChunkedArray):
+        encoded = encoded.combine_chunks()
     per_user = np.fromiter(
         (zlib.crc32(u.encode()) % n for u in encoded.dictionary.to_pylist()), dtype=np.int64, count=len(encoded.dictionary)
     )
@@ -319,12 +321,8 @@ def prepare(opts: PrepareOptions, progress: Callable[[str], None] | None = None)
 def _commit(output: str, staging: str, manifest: dict[str, Any]) -> None:
     """Replace the dataset at ``output`` with ``staging``; the manifest goes last."""
     manifest_uri = storage.join(output, "manifest.json")
-    if storage.exists(manifest_uri):
-        storage.delete_dir(manifest_uri) if storage.is_dir(manifest_uri) else _delete_file(manifest_uri)
-    for name in (*SPLITS, "items.parquet", "side_features.json"):
-        target = storage.join(output, name)
-        if storage.exists(target):
-            storage.delete_dir(target) if storage.is_dir(target) else _delete_file(target)
+    for name in ("manifest.json", *SPLITS, "items.parquet", "side_features.json"):  # manifest first
+        _delete(storage.join(output, name))
     for name in (*SPLITS, "items.parquet", "side_features.json"):
         src = storage.join(staging, name)
         if not storage.exists(src):
@@ -339,9 +337,13 @@ def _commit(output: str, staging: str, manifest: dict[str, Any]) -> None:
     storage.write_bytes(manifest_uri, json.dumps(manifest, indent=2).encode())
 
 
-def _delete_file(uri: str) -> None:
-    fs, path = storage.resolve(uri)
-    fs.delete_file(path)
+def _delete(uri: str) -> None:
+    """Delete a file or folder if it exists."""
+    if storage.is_dir(uri):
+        storage.delete_dir(uri)
+    elif storage.exists(uri):
+        fs, path = storage.resolve(uri)
+        fs.delete_file(path)
 
 
 def read_manifest(data: str) -> dict[str, Any]:

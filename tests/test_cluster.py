@@ -41,3 +41,14 @@ def test_no_credentials_in_the_file():
     assert "aws_access_key_id" not in text.lower() and "AKIA" not in text
     for node in load()["available_node_types"].values():
         assert "IamInstanceProfile" in node["node_config"]
+
+
+def test_kuberay_manifests_are_valid_yaml_with_a_serve_config():
+    root = Path(__file__).parents[1] / "deploy" / "kuberay"
+    job = yaml.safe_load((root / "rayjob-train.yaml").read_text())
+    assert job["kind"] == "RayJob" and "ray_rec.cli train" in job["spec"]["entrypoint"]
+    service = yaml.safe_load((root / "rayservice.yaml").read_text())
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert serve_config["applications"][0]["import_path"] == "ray_rec.serve.app:build_app"
+    for manifest in (job["spec"]["rayClusterSpec"], service["spec"]["rayClusterConfig"]):
+        assert manifest["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"

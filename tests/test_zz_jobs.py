@@ -11,9 +11,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import requests
+import yaml
 
 from ray_rec import load_model, storage
 
@@ -60,7 +63,7 @@ def submit(head, *job: str) -> str:
     return out.stdout
 
 
-def test_jobs_prepare_train_evaluate_and_batch_score(head, s3):
+def test_jobs_prepare_train_evaluate_batch_score_and_serve_deploy(head, s3, tmp_path):
     data, run = s3.uri("jobs/data"), s3.uri("jobs/run")
     submit(head, "jobs/prepare.py", "--input", s3.uri("jobs/raw/events.parquet"), "--format", "events",
            "--output", data, "--num-shards", "2")
@@ -74,3 +77,30 @@ def test_jobs_prepare_train_evaluate_and_batch_score(head, s3):
     assert json.loads(storage.read_bytes(run + "/eval_test.json"))["full_ranking"]["count"] == 240
     submit(head, "jobs/batch_score.py", "--data", data, "--model", run + "/model", "--output", s3.uri("jobs/recs"))
     assert [f for f in storage.list_files(s3.uri("jobs/recs")) if f.endswith(".parquet")]
+    deploy_and_query(head, s3, run + "/model", tmp_path)
+
+
+def deploy_and_query(head, s3, model_uri: str, tmp_path: Path) -> None:
+    """`serve deploy` serve_configs/local.yaml, pointed at the S3 artifact, then real HTTP."""
+    address, env = head
+    config = yaml.safe_load((ROOT / "serve_configs" / "local.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    app = config["applications"][0]
+    app["args"]["model_uri"] = model_uri
+    app["runtime_env"] = {"env_vars": {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                                                  "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}}
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    sh(str(BIN / "serve"), "deploy", str(path), "-a", address, env=env, timeout=120)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            r = requests.post(f"http://127.0.0.1:{port}/v1/recommend", json={"history": ["i1", "i2"], "k": 3}, timeout=10)
+            if r.status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        assert time.monotonic() < deadline, "the deployed app never answered"
+        time.sleep(1)
+    assert len(r.json()["items"]) == 3 and r.json()["model_version"] == load_model(model_uri).version

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from bench.model_quality import RESULTS, prepared
 from ray_rec.config import load_config, with_catalog
+from ray_rec.data.examples import browse_width
 from ray_rec.data.local import InMemoryExamples
 from ray_rec.data.prepare import PrepareOptions, prepare, read_manifest
 from ray_rec.model.interest_model import InterestModel
@@ -37,7 +38,7 @@ def plain_loop(data: str, overrides: dict, epochs: int) -> float:
     torch.manual_seed(0)
     model = InterestModel(mcfg)
     opt = make_optimizer(model, cfg.train)
-    ex = InMemoryExamples.training(data, "train", mcfg.max_len, mcfg.time_buckets, 8 if m["has_browse"] else 0)
+    ex = InMemoryExamples.training(data, "train", mcfg.max_len, mcfg.time_buckets, browse_width(m))
     rate = 0.0
     for epoch in range(epochs):
         t0, n = time.monotonic(), 0

@@ -1,4 +1,4 @@
-"""Typed, frozen settings for every stage: model, data, training and serving.
+"""Typed, frozen settings for model, data and training (serving: `ray_rec.serve.schemas.ServeArgs`).
 
 YAML files and CLI flags only fill these in; all validation lives in ``__post_init__`` so a bad
 value is reported once, naming the field and the value. Importing this module does nothing.
@@ -124,27 +124,6 @@ class TrainConfig:
         _check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
         _check_range("train.eval_batch_size", self.eval_batch_size, 1)
         _check_range("train.max_failures", self.max_failures, 0)
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """Limits and batching of the HTTP service."""
-
-    max_batch_size: int = 32
-    batch_wait_timeout_s: float = 0.005
-    max_history: int = 1000  # longer histories are rejected; up to this, the most recent are kept
-    max_candidates: int = 1000
-    max_k: int = 1000
-    max_body_bytes: int = 1_000_000
-    api_key_env: str = ""  # name of the environment variable holding the API key; "" = no key
-
-    def __post_init__(self) -> None:
-        _check_range("serve.max_batch_size", self.max_batch_size, 1)
-        _check_range("serve.batch_wait_timeout_s", self.batch_wait_timeout_s, 0.0, 10.0)
-        _check_range("serve.max_history", self.max_history, 1)
-        _check_range("serve.max_candidates", self.max_candidates, 1)
-        _check_range("serve.max_k", self.max_k, 1)
-        _check_range("serve.max_body_bytes", self.max_body_bytes, 1024)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,12 @@ import torch
 CLICK = 1
 BROWSE = 0
 BUCKET_WINDOW = 64  # batches per chunk that `length_buckets` regroups by length
+MAX_BROWSE = 8  # browsed negatives kept per step when the log has impressions
+
+
+def browse_width(manifest: dict) -> int:
+    """Browsed negatives per step for a dataset: `MAX_BROWSE` if its log has browses, else 0."""
+    return MAX_BROWSE if manifest["has_browse"] else 0
 
 
 def time_buckets(deltas: np.ndarray, num_buckets: int) -> np.ndarray:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ray_rec.model.artifact import REQUIRED_FILES, save_model
+from ray_rec.model.artifact import save_model
 from ray_rec.model.interest_model import InterestModel
 from ray_rec.vocab import Vocabulary
 
@@ -35,8 +35,3 @@ def read_checkpoint(folder: str, model: InterestModel, optimizer: torch.optim.Op
     optimizer.load_state_dict(saved["optimizer"])
     with open(os.path.join(folder, HISTORY_FILE)) as f:
         return json.load(f)
-
-
-def artifact_files() -> tuple[str, ...]:
-    """The files of a checkpoint that make up the model artifact."""
-    return REQUIRED_FILES

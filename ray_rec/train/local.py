@@ -13,14 +13,13 @@ from typing import Any
 import torch
 
 from ray_rec.config import Config, with_catalog
+from ray_rec.data.examples import browse_width
 from ray_rec.data.local import InMemoryExamples
 from ray_rec.data.prepare import read_manifest
 from ray_rec.model.interest_model import InterestModel
 from ray_rec.train.loop import evaluate, make_optimizer, train_step
 
 logger = logging.getLogger(__name__)
-
-MAX_BROWSE = 8  # browsed negatives kept per step when the log has impressions
 
 
 @dataclass
@@ -45,8 +44,7 @@ def train_local(
     torch.manual_seed(config.train.seed)
     model = InterestModel(mcfg)
     tcfg = config.train
-    browse = MAX_BROWSE if manifest["has_browse"] else 0
-    train = InMemoryExamples.training(data, "train", mcfg.max_len, mcfg.time_buckets, browse)
+    train = InMemoryExamples.training(data, "train", mcfg.max_len, mcfg.time_buckets, browse_width(manifest))
     valid = InMemoryExamples.evaluation(data, "valid", mcfg.max_len, mcfg.time_buckets)
     optimizer = make_optimizer(model, tcfg)
     run = LocalRun(model=model)

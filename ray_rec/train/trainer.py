@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,13 +28,14 @@ from ray.train.torch import TorchTrainer
 
 from ray_rec import storage
 from ray_rec.config import Config, config_from_dict, with_catalog
-from ray_rec.data.examples import BUCKET_WINDOW, collate, evaluation_examples, length_buckets
+from ray_rec.data.examples import BUCKET_WINDOW, browse_width, collate, evaluation_examples, length_buckets
 from ray_rec.data.pipeline import read_sequences, training_dataset
 from ray_rec.data.prepare import read_manifest
 from ray_rec.errors import TrainingError
 from ray_rec.metrics import RankingMetrics
+from ray_rec.model.artifact import REQUIRED_FILES
 from ray_rec.model.interest_model import InterestModel
-from ray_rec.train.checkpoint import artifact_files, read_checkpoint, write_checkpoint
+from ray_rec.train.checkpoint import read_checkpoint, write_checkpoint
 from ray_rec.train.loop import evaluate, make_optimizer, train_step
 from ray_rec.train.report import write_metrics_files
 from ray_rec.vocab import Vocabulary
@@ -42,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 RUN_NAME = "run"
 SCORE = "val_NDCG@10"
-MAX_BROWSE = 8
 
 
 @dataclass
@@ -224,7 +225,7 @@ def train(
         },
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         datasets={
-            "train": training_dataset(data, mcfg, MAX_BROWSE if manifest["has_browse"] else 0, config.data.seed, manifest),
+            "train": training_dataset(data, mcfg, browse_width(manifest), config.data.seed, manifest),
             "valid": read_sequences(data, "valid", manifest),
         },
         run_config=RunConfig(
@@ -257,9 +258,8 @@ def train(
         staging = storage.join(output, "_model-staging")
         storage.delete_dir(staging)
         with tempfile.TemporaryDirectory() as tmp:
-            for name in artifact_files():
-                with open(os.path.join(folder, name), "rb") as src, open(os.path.join(tmp, name), "wb") as dst:
-                    dst.write(src.read())
+            for name in REQUIRED_FILES:  # the artifact, without the optimizer and loop state
+                shutil.copy(os.path.join(folder, name), tmp)
             storage.copy_dir(tmp, staging)
         storage.delete_dir(model_uri)
         storage.move_dir(staging, model_uri)
@@ -274,6 +274,3 @@ def train(
         seconds=time.monotonic() - started,
     )
 
-
-def summary(result: TrainResult) -> dict[str, Any]:
-    return asdict(result)

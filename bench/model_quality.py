@@ -22,7 +22,10 @@ from ray_rec.data.prepare import PrepareOptions, prepare, read_manifest
 from ray_rec.train.local import train_local
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon"
-RESULTS = Path(__file__).resolve().parent / "results"
+# Where results go: bench/results, or RAY_REC_BENCH_RESULTS (`python -m bench --quick` points it
+# elsewhere so quick figures never overwrite the full ones). Prepared data sets are cached apart.
+RESULTS = Path(os.environ.get("RAY_REC_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
+CACHE = Path(__file__).resolve().parent / "results" / "cache"
 
 # Each variant changes only what its name says against the default model.
 VARIANTS: dict[str, dict[str, object]] = {
@@ -40,7 +43,7 @@ def prepared(dataset: str) -> str:
     src = SHARED / f"{dataset}.txt"
     if not src.exists():
         raise SystemExit(f"{src} not found: this benchmark reads the shared data sets beside the checkout")
-    out = RESULTS / "cache" / dataset
+    out = CACHE / dataset
     try:
         read_manifest(str(out))
     except ValueError:
@@ -67,15 +70,37 @@ def main() -> None:
             overrides[key] = json.loads(value) if value[:1].isdigit() else value
         run = train_local(data, load_config(None, overrides), log=lambda m, n=name: print(f"[{n}] {m}", flush=True))
         rows[name] = {**{k: run.test[k] for k in ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")},
-                      "best_epoch": run.best_epoch, "seconds": round(run.seconds), "overrides": VARIANTS[name]}
+                      "best_epoch": run.best_epoch, "seconds": round(run.seconds), "overrides": VARIANTS[name],
+                      "history": run.history}
         print(f"[{name}] test {json.dumps(rows[name])}", flush=True)
+    rows["popularity"] = {**popularity(data), "best_epoch": 0, "seconds": 0, "overrides": {}}
     report = {"dataset": args.dataset, "machine": f"{platform.machine()}, {os.cpu_count()} cores", "rows": rows,
               "published": PUBLISHED.get(args.dataset, {}), "total_seconds": round(time.monotonic() - started),
-              "command": "python -m bench.model_quality " + " ".join(f"--variants {' '.join(args.variants)}".split())}
+              "command": f"python -m bench.model_quality --dataset {args.dataset} --epochs {args.epochs} "
+                         f"--patience {args.patience} --variants {' '.join(args.variants)}"}
     out = RESULTS / f"model_quality_{args.dataset}.json"
     out.write_text(json.dumps(report, indent=2))
     print(markdown(report))
     print(f"wrote {out}")
+
+
+def popularity(data: str) -> dict[str, float]:
+    """Test metrics of ranking by click count in the train split (seen items excluded)."""
+    import numpy as np
+    import torch
+
+    from ray_rec.data.local import InMemoryExamples, read_split
+    from ray_rec.metrics import DEFAULT_KS, RankingMetrics, full_ranks
+    from ray_rec.train.evaluate import count_clicks, popularity_scores
+
+    clicks = count_clicks(read_split(data, "train"))["item"]
+    counts = np.bincount(clicks, minlength=read_manifest(data)["counts"]["items"] + 1).astype(np.float64)
+    scores = torch.tensor(popularity_scores(counts), dtype=torch.float64)
+    acc = RankingMetrics(DEFAULT_KS)
+    for batch in InMemoryExamples.evaluation(data, "test", 50, 16).batches(1024):
+        acc.add(full_ranks(scores.unsqueeze(0).expand(len(batch["targets"]), -1), batch["targets"], batch["seen"]))
+    result = acc.result()
+    return {k: result[k] for k in ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")}
 
 
 def markdown(report: dict) -> str:

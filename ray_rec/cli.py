@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["events", "movielens", "seqtxt"])
     p.add_argument("--output", required=True, help="dataset folder to write (local path or s3://)")
     p.add_argument("--items", help="item side features: Parquet/CSV with item_id, or MovieLens u.item/movies.dat")
-    p.add_argument("--num-shards", type=int, default=8)
+    p.add_argument("--num-shards", type=int, default=8,
+                   help="Parquet files per split, at least; large logs get more, of about 1M events each (default 8)")
     p.add_argument("--min-clicks", type=int, default=3, help="drop users with fewer clicks (>= 3)")
     p.add_argument("--split", choices=["leave_one_out", "time"], default="leave_one_out")
     p.add_argument("--cutoff", help="with --split time: epoch seconds or ISO 8601 time")

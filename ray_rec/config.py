@@ -90,11 +90,13 @@ class ModelConfig:
 class DataConfig:
     """How sequences become training examples."""
 
-    shuffle_buffer: int = 2048  # rows in the local shuffle buffer of each worker
+    shuffle_buffer: int = 16384  # rows in the local shuffle buffer of each worker (0 = off)
     seed: int = 0
+    pipeline_memory_mb: int = 1024  # object-store memory Ray Data may fill ahead of training
 
     def __post_init__(self) -> None:
         _check_range("data.shuffle_buffer", self.shuffle_buffer, 0)
+        _check_range("data.pipeline_memory_mb", self.pipeline_memory_mb, 64)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -46,10 +47,11 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _loopback_s3() -> Iterator[str]:
+def loopback_s3() -> Iterator[str]:
     """A moto S3 server on 127.0.0.1 with throwaway credentials, set in the environment."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -85,7 +87,7 @@ def run_demo(opts: DemoOptions) -> int:
         except ImportError:
             print("moto is not installed (pip install 'ray-rec[demo]'): using a local folder instead of S3")
             use_s3 = False
-    with _loopback_s3() if use_s3 else contextlib.nullcontext() as endpoint:
+    with loopback_s3() if use_s3 else contextlib.nullcontext() as endpoint:
         root = f"s3://{BUCKET}" if use_s3 else workdir
         print(f"storage: {root}" + (f" (loopback S3 server at {endpoint})" if use_s3 else ""))
         code = _run(opts, workdir, root)

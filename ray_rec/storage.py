@@ -10,16 +10,24 @@ from __future__ import annotations
 import os
 import posixpath
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
 S3_RETRY_ATTEMPTS = 10
+COPY_THREADS = 4
+COPY_CHUNK_BYTES = 8 * 2**20
 
 
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
+
+
+def absolute(uri: str) -> str:
+    """A URI that means the same from any working directory: local paths made absolute."""
+    return uri if is_s3(uri) else os.path.abspath(uri.removeprefix("file://"))
 
 
 def join(uri: str, *parts: str) -> str:
@@ -33,8 +41,9 @@ def s3_filesystem() -> pafs.S3FileSystem:
     """An S3 filesystem configured from the standard AWS environment."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     kwargs: dict[str, object] = {
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRY_ATTEMPTS),
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=int(os.environ.get("RAY_REC_S3_RETRIES", S3_RETRY_ATTEMPTS))),
         "connect_timeout": 5,
+        "background_writes": False,  # a write returns once uploaded: buffered data stays one part
         "request_timeout": 30,
     }
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
@@ -111,7 +120,17 @@ def copy_dir(src: str, dst: str) -> None:
         shutil.copytree(src_path, dst_path, dirs_exist_ok=True)
         return
     dst_fs.create_dir(dst_path, recursive=True)
-    pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
+    files = [i.path for i in src_fs.get_file_info(pafs.FileSelector(src_path, recursive=True)) if i.type == pafs.FileType.File]
+
+    def copy(path: str) -> None:
+        target = posixpath.join(dst_path, posixpath.relpath(path, src_path))
+        with src_fs.open_input_stream(path) as source, dst_fs.open_output_stream(target) as sink:
+            shutil.copyfileobj(source, sink, COPY_CHUNK_BYTES)
+
+    # A few files at a time, each streamed in chunks: memory stays the same however many files
+    # there are (pyarrow's copy_files opened them all at once, its memory grew with the data set).
+    with ThreadPoolExecutor(COPY_THREADS) as pool:
+        list(pool.map(copy, files))
 
 
 def move_dir(src: str, dst: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,9 @@ from ray_rec.data.synthetic import SyntheticSpec, generate
 BUCKET = "ray-rec-test"
 API_KEY_ENV = "RAY_REC_TEST_API_KEY"
 API_KEY = "test-key-5f2c"
+# Distinctive credentials, so a test can grep logs and outputs for them (see test_reliability).
+ACCESS_KEY_ID = "AKIARAYRECTEST7Q3Z"
+SECRET_KEY = "rr-secret-4f1d9c07b2e8a6"
 
 
 def free_port() -> int:
@@ -35,9 +39,33 @@ class S3:
     endpoint: str
     bucket: str
     client: object
+    server: object = None
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
+
+    def stop(self) -> None:
+        """Take the endpoint away (connections refused); the stored objects survive in moto."""
+        self.server.stop()  # type: ignore[attr-defined]
+        self.server._server.server_close()  # type: ignore[attr-defined]  # stop() leaves the socket listening
+
+    def restart(self) -> None:
+        """Bring the endpoint back on the same port."""
+        from moto.server import ThreadedMotoServer
+
+        port = int(self.endpoint.rsplit(":", 1)[1])
+        for _ in range(50):  # start() would wait forever if the port could not be bound
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    time.sleep(0.2)
+                    continue
+            self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+            self.server.start()  # type: ignore[attr-defined]
+            return
+        raise RuntimeError(f"cannot restart the S3 server on port {port}")
 
 
 @pytest.fixture(scope="session")
@@ -53,16 +81,17 @@ def s3() -> Iterator[S3]:
     os.environ.update(
         {
             "AWS_ENDPOINT_URL": endpoint,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY_ID,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
             "AWS_DEFAULT_REGION": "us-east-1",
             API_KEY_ENV: API_KEY,
         }
     )
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     client.create_bucket(Bucket=BUCKET)
-    yield S3(endpoint, BUCKET, client)
-    server.stop()
+    handle = S3(endpoint, BUCKET, client, server)
+    yield handle
+    handle.server.stop()  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="session")

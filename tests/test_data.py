@@ -189,3 +189,14 @@ def test_evaluation_examples_and_collate_trim_padding():
     hist = evaluation_examples(table, max_len=5, num_time_buckets=10, with_target=False)
     assert hist["row"].tolist() == [0, 1, 2] and "targets" not in hist
     assert np.array_equal(hist["items"][0], [0, 0, 1, 2, 3])
+
+
+def test_implausible_timestamps_become_null_not_a_crash():
+    import pyarrow as pa
+
+    from ray_rec.data.formats import parse_timestamps
+
+    assert parse_timestamps(pa.array([2**62, 1_700_000_000, 1_700_000_000_000])).to_pylist() == [None, 1_700_000_000, 1_700_000_000]
+    assert parse_timestamps(pa.array([9.2e21, float("nan"), float("inf"), None])).to_pylist() == [None] * 4
+    assert parse_timestamps(pa.array(["9223372036854775283712", "1700000000", "2024-01-01T00:00:00Z"])).to_pylist() == [
+        None, 1_700_000_000, 1_704_067_200]

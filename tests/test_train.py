@@ -30,22 +30,6 @@ def test_two_workers_write_checkpoints_and_a_loadable_artifact_to_s3(trained, s3
 
 
 @pytest.mark.slow
-def test_a_killed_worker_resumes_from_the_checkpoint(ray_cluster, s3_data, s3, tmp_path):
-    from ray_rec.train.trainer import train
-
-    marker = tmp_path / "killed"
-    config = load_config(None, {"model.dim": 16, "train.epochs": 3, "train.batch_size": 64})
-    out = s3.uri("runs/fault")
-    result = train(s3_data, out, config, workers=2, fail_once={"epoch": 2, "step": 1, "marker": str(marker)})
-    assert marker.exists(), "the fault was not injected"
-    rows = history(out)
-    assert [r["epoch"] for r in rows] == [1, 2, 3]
-    assert [r["resumes"] for r in rows] == [0, 1, 1], "epochs 2-3 must run after resuming from epoch 1's checkpoint"
-    assert result.epochs_run == 3
-    load_model(result.model_uri)
-
-
-@pytest.mark.slow
 def test_resume_continues_a_stopped_run(ray_cluster, s3_data, s3, tmp_path):
     from ray_rec.train.trainer import train
 

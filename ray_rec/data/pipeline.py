@@ -8,6 +8,7 @@ regroups each chunk by history length and collates it with the plain `collate` f
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -21,16 +22,17 @@ from ray_rec.data.prepare import read_manifest
 
 # Sequences per map_batches call: large enough to amortise task overhead, small enough to stream.
 SEQUENCES_PER_TASK = 4096
+# Output blocks of example-building tasks: small, so a task hands its examples on as it makes them
+# instead of holding up to Ray Data's default 128 MB block (and its copies) per task.
+BLOCK_BYTES = 16 * 2**20
 
 
-class ToTrainingExamples:
-    """``map_batches`` callable: a pyarrow batch of sequences -> sliding-target examples."""
+def to_training_examples(batch: pa.Table, max_len: int, time_buckets: int, max_browse: int) -> dict[str, np.ndarray]:
+    """``map_batches`` function: a pyarrow batch of sequences -> sliding-target examples.
 
-    def __init__(self, max_len: int, time_buckets: int, max_browse: int) -> None:
-        self.max_len, self.time_buckets, self.max_browse = max_len, time_buckets, max_browse
-
-    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        return training_examples(batch, self.max_len, self.time_buckets, self.max_browse)
+    A plain function, not a callable class: Ray Data runs it as tasks on its reused workers,
+    where a class would start an actor pool for every epoch's execution."""
+    return training_examples(batch, max_len, time_buckets, max_browse)
 
 
 def split_paths(data: str, split: str, manifest: dict[str, Any] | None = None) -> tuple[list[str], Any]:
@@ -49,13 +51,26 @@ def read_sequences(data: str, split: str, manifest: dict[str, Any] | None = None
     return ray.data.read_parquet(paths, filesystem=fs)
 
 
+def limit_memory(object_store_mb: int) -> None:
+    """Cap the object-store memory Ray Data may fill with blocks ahead of the consumer.
+
+    Without a cap Ray Data buffers up to a share of the whole object store, so the pipeline's
+    footprint grows with the data set until it reaches that share; with one it stays the same for
+    any data set larger than the cap (see ``bench/data_scale.py``). Applies to datasets created
+    afterwards in this process.
+    """
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(object_store_memory=object_store_mb * 2**20)
+    ctx.target_max_block_size = BLOCK_BYTES
+
+
 def training_dataset(
     data: str, model: ModelConfig, max_browse: int, seed: int, manifest: dict[str, Any] | None = None
 ) -> ray.data.Dataset:
     """Training examples of the train split, shard order randomised from ``seed``."""
     ds = read_sequences(data, "train", manifest).randomize_block_order(seed=seed)
     return ds.map_batches(
-        ToTrainingExamples(model.max_len, model.time_buckets, max_browse),
+        partial(to_training_examples, max_len=model.max_len, time_buckets=model.time_buckets, max_browse=max_browse),
         batch_format="pyarrow",
         batch_size=SEQUENCES_PER_TASK,
         zero_copy_batch=True,

@@ -4,7 +4,9 @@ Two streaming passes, so a log larger than memory imports:
 1. read the input batch by batch, drop bad rows (counted), count item clicks, and spill each event
    to a local bucket file chosen by a stable hash of its user;
 2. per bucket (all events of its users): drop exact duplicates, sort by time, drop users with too
-   few clicks, split, and append the users' sequences to the shard files.
+   few clicks, split, and write the users' sequences as that bucket's file of each split.
+Buckets hold about `BUCKET_TARGET_ROWS` events and there are at least ``num_shards`` of them, so
+memory stays the same however large the log is (measured in ``bench/data_scale.py``).
 Shards go to a staging prefix; the old dataset's manifest is removed before anything of it is
 replaced and the new manifest is written last, so only a finished import looks complete.
 """
@@ -30,14 +32,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ray_rec import storage
-from ray_rec.data.formats import InputError, read_input, read_item_features
+from ray_rec.data.formats import InputError, estimate_events, read_input, read_item_features
 from ray_rec.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "valid", "test")
-BUCKET_TARGET_ROWS = 4_000_000  # events per spill bucket, bounding pass-2 memory
+BUCKET_TARGET_ROWS = 1_000_000  # events per spill bucket, bounding pass-2 memory
+ROW_GROUP_USERS = 8192
+SPILL_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
+MAX_BUCKETS = 512  # open spill files in pass 1; past 512M events the buckets grow instead
 DROP_REASONS = ("null_ids", "bad_timestamps", "bad_events", "duplicates", "short_users", "short_user_events")
 SEQUENCE_SCHEMA = pa.schema(
     [
@@ -61,7 +66,7 @@ class PrepareOptions:
     min_clicks: int = 3
     split: str = "leave_one_out"  # or "time"
     cutoff: int | None = None  # epoch seconds, for split="time"
-    expected_events: int | None = None  # sizes the spill buckets; None = estimate from the input
+    expected_events: int | None = None  # sizes the spill buckets; None = estimate from the input (`estimate_events`)
 
     def __post_init__(self) -> None:
         if self.num_shards < 1:
@@ -96,6 +101,14 @@ def _user_buckets(users: pa.Array, n: int) -> np.ndarray:
     return per_user[encoded.indices.to_numpy(zero_copy_only=False)]
 
 
+def spill_buckets(events: int, num_shards: int) -> int:
+    """Spill buckets for a log of ``events``: about `BUCKET_TARGET_ROWS` events each, so the
+    per-bucket pass holds the same amount whatever the log's size, and a multiple of the shard
+    count, so every shard gets the same number of buckets."""
+    per_shard = min(max(1, math.ceil(events / (BUCKET_TARGET_ROWS * num_shards))), max(1, MAX_BUCKETS // num_shards))
+    return num_shards * per_shard
+
+
 def _clean(table: pa.Table, counts: Counts) -> pa.Table:
     counts.rows += table.num_rows
     null_ids = pc.or_(
@@ -116,8 +129,10 @@ def _spill(opts: PrepareOptions, scratch: str, progress: Callable[[str], None]) 
     counts = Counts()
     clicks: Counter = Counter()
     items: set[str] = set()
-    n_buckets = opts.num_shards * max(1, math.ceil((opts.expected_events or 0) / BUCKET_TARGET_ROWS))
-    writers: dict[int, pq.ParquetWriter] = {}
+    n_buckets = spill_buckets(opts.expected_events or estimate_events(opts.input, opts.format), opts.num_shards)
+    # Arrow IPC streams, not Parquet: a Parquet writer holds ~6 MB of dictionary and page buffers
+    # until it closes, which times hundreds of open buckets grew with the log; these hold none.
+    writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
     seq = 0
     started = time.monotonic()
     try:
@@ -139,7 +154,7 @@ def _spill(opts: PrepareOptions, scratch: str, progress: Callable[[str], None]) 
             for start, end in zip(np.r_[0, bounds], np.r_[bounds, len(order)]):
                 b = int(sorted_buckets[start])
                 if b not in writers:
-                    writers[b] = pq.ParquetWriter(os.path.join(scratch, f"bucket-{b:05d}.parquet"), table.schema)
+                    writers[b] = pa.ipc.new_stream(os.path.join(scratch, f"bucket-{b:05d}.arrow"), table.schema, options=SPILL_OPTIONS)
                 writers[b].write_table(table.slice(start, end - start))
             progress(f"read {counts.rows:,} rows ({counts.rows / max(time.monotonic() - started, 1e-6):,.0f}/s)")
     finally:
@@ -254,7 +269,7 @@ def _write_manifest(opts: PrepareOptions, vocab: Vocabulary, counts: Counts, fil
         },
         "dropped": {k: counts.dropped.get(k, 0) for k in DROP_REASONS},
         "split": {"protocol": opts.split, "cutoff": opts.cutoff, "min_clicks": opts.min_clicks},
-        "num_shards": opts.num_shards,
+        "num_shards": max(len(f) for f in files.values()),
         "has_time": has_time,
         "has_browse": has_browse,
         "id_type": vocab.id_type,
@@ -281,29 +296,26 @@ def prepare(opts: PrepareOptions, progress: Callable[[str], None] | None = None)
         vocab_ids = pa.array(vocab.ids, pa.string())
         has_browse = False
         local_out = os.path.join(scratch, "out")
-        writers = {s: {} for s in SPLITS}  # type: dict[str, dict[int, pq.ParquetWriter]]
         files: dict[str, list[str]] = {s: [] for s in SPLITS}
-        try:
-            for b in range(n_buckets):
-                path = os.path.join(scratch, f"bucket-{b:05d}.parquet")
-                if not os.path.exists(path):
-                    continue
-                bucket = pq.read_table(path)
-                has_browse = has_browse or bool(pc.any(pc.equal(bucket["event"], 0)).as_py())
-                shard = b % opts.num_shards
-                for split, rows in _split_bucket(bucket, vocab_ids, opts, counts).items():
-                    if shard not in writers[split]:
-                        os.makedirs(os.path.join(local_out, split), exist_ok=True)
-                        name = f"part-{shard:05d}.parquet"
-                        files[split].append(f"{split}/{name}")
-                        writers[split][shard] = pq.ParquetWriter(os.path.join(local_out, split, name), SEQUENCE_SCHEMA)
-                    writers[split][shard].write_table(rows)
-                os.remove(path)
-                say(f"split bucket {b + 1}/{n_buckets}")
-        finally:
-            for per_split in writers.values():
-                for w in per_split.values():
-                    w.close()
+        for b in range(n_buckets):
+            path = os.path.join(scratch, f"bucket-{b:05d}.arrow")
+            if not os.path.exists(path):
+                continue
+            with pa.ipc.open_stream(path) as reader:
+                bucket = reader.read_all()
+            has_browse = has_browse or bool(pc.any(pc.equal(bucket["event"], 0)).as_py())
+            # One file per bucket and split, written whole: no writer stays open across buckets, so
+            # memory does not grow with the shard count, and no file holds more than a bucket's
+            # events, so a Ray Data read task's memory does not grow with the log either.
+            for split, rows in _split_bucket(bucket, vocab_ids, opts, counts).items():
+                if rows.num_rows:
+                    os.makedirs(os.path.join(local_out, split), exist_ok=True)
+                    name = f"{split}/part-{b:05d}.parquet"
+                    pq.write_table(rows, os.path.join(local_out, name), row_group_size=ROW_GROUP_USERS, use_dictionary=False)
+                    files[split].append(name)
+            del bucket
+            os.remove(path)
+            say(f"split bucket {b + 1}/{n_buckets}")
         if counts.users == 0:
             raise InputError(
                 f"{opts.input}: no user has {opts.min_clicks} or more clicks (read {counts.rows:,} rows); "

@@ -8,6 +8,7 @@ clicks one of those from the current topic, preferring popular ones.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,3 +63,45 @@ def generate(spec: SyntheticSpec) -> tuple[pa.Table, pa.Table]:
     log = pa.table({"user_id": users, "item_id": items, "timestamp": [s + "Z" for s in iso], "event": events})
     catalog = pa.table({"item_id": [f"i{i}" for i in range(spec.items)], "category": [f"topic{t}" for t in topic_of]})
     return log, catalog
+
+
+def bulk_log(
+    events: int, items: int = 50_000, mean_clicks: int = 40, chunk_events: int = 1_000_000, seed: int = 0
+) -> Iterator[pa.Table]:
+    """A large events log in chunks of about ``chunk_events`` rows, generated with numpy (for the
+    scale benchmarks; `generate` is the one to learn from). Each chunk holds whole users: a
+    topic that drifts, Zipf-popular items within the topic, 1 in 4 events a browse, string ids and
+    epoch-second timestamps. The catalog size stays ``items`` however many events there are."""
+    rng = np.random.default_rng(seed)
+    topics = max(1, items // 250)
+    per_topic = max(1, items // topics)
+    first_user, made = 0, 0
+    while made < events:
+        target = min(chunk_events, events - made)
+        lengths = np.clip(rng.geometric(1.0 / mean_clicks, size=max(1, 2 * target // mean_clicks)), 3, 20 * mean_clicks)
+        lengths = lengths[: max(1, int(np.searchsorted(np.cumsum(lengths), target)) + 1)]
+        n = int(lengths.sum())
+        user = np.repeat(np.arange(first_user, first_user + len(lengths)), lengths)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        moves = rng.random(n) < 0.1
+        moves[starts] = False
+        topic = (
+            np.repeat(rng.integers(0, topics, len(lengths)), lengths)
+            + np.cumsum(moves)
+            - np.repeat(np.cumsum(moves)[starts], lengths)
+        ) % topics
+        item = topic * per_topic + np.minimum(rng.zipf(1.3, n) - 1, per_topic - 1)
+        gaps = rng.exponential(3600.0, n).astype(np.int64) + 1
+        gaps[starts] = rng.integers(0, 86400 * 365, len(lengths))
+        stamps = START + np.cumsum(gaps) - np.repeat(np.cumsum(gaps)[starts] - gaps[starts], lengths)
+        event = np.where(rng.random(n) < 0.25, "browse", "click")
+        yield pa.table(
+            {
+                "user_id": pa.array(np.char.add("u", user.astype(str))),
+                "item_id": pa.array(np.char.add("i", item.astype(str))),
+                "timestamp": pa.array(stamps),
+                "event": pa.array(event),
+            }
+        )
+        first_user += len(lengths)
+        made += n

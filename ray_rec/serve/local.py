@@ -16,9 +16,15 @@ logger = logging.getLogger(__name__)
 APP_NAME = "ray_rec"
 
 
-def start(model_uri: str, host: str = "127.0.0.1", port: int = 8000, **args: object) -> str:
-    """Deploy the app on the current Ray and return its base URL."""
-    serve.start(http_options={"host": host, "port": port})
+REQUEST_TIMEOUT_S = 30.0
+
+
+def start(model_uri: str, host: str = "127.0.0.1", port: int = 8000, request_timeout_s: float = REQUEST_TIMEOUT_S,
+          **args: object) -> str:
+    """Deploy the app on the current Ray and return its base URL. A request that gets no answer
+    within ``request_timeout_s`` (a replica died mid-request, say) is answered with an error
+    rather than left hanging."""
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s})
     serve.run(build_app(ServeArgs(model_uri=model_uri, **args)), name=APP_NAME, route_prefix="/")  # type: ignore[arg-type]
     return f"http://{host}:{port}"
 

@@ -35,3 +35,32 @@ def read_checkpoint(folder: str, model: InterestModel, optimizer: torch.optim.Op
     optimizer.load_state_dict(saved["optimizer"])
     with open(os.path.join(folder, HISTORY_FILE)) as f:
         return json.load(f)
+
+
+def newest_complete_checkpoint(run_uri: str) -> str | None:
+    """The newest checkpoint folder under a Ray Train run folder that holds every file a resume
+    needs, by the epoch in its history; None if there is none.
+
+    Ray Train hands a restarted worker the last checkpoint its controller registered; a worker
+    that dies within a moment of reporting one can beat that registration, and the restart would
+    begin from scratch. Looking in storage as well closes that gap.
+    """
+    from ray_rec import storage
+    from ray_rec.model.artifact import REQUIRED_FILES
+
+    by_folder: dict[str, set[str]] = {}
+    for rel in storage.list_files(run_uri):
+        folder, _, name = rel.rpartition("/")
+        if folder.startswith("checkpoint_") and "/" not in folder:
+            by_folder.setdefault(folder, set()).add(name)
+    best, best_epoch = None, -1
+    for folder, names in by_folder.items():
+        if not {*REQUIRED_FILES, STATE_FILE, HISTORY_FILE} <= names:
+            continue  # a partial upload
+        try:
+            epoch = int(json.loads(storage.read_bytes(storage.join(run_uri, folder, HISTORY_FILE)))["epoch"])
+        except (ValueError, KeyError, OSError):
+            continue
+        if epoch > best_epoch:
+            best, best_epoch = storage.join(run_uri, folder), epoch
+    return best

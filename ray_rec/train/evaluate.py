@@ -57,7 +57,7 @@ class RankUsers:
         }
 
 
-def _count_clicks(table: pa.Table) -> dict[str, np.ndarray]:
+def count_clicks(table: pa.Table) -> dict[str, np.ndarray]:
     items = table.column("items").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     events = table.column("events").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return {"item": items[events == CLICK].astype(np.int64)}
@@ -66,11 +66,16 @@ def _count_clicks(table: pa.Table) -> dict[str, np.ndarray]:
 def train_popularity(data: str, num_items: int, manifest: dict[str, Any]) -> np.ndarray:
     """Clicks per item in the train split, as scores (N + 1,), with index 0 = padding."""
     counts = np.zeros(num_items + 1, dtype=np.float64)
-    clicks = read_sequences(data, "train", manifest).map_batches(_count_clicks, batch_format="pyarrow")
+    clicks = read_sequences(data, "train", manifest).map_batches(count_clicks, batch_format="pyarrow")
     for batch in clicks.iter_batches(batch_format="numpy", batch_size=1 << 20):
         counts += np.bincount(batch["item"], minlength=num_items + 1)
-    # Break ties by index (lower = more clicks overall) so equal counts do not all tie with the target.
-    return counts + np.linspace(0.5, 0.0, num_items + 1)
+    return popularity_scores(counts)
+
+
+def popularity_scores(counts: np.ndarray) -> np.ndarray:
+    """Click counts (N + 1,) -> scores. Ties are broken by index (lower = more clicks overall in
+    the vocabulary) so that equal counts do not all tie with the target."""
+    return counts + np.linspace(0.5, 0.0, len(counts))
 
 
 def evaluate_model(data: str, model_uri: str, split: str = "test", output: str | None = None, seed: int = 0) -> dict[str, Any]:

@@ -1,0 +1,238 @@
+"""Data at scale: import and stream generated logs of two sizes through a loopback S3 server.
+
+For each size it writes a generated events log (Parquet, 1M events a file, a 50,000-item
+catalog), then in fresh processes:
+- `ray-rec prepare`'s code imports it to ``s3://`` on a local ``moto_server``: seconds, events/s,
+  peak RSS of the importing process;
+- the Ray Data pipeline streams the training split back from S3 into training tensors exactly as a
+  training worker does (`iter_batches` -> `shuffle_chunks` -> `length_buckets` -> `collate`), on a
+  local Ray whose object store is capped at `OBJECT_STORE_MB`: examples/s, the peak memory (PSS)
+  of the driver and every Ray process together, and apart from it the object-store pages.
+Next to the pipeline's throughput it prints the training step rate of the default model on the
+same data (plain PyTorch, one process), as a ratio: above 1 means the pipeline keeps up.
+
+    python -m bench.data_scale                       # 2M, 20M and 40M events
+    python -m bench.data_scale --sizes 200000 2000000   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+from bench.model_quality import RESULTS
+
+OBJECT_STORE_MB = 2048  # the streaming run's Ray object store: whatever the data size, it must fit
+
+
+def _pss_mb(pids: list[int]) -> tuple[float, float]:
+    """(process memory, shared-memory pages) in MB, proportional set sizes summed over ``pids``.
+    The second is Ray's object store (plasma, in /dev/shm): pages it has touched stay resident up
+    to the store's size, so it is reported apart from the processes' own memory."""
+    own = shm = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith(("Pss_Anon:", "Pss_File:")):
+                        own += int(line.split()[1])
+                    elif line.startswith("Pss_Shmem:"):
+                        shm += int(line.split()[1])
+        except OSError:
+            continue
+    return own / 1024, shm / 1024
+
+
+def _ray_pids() -> list[int]:
+    """This process and every Ray process on the machine (the benchmark runs alone)."""
+    pids = [os.getpid()]
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if "ray::" in cmd or "/ray/" in cmd or "raylet" in cmd or "gcs_server" in cmd:
+            pids.append(int(entry))
+    return pids
+
+
+class PeakMemory:
+    """Samples the total PSS of a set of processes in a background thread."""
+
+    def __init__(self, pids: Any, every_s: float = 0.25) -> None:
+        self.pids, self.every_s, self.peak, self.peak_shm = pids, every_s, 0.0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            own, shm = _pss_mb(self.pids())
+            self.peak, self.peak_shm = max(self.peak, own), max(self.peak_shm, shm)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _vm_hwm_mb() -> float:
+    """This process's peak RSS since exec (VmHWM). Not ru_maxrss: that survives exec on Linux, so
+    a child forked from this benchmark's parent (which holds the loopback S3 server's objects in
+    memory) would report the parent's size."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def child_prepare(src: str, out: str) -> dict[str, Any]:
+    from ray_rec.data.prepare import PrepareOptions, prepare
+
+    t0 = time.monotonic()
+    manifest = prepare(PrepareOptions(input=src, output=out, num_shards=8))
+    seconds = time.monotonic() - t0
+    return {"seconds": seconds, "events_per_s": manifest["counts"]["rows_read"] / seconds, "peak_rss_mb": _vm_hwm_mb(), "counts": manifest["counts"]}
+
+
+def child_stream(data: str) -> dict[str, Any]:
+    import numpy as np
+    import ray
+
+    from ray_rec.config import load_config, with_catalog
+    from ray_rec.data.examples import BUCKET_WINDOW, browse_width, collate, length_buckets, shuffle_chunks
+    from ray_rec.data.pipeline import limit_memory, training_dataset
+    from ray_rec.data.prepare import read_manifest
+    from ray_rec.ray_session import init_ray, local_cpus
+
+    ray.init(address="local", num_cpus=local_cpus(1), object_store_memory=OBJECT_STORE_MB * 2**20, logging_level="WARNING")
+    init_ray(1)  # the rest of ray-rec's set-up
+    cfg = load_config(None, {})
+    m = read_manifest(data)
+    mcfg = with_catalog(cfg.model, m["counts"]["items"], m["side_features"], m["has_time"])
+    limit_memory(cfg.data.pipeline_memory_mb)  # as `ray-rec train` does
+    ds = training_dataset(data, mcfg, browse_width(m), 0, m)
+    size = BUCKET_WINDOW * cfg.train.batch_size
+    rng = np.random.default_rng(0)
+    with PeakMemory(_ray_pids) as peak:
+        t0, n, first = time.monotonic(), 0, None
+        chunks = ds.iter_batches(batch_size=size, batch_format="numpy")
+        for chunk in shuffle_chunks(chunks, size, cfg.data.shuffle_buffer, rng):
+            for batch in length_buckets(chunk, cfg.train.batch_size, rng):
+                n += int(collate(batch)["items"].shape[0])
+            first = first or time.monotonic() - t0
+        seconds = time.monotonic() - t0
+    return {"examples": n, "seconds": seconds, "first_chunk_s": first, "examples_per_s": n / seconds, "peak_pss_mb": peak.peak,
+            "peak_object_store_pages_mb": peak.peak_shm, "object_store_mb": OBJECT_STORE_MB}
+
+
+def child_train_rate(data: str, steps: int) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from ray_rec.config import load_config, with_catalog
+    from ray_rec.data.examples import BUCKET_WINDOW, browse_width, collate, length_buckets, training_examples
+    from ray_rec.data.local import read_split
+    from ray_rec.data.prepare import read_manifest
+    from ray_rec.model.interest_model import InterestModel
+    from ray_rec.train.loop import make_optimizer, train_step
+
+    cfg = load_config(None, {})
+    m = read_manifest(data)
+    mcfg = with_catalog(cfg.model, m["counts"]["items"], m["side_features"], m["has_time"])
+    table = read_split(data, "train").slice(0, 40_000)
+    examples = training_examples(table, mcfg.max_len, mcfg.time_buckets, browse_width(m))
+    rng = np.random.default_rng(0)
+    rows = rng.permutation(len(examples["items"]))[: BUCKET_WINDOW * cfg.train.batch_size]
+    batches = [collate(b) for b in length_buckets({k: v[rows] for k, v in examples.items()}, cfg.train.batch_size, rng)]
+    torch.manual_seed(0)
+    model = InterestModel(mcfg)
+    opt = make_optimizer(model, cfg.train)
+    for batch in batches[:3]:  # warm-up
+        train_step(model, batch, opt, cfg.train.grad_clip)
+    t0, n = time.monotonic(), 0
+    for i in range(steps):
+        batch = batches[i % len(batches)]
+        train_step(model, batch, opt, cfg.train.grad_clip)
+        n += int(batch["items"].shape[0])
+    return {"examples_per_s": n / (time.monotonic() - t0), "steps": steps, "catalog": m["counts"]["items"]}
+
+
+def _child(kind: str, *args: str) -> dict[str, Any]:
+    """Run one measurement in a fresh process (so peak memory is its own) and return its JSON."""
+    out = subprocess.run([sys.executable, "-m", "bench.data_scale", "--child", kind, *args], capture_output=True,
+                         text=True, check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        raise SystemExit(f"{kind} failed (rc {out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2_000_000, 20_000_000, 40_000_000])
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        fn = {"prepare": child_prepare, "stream": child_stream, "train_rate": lambda d: child_train_rate(d, 60)}[kind]
+        print(json.dumps(fn(*rest)), flush=True)
+        return
+    import pyarrow.parquet as pq
+
+    from ray_rec.data.synthetic import bulk_log
+    from ray_rec.demo import BUCKET, loopback_s3
+
+    rows: dict[str, Any] = {}
+    with loopback_s3():
+        for size in args.sizes:
+            with tempfile.TemporaryDirectory(prefix="ray-rec-scale-") as tmp:
+                t0 = time.monotonic()
+                for i, chunk in enumerate(bulk_log(size)):
+                    pq.write_table(chunk, f"{tmp}/events-{i:04d}.parquet")
+                gen_s = time.monotonic() - t0
+                print(f"[{size:,} events] generated in {gen_s:.0f} s", flush=True)
+                data = f"s3://{BUCKET}/scale-{size}"
+                imp = _child("prepare", tmp, data)
+                print(f"[{size:,} events] import to S3: {imp['seconds']:.0f} s ({imp['events_per_s']:,.0f} events/s), "
+                      f"peak RSS {imp['peak_rss_mb']:,.0f} MB", flush=True)
+                stream = _child("stream", data)
+                print(f"[{size:,} events] stream from S3: {stream['examples']:,} examples in {stream['seconds']:.1f} s "
+                      f"({stream['examples_per_s']:,.0f}/s), peak memory of the driver and Ray processes {stream['peak_pss_mb']:,.0f} MB "
+                      f"+ object store pages {stream['peak_object_store_pages_mb']:,.0f} MB (store capped at {OBJECT_STORE_MB:,} MB)",
+                      flush=True)
+                rows[str(size)] = {"generate_s": gen_s, "import": imp, "stream": stream}
+        largest = str(max(args.sizes))
+        train = _child("train_rate", f"s3://{BUCKET}/scale-{largest}")
+        ratio = rows[largest]["stream"]["examples_per_s"] / train["examples_per_s"]
+        print(f"default model training step rate ({train['catalog']:,}-item catalog): {train['examples_per_s']:,.0f} examples/s; "
+              f"pipeline / training = {ratio:.1f}x", flush=True)
+    sizes = sorted(rows, key=int)
+    report = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "command": "python -m bench.data_scale --sizes " + " ".join(sizes),
+        "sizes": rows,
+        "train_step": train,
+        "pipeline_over_training": ratio,
+        "import_peak_growth": rows[sizes[-1]]["import"]["peak_rss_mb"] / rows[sizes[-2]]["import"]["peak_rss_mb"],
+        "stream_peak_growth": rows[sizes[-1]]["stream"]["peak_pss_mb"] / rows[sizes[-2]]["stream"]["peak_pss_mb"],
+    }
+    print(f"peak memory, {int(sizes[-1]):,} vs {int(sizes[-2]):,} events: import {report['import_peak_growth']:.2f}x, "
+          f"stream {report['stream_peak_growth']:.2f}x (flat = about 1x)")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "data_scale.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Full training runs on Amazon Beauty through the product's own commands, with 1 and 2 workers.
+
+For each worker count: `ray-rec train` with the default config (early stopping on validation
+NDCG@10), then `ray-rec evaluate` on the test split. Records wall time, epochs, the workers'
+examples/s over the epochs after the first, and the test metrics (full ranking, seen items
+excluded; 100 sampled negatives; popularity on the same users).
+
+    python -m bench.ray_train_beauty [--workers 1 2] [--set train.patience=5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.model_quality import RESULTS, prepared
+
+
+def run(data: str, workers: int, sets: list[str]) -> dict:
+    out = tempfile.mkdtemp(prefix=f"ray-rec-beauty-{workers}w-")
+    cli = [sys.executable, "-m", "ray_rec.cli"]
+    extra = [a for s in sets for a in ("--set", s)]
+    t0 = time.monotonic()
+    subprocess.run([*cli, "train", "--data", data, "--output", out, "--workers", str(workers), *extra], check=True)
+    wall = time.monotonic() - t0
+    rows = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
+    steady = rows[1:] or rows
+    rate = sum(r["examples_per_s"] * r["train_s"] for r in steady) / sum(r["train_s"] for r in steady)
+    t1 = time.monotonic()
+    ev = subprocess.run([*cli, "evaluate", "--data", data, "--model", f"{out}/model"], check=True, capture_output=True, text=True)
+    evaluate_s = time.monotonic() - t1
+    metrics = json.loads([line for line in ev.stdout.splitlines() if line.startswith("{")][-1])
+    best = max(rows, key=lambda r: r.get("val_NDCG@10", -1))
+    return {"workers": workers, "wall_s": wall, "epochs": len(rows), "best_epoch": best["epoch"], "examples_per_s": rate,
+            "train_s": sum(r["train_s"] for r in rows), "evaluate_s": evaluate_s, "test": metrics, "history": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--set", action="append", default=[], help="config override for both runs, SECTION.FIELD=VALUE")
+    args = parser.parse_args()
+    data = prepared("Beauty")
+    runs = {}
+    for w in args.workers:
+        r = run(data, w, args.set)
+        runs[str(w)] = r
+        full = r["test"]["full_ranking"]
+        print(f"[{w} worker(s)] {r['wall_s']:.0f} s wall, {r['epochs']} epochs (best {r['best_epoch']}), "
+              f"{r['examples_per_s']:,.0f} examples/s; test {json.dumps({k: full[k] for k in ('HR@10', 'NDCG@10') if k in full})}",
+              flush=True)
+    report = {"dataset": "Beauty", "machine": f"{platform.machine()}, {os.cpu_count()} cores", "runs": runs,
+              "command": "python -m bench.ray_train_beauty --workers " + " ".join(map(str, args.workers))
+              + "".join(f" --set {s}" for s in args.set)}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "ray_train_Beauty.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

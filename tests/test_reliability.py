@@ -1,0 +1,526 @@
+"""Faults injected for real, bad input thrown at every entry point, and what must never leak.
+
+Each test that injects a fault records its figures (faults survived, requests sent, errors seen,
+data lost) in ``bench/results/reliability.json`` (see RELIABILITY.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from ray_rec import load_model
+from ray_rec.config import load_config
+
+from .conftest import ACCESS_KEY_ID, API_KEY, API_KEY_ENV, SECRET_KEY, free_port
+
+FIGURES = Path(__file__).resolve().parents[1] / "bench" / "results" / "reliability.json"
+
+
+def record(name: str, **figures: object) -> None:
+    """Keep this test's figures in the reliability report (one entry per test, last run wins)."""
+    data = json.loads(FIGURES.read_text()) if FIGURES.exists() else {}
+    data[name] = {**figures, "recorded": time.strftime("%Y-%m-%d %H:%M:%S")}
+    FIGURES.parent.mkdir(parents=True, exist_ok=True)
+    FIGURES.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def history(s3, out: str) -> list[dict]:
+    key = out.split("/", 3)[3] + "/metrics.jsonl"
+    body = s3.client.get_object(Bucket=s3.bucket, Key=key)["Body"].read().decode()
+    return [json.loads(line) for line in body.splitlines()]
+
+
+def keys(s3, prefix: str) -> list[str]:
+    pages = s3.client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+# --------------------------------------------------------------------------------------- faults
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_and_ends_like_a_clean_run(trained, ray_cluster, s3_data, s3, tmp_path):
+    """SIGKILL a training worker mid-epoch; the run resumes from its checkpoint and its final
+    validation metrics match the same run without the fault (the `trained` fixture) within noise."""
+    from ray_rec.train.trainer import train
+
+    marker = tmp_path / "killed"
+    config = load_config(None, {"model.dim": 16, "train.epochs": 3, "train.batch_size": 64})
+    out = s3.uri("runs/killed")
+    result = train(s3_data, out, config, workers=2, fail_once={"epoch": 2, "step": 2, "marker": str(marker)})
+    assert marker.exists(), "the fault was not injected"
+    rows, clean = history(s3, out), history(s3, trained.output)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r["resumes"] for r in rows] == [0, 1, 1], "epochs 2-3 must run after resuming from epoch 1's checkpoint"
+    assert result.epochs_run == 3
+    faulty, reference = rows[-1]["val_NDCG@10"], clean[-1]["val_NDCG@10"]
+    assert abs(faulty - reference) <= max(0.03, 0.15 * reference), (faulty, reference)
+    load_model(result.model_uri)
+    record("worker SIGKILL mid-epoch", faults=1, survived=1, epochs=len(rows), val_ndcg10_with_fault=round(faulty, 4),
+           val_ndcg10_clean=round(reference, 4), data_lost=0)
+
+
+class Outage:
+    """Stops the S3 server once ``ready()`` says so, keeps it down ``seconds``, restarts it."""
+
+    def __init__(self, s3, ready, seconds: float) -> None:
+        self.s3, self.ready, self.seconds = s3, ready, seconds
+        self.started_at: float | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.stop = threading.Event()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            if self.ready():
+                self.s3.stop()
+                self.started_at = time.monotonic()
+                time.sleep(self.seconds)
+                self.s3.restart()
+                return
+            time.sleep(0.05)
+
+    def __enter__(self) -> Outage:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+@pytest.mark.slow
+def test_training_survives_an_s3_outage(ray_cluster, s3_data, s3):
+    """The S3 endpoint goes away for 6 s after the first checkpoint: uploads and reads retry,
+    training finishes with every epoch's checkpoint and metrics."""
+    from ray_rec.train.trainer import train
+
+    out = s3.uri("runs/outage")
+    config = load_config(None, {"model.dim": 16, "train.epochs": 4, "train.batch_size": 64})
+    prefix = "runs/outage/run/checkpoint_"
+    done = threading.Event()
+    with Outage(s3, lambda: bool(keys(s3, prefix)), 6.0) as outage:
+        result = train(s3_data, out, config, workers=2)
+        done.set()
+    assert outage.started_at is not None, "the outage never happened"
+    rows = history(s3, out)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    load_model(result.model_uri)
+    record("S3 endpoint down 6 s during training", faults=1, survived=1, epochs=len(rows), data_lost=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seconds,retries", [(3.0, None), (40.0, None), (20.0, "2")])
+def test_import_during_an_s3_outage_completes_or_leaves_nothing_complete(tiny_logs, s3, seconds, retries, monkeypatch):
+    """The endpoint goes away while the import uploads its shards. Outages the retries cover
+    (10 attempts, about 40 s) are ridden out; one they do not (2 attempts against 20 s) fails the
+    import, which then leaves no manifest, so nothing looks complete."""
+    from ray_rec.data.local import read_split
+    from ray_rec.data.prepare import PrepareOptions, prepare, read_manifest
+
+    if retries:
+        monkeypatch.setenv("RAY_REC_S3_RETRIES", retries)
+    name = f"datasets/outage-{int(seconds)}-{retries}"
+    out = s3.uri(name)
+    error = None
+    with Outage(s3, lambda: any("_staging-" in k for k in keys(s3, name)), seconds) as outage:
+        try:
+            prepare(PrepareOptions(input=str(tiny_logs / "events.parquet"), output=out, num_shards=2))
+        except OSError as exc:
+            error = exc
+    assert outage.started_at is not None, "the outage never happened"
+    monkeypatch.delenv("RAY_REC_S3_RETRIES", raising=False)
+    if error is None:
+        manifest = read_manifest(out)
+        users = read_split(out, "train").num_rows
+        assert users == manifest["counts"]["users"], "the dataset looks complete but is not"
+        outcome = "completed"
+    else:
+        assert f"{name}/manifest.json" not in keys(s3, name), "a failed import left a manifest"
+        with pytest.raises(ValueError, match="manifest"):
+            read_manifest(out)
+        outcome = f"failed cleanly: {str(error)[:80]}"
+    if retries:
+        assert error is not None, "2 retries should not ride out a 20 s outage"
+    record(f"S3 endpoint down {seconds:.0f} s during import" + (f" ({retries} attempts)" if retries else ""), faults=1,
+           outcome=outcome, data_lost=0)
+
+
+@pytest.fixture(scope="module")
+def keyed_service(trained, ray_cluster):
+    """The app with an API key and a short request timeout, on its own port."""
+    from ray import serve
+
+    from ray_rec.serve.local import start
+
+    os.environ[API_KEY_ENV] = API_KEY
+    serve.shutdown()
+    url = start(trained.model_uri, port=free_port(), request_timeout_s=10, api_key_env=API_KEY_ENV, max_body_bytes=8192)
+    yield url
+    serve.delete("ray_rec")
+    serve.shutdown()
+
+
+HEADERS = {"X-API-Key": API_KEY}
+
+
+def _replica_pid() -> int:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+    pids = [a.pid for a in actors if "RecommenderService" in (a.class_name or "")]
+    assert len(pids) == 1, [a.class_name for a in actors]
+    return int(pids[0])
+
+
+@pytest.mark.slow
+def test_serve_replica_killed_under_load(keyed_service):
+    """SIGKILL the replica while 8 clients send requests: every request is answered (success or
+    an error response) within the 10 s request timeout, Serve starts a new replica, and then
+    every request succeeds again."""
+    url, timeout_s = keyed_service, 10
+    stop = threading.Event()
+    results: list[tuple[str, float]] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        session = requests.Session()
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                r = session.post(url + "/v1/recommend", json={"history": [f"i{i}"], "k": 3}, headers=HEADERS,
+                                 timeout=timeout_s + 20)
+                outcome = str(r.status_code)
+            except requests.Timeout:
+                outcome = "hang"
+            except requests.ConnectionError:
+                outcome = "connection error"
+            with lock:
+                results.append((outcome, time.monotonic() - t0))
+
+    old_pid = _replica_pid()
+    with ThreadPoolExecutor(8) as pool:
+        for i in range(8):
+            pool.submit(client, i)
+        time.sleep(3)
+        os.kill(old_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        recovered = False
+        while time.monotonic() < deadline and not recovered:
+            time.sleep(1)
+            with lock:
+                recent = [o for o, _ in results[-40:]]
+            recovered = len(recent) == 40 and set(recent) == {"200"}
+        stop.set()
+    assert recovered, f"Serve did not recover: last outcomes {sorted(set(o for o, _ in results[-40:]))}"
+    assert _replica_pid() != old_pid
+    outcomes = [o for o, _ in results]
+    assert "hang" not in outcomes
+    assert max(t for _, t in results) < timeout_s + 5, "a request waited past the request timeout"
+    assert set(outcomes) <= {"200", "500", "502", "503", "504", "408"}, sorted(set(outcomes))
+    after = [requests.post(url + "/v1/recommend", json={"history": ["i1"], "k": 3}, headers=HEADERS, timeout=30).status_code
+             for _ in range(50)]
+    assert set(after) == {200}
+    errors = sum(o != "200" for o in outcomes)
+    record("Serve replica SIGKILL under load (8 clients)", faults=1, survived=1, requests=len(outcomes), errors_during=errors,
+           hangs=0, slowest_s=round(max(t for _, t in results), 2), requests_after=50, errors_after=0)
+
+
+# ------------------------------------------------------------------------------ generated requests
+
+
+def _schema_strategy(schema: dict, components: dict, st):
+    """A hypothesis strategy for values of an OpenAPI schema, mixed with wrong-typed values."""
+    if "$ref" in schema:
+        return _schema_strategy(components[schema["$ref"].rsplit("/", 1)[1]], components, st)
+    if "anyOf" in schema:
+        return st.one_of([_schema_strategy(s, components, st) for s in schema["anyOf"]])
+    kind = schema.get("type")
+    if kind == "object":
+        props = {k: _schema_strategy(v, components, st) for k, v in schema.get("properties", {}).items()}
+        return st.fixed_dictionaries({}, optional={**props, "extra": st.integers()})
+    if kind == "array":
+        return st.lists(_schema_strategy(schema.get("items", {}), components, st), max_size=60)
+    if kind == "integer":
+        return st.one_of(st.integers(), st.integers(min_value=-5, max_value=600))
+    if kind == "number":
+        return st.floats(allow_nan=False)
+    if kind == "string":
+        return st.text(max_size=40)
+    if kind == "boolean":
+        return st.booleans()
+    return st.one_of(st.none(), st.text(max_size=10), st.integers())
+
+
+
+@pytest.mark.slow
+def test_ten_thousand_generated_requests_get_no_5xx_and_no_hang(keyed_service):
+    """Requests generated from the app's OpenAPI schema (valid, wrong-typed, out-of-range, extra
+    fields, broken JSON, oversized bodies), 10,000 of them, 10 at a time: no 5xx and no hang."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    url = keyed_service
+    spec = requests.get(url + "/openapi.json", headers=HEADERS, timeout=30).json()
+    components = spec.get("components", {}).get("schemas", {})
+    bodies = []
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            schema = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
+            if schema is not None:
+                bodies.append(st.tuples(st.just(method), st.just(path), st.one_of(
+                    _schema_strategy(schema, components, st).map(json.dumps),
+                    st.text(max_size=30),  # not JSON
+                    st.binary(max_size=30).map(lambda b: b.decode("latin-1")),
+                    st.integers(9000, 20000).map(lambda n: json.dumps({"history": ["i1"] * n})),  # over the body limit
+                )))
+            else:
+                bodies.append(st.tuples(st.just(method), st.just(path), st.just("")))
+    request = st.tuples(st.one_of(bodies), st.sampled_from([HEADERS, {}, {"X-API-Key": "wrong"}]))
+    session = requests.Session()
+    seen: dict[str, int] = {}
+    slowest = [0.0]
+
+    def send(item) -> None:
+        (method, path, body), headers = item
+        t0 = time.monotonic()
+        r = session.request(method, url + path, data=body.encode(), timeout=30,
+                            headers={**headers, "content-type": "application/json"})
+        slowest[0] = max(slowest[0], time.monotonic() - t0)
+        seen[str(r.status_code)] = seen.get(str(r.status_code), 0) + 1
+        assert r.status_code < 500, (method, path, body[:200], r.status_code, r.text[:300])
+
+    pool = ThreadPoolExecutor(10)
+
+    @settings(max_examples=1000, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(st.lists(request, min_size=10, max_size=10))
+    def ten_at_a_time(items) -> None:
+        for future in [pool.submit(send, item) for item in items]:
+            future.result()
+
+    ten_at_a_time()
+    pool.shutdown()
+    total = sum(seen.values())
+    assert total >= 10_000
+    record("generated requests from the OpenAPI schema", requests=total, status_counts=seen, errors_5xx=0, hangs=0,
+           slowest_s=round(slowest[0], 2))
+
+
+# ------------------------------------------------------------------------------------- security
+
+
+@pytest.mark.slow
+def test_api_key_and_credentials_never_reach_logs_or_outputs(keyed_service, trained, s3):
+    """After serving keyed requests and training on S3: the API key and the S3 secret appear in
+    no Ray log, and the S3 credentials in no object the runs wrote (manifests, checkpoints,
+    artifacts, metrics)."""
+    url = keyed_service
+    for key in (API_KEY, "a-wrong-key-77"):
+        requests.post(url + "/v1/recommend", json={"history": ["i1"], "k": 2}, headers={"X-API-Key": key}, timeout=30)
+    time.sleep(2)  # let the log monitor flush
+    logs = Path("/tmp/ray/session_latest/logs")
+    leaks = []
+    for path in logs.rglob("*"):
+        if path.is_file():
+            text = path.read_bytes()
+            leaks += [f"{path}: {s}" for s in (API_KEY, "a-wrong-key-77", SECRET_KEY) if s.encode() in text]
+    objects = [k for k in keys(s3, "") if not k.startswith("raw/")]
+    assert any(k.endswith("manifest.json") for k in objects) and any("checkpoint_" in k for k in objects)
+    for key in objects:
+        body = s3.client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+        leaks += [f"s3://{s3.bucket}/{key}: {s}" for s in (SECRET_KEY, ACCESS_KEY_ID) if s.encode() in body]
+    assert not leaks, leaks
+    record("secrets in logs and outputs", files_checked=sum(1 for p in logs.rglob("*") if p.is_file()) + len(objects), leaks=0)
+
+
+class Payload:
+    """Unpickling this runs code: the attack a pickle-based checkpoint would allow."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _tiny_artifact(folder: Path) -> str:
+    import numpy as np
+
+    from ray_rec.config import ModelConfig
+    from ray_rec.model.artifact import save_model
+    from ray_rec.model.interest_model import InterestModel
+    from ray_rec.vocab import Vocabulary
+
+    model = InterestModel(ModelConfig(num_items=20, dim=8, max_len=5, heads=1)).eval()
+    vocab = Vocabulary(ids=[f"i{i}" for i in range(1, 21)], counts=np.ones(20, dtype=np.int64), side_values={},
+                       side_table=np.zeros((20, 0), dtype=np.int64))
+    save_model(model, vocab, str(folder))
+    return str(folder)
+
+
+def test_malicious_pickles_in_artifacts_and_checkpoints_are_refused(tmp_path):
+    import pickle
+
+    import torch
+
+    from ray_rec.model.artifact import ArtifactError
+    from ray_rec.train.checkpoint import STATE_FILE, read_checkpoint
+
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps(Payload(str(marker)))
+    # 1. the weights file replaced by a pickle
+    art = _tiny_artifact(tmp_path / "a")
+    (Path(art) / "weights.safetensors").write_bytes(evil)
+    with pytest.raises(ArtifactError, match="safetensors"):
+        load_model(art)
+    # 2. a pickle planted beside the weights, under names torch users load by habit
+    art2 = _tiny_artifact(tmp_path / "b")
+    for name in ("model.pt", "weights.pt", "pytorch_model.bin"):
+        (Path(art2) / name).write_bytes(evil)
+    load_model(art2)
+    # 3. the optimizer state of a checkpoint replaced by a pickle
+    art3 = _tiny_artifact(tmp_path / "c")
+    (Path(art3) / STATE_FILE).write_bytes(evil)
+    (Path(art3) / "history.json").write_text("{}")
+    rec = load_model(art3)
+    with pytest.raises(pickle.UnpicklingError):
+        read_checkpoint(art3, rec.model, torch.optim.Adam(rec.model.parameters()))
+    assert not marker.exists(), "a planted pickle ran"
+    record("malicious pickles planted in artifacts and checkpoints", planted=5, executed=0)
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+
+def _prepare(tmp_path: Path, path: Path, fmt: str) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from ray_rec.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["prepare", "--input", str(path), "--format", fmt, "--output", str(tmp_path / "out"), "--num-shards", "2"])
+    return rc, err.getvalue()
+
+
+def _check_outcome(rc: int, err: str, out: Path) -> None:
+    from ray_rec.data.prepare import read_manifest
+
+    assert "Traceback" not in err
+    if rc == 0:
+        counts = read_manifest(str(out))["counts"]
+        assert counts["users"] >= 1
+    else:
+        last = err.strip().split("\n")[-1] if err.strip() else ""
+        assert rc == 2 and last.startswith("ray-rec prepare: error: ") and len(last) > 30, err
+        assert not (out / "manifest.json").exists()
+
+
+def _fuzz_settings():
+    from hypothesis import HealthCheck, settings
+
+    return settings(max_examples=150, deadline=None, database=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def _values(st):
+    return st.one_of(
+        st.none(), st.text(max_size=12), st.integers(), st.integers(min_value=2**62, max_value=2**63 - 1),
+        st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.sampled_from(["click", "browse", "", "2024-01-01T00:00:00Z"]),
+    )
+
+
+def test_fuzzed_event_files_get_a_clear_error_or_counted_drops(tmp_path):
+    """Malformed CSV and Parquet event logs: wrong types, nulls, huge ids, unicode, missing
+    columns, empty and truncated files. Each gives a clear error (exit 2, one line) or imports
+    with the bad rows counted; never a stack trace."""
+    import csv
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    columns = st.lists(st.sampled_from(["user_id", "item_id", "timestamp", "event", "extra", "ÜSER"]), min_size=0, max_size=5,
+                       unique=True)
+    counter = [0]
+
+    @_fuzz_settings()
+    @given(columns, st.data(), st.sampled_from(["csv", "parquet"]), st.floats(0.0, 1.0), st.booleans())
+    def check(cols, data, kind, cut, truncate) -> None:
+        counter[0] += 1
+        case = tmp_path / f"case{counter[0]}"
+        case.mkdir()
+        n = data.draw(st.integers(0, 25))
+        rows = [[data.draw(_values(st)) for _ in cols] for _ in range(n)]
+        if kind == "csv":
+            buf = io.StringIO()
+            writer = csv.writer(buf)
+            if cols:
+                writer.writerow(cols)
+            writer.writerows(rows)
+            raw = buf.getvalue().encode("utf-8", errors="surrogatepass")
+            path = case / "events.csv"
+        else:
+            arrays = {}
+            for j, c in enumerate(cols):
+                values = [r[j] for r in rows]
+                try:
+                    arrays[c] = pa.array(values)
+                except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+                    arrays[c] = pa.array([None if v is None else str(v) for v in values])
+            sink = io.BytesIO()
+            pq.write_table(pa.table(arrays) if arrays else pa.table({"x": pa.array([], pa.int64())}), sink)
+            raw = sink.getvalue()
+            path = case / "events.parquet"
+        path.write_bytes(raw[: int(len(raw) * cut)] if truncate else raw)
+        rc, err = _prepare(case, path, "events")
+        _check_outcome(rc, err, case / "out")
+        outcomes["imported" if rc == 0 else "clear error"] += 1
+
+    outcomes = {"imported": 0, "clear error": 0}
+    check()
+    record("fuzzed event logs (CSV, Parquet)", files=sum(outcomes.values()), **outcomes, stack_traces=0)
+
+
+def test_fuzzed_text_formats_get_a_clear_error_or_counted_drops(tmp_path):
+    """seqtxt and MovieLens files of arbitrary lines (unicode, separators in the wrong places,
+    huge numbers, empty): a clear error or an import with drops counted."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    token = st.one_of(st.integers(-5, 10**20).map(str), st.text(max_size=8), st.sampled_from(["1", "2", "3", "::", "\t", ","]))
+    line = st.lists(token, max_size=8)
+    counter = [0]
+
+    @_fuzz_settings()
+    @given(st.lists(line, max_size=30), st.sampled_from([("seqtxt", "seq.txt", " "), ("movielens", "u.data", "\t"),
+                                                        ("movielens", "ratings.dat", "::"), ("movielens", "ratings.csv", ",")]))
+    def check(lines, fmt) -> None:
+        counter[0] += 1
+        case = tmp_path / f"case{counter[0]}"
+        case.mkdir()
+        kind, name, sep = fmt
+        text = "\n".join(sep.join(parts) for parts in lines)
+        if name == "ratings.csv":
+            text = "userId,movieId,rating,timestamp\n" + text
+        path = case / name
+        path.write_bytes(text.encode("utf-8", errors="surrogatepass"))
+        rc, err = _prepare(case, path, kind)
+        _check_outcome(rc, err, case / "out")
+        outcomes["imported" if rc == 0 else "clear error"] += 1
+
+    outcomes = {"imported": 0, "clear error": 0}
+    check()
+    record("fuzzed seqtxt and MovieLens files", files=sum(outcomes.values()), **outcomes, stack_traces=0)

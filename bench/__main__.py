@@ -20,13 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-from bench.report import write_report
+from bench.report import write_reliability, write_report
 
 ROOT = Path(__file__).resolve().parent
 FULL = {
     "quality": [["bench.model_quality", "--dataset", "Beauty"],
-                ["bench.model_quality", "--dataset", "Sports_and_Outdoors", "--variants", "default", "sasrec", "enhancer=none"]],
-    "speed": [["bench.train_speed"]],
+                ["bench.model_quality", "--dataset", "Sports_and_Outdoors", "--variants", "default", "sasrec"]],
+    "speed": [["bench.train_speed"], ["bench.ray_train_beauty"]],
     "serve": [["bench.serve_load"]],
     "data": [["bench.data_scale"]],
     "scale": [["bench.topk_scale"]],
@@ -61,6 +61,8 @@ def main() -> None:
                     failed.append(" ".join(cmd))
     out = write_report(results, ROOT.parent / "BENCHMARKS.md" if not args.quick else results / "BENCHMARKS.md", quick=args.quick)
     print(f"wrote {out}")
+    if not args.quick:
+        print(f"wrote {write_reliability(results, ROOT.parent / 'RELIABILITY.md')}")
     if failed:
         raise SystemExit(f"failed: {'; '.join(failed)}")
 

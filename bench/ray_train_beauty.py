@@ -22,19 +22,24 @@ from pathlib import Path
 
 from bench.model_quality import RESULTS, prepared
 
+CLI = [sys.executable, "-m", "ray_rec.cli"]
+
 
 def run(data: str, workers: int, sets: list[str]) -> dict:
     out = tempfile.mkdtemp(prefix=f"ray-rec-beauty-{workers}w-")
-    cli = [sys.executable, "-m", "ray_rec.cli"]
     extra = [a for s in sets for a in ("--set", s)]
     t0 = time.monotonic()
-    subprocess.run([*cli, "train", "--data", data, "--output", out, "--workers", str(workers), *extra], check=True)
-    wall = time.monotonic() - t0
+    subprocess.run([*CLI, "train", "--data", data, "--output", out, "--workers", str(workers), *extra], check=True)
+    return summarise(data, out, workers, time.monotonic() - t0)
+
+
+def summarise(data: str, out: str, workers: int, wall: float) -> dict:
+    """The record of a finished run in ``out``: its metrics file, then `ray-rec evaluate` on test."""
     rows = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
     steady = rows[1:] or rows
     rate = sum(r["examples_per_s"] * r["train_s"] for r in steady) / sum(r["train_s"] for r in steady)
     t1 = time.monotonic()
-    ev = subprocess.run([*cli, "evaluate", "--data", data, "--model", f"{out}/model"], check=True, capture_output=True, text=True)
+    ev = subprocess.run([*CLI, "evaluate", "--data", data, "--model", f"{out}/model"], check=True, capture_output=True, text=True)
     evaluate_s = time.monotonic() - t1
     metrics = json.loads([line for line in ev.stdout.splitlines() if line.startswith("{")][-1])
     best = max(rows, key=lambda r: r.get("val_NDCG@10", -1))
@@ -46,21 +51,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--set", action="append", default=[], help="config override for both runs, SECTION.FIELD=VALUE")
+    parser.add_argument("--existing", action="append", default=[], metavar="WORKERS=DIR:WALL_S",
+                        help="record a run that already finished in DIR (wall seconds as its train command printed)")
     args = parser.parse_args()
     data = prepared("Beauty")
-    runs = {}
+    out_file = RESULTS / "ray_train_Beauty.json"
+    runs = json.loads(out_file.read_text())["runs"] if out_file.exists() else {}  # runs of other worker counts stay
+    done = {}
+    for spec in args.existing:
+        w, _, rest = spec.partition("=")
+        folder, _, wall = rest.rpartition(":")
+        done[int(w)] = summarise(data, folder, int(w), float(wall))
     for w in args.workers:
-        r = run(data, w, args.set)
+        r = done.get(w) or run(data, w, args.set)
+        r["command"] = f"python -m bench.ray_train_beauty --workers {w}" + "".join(f" --set {s}" for s in args.set)
         runs[str(w)] = r
         full = r["test"]["full_ranking"]
         print(f"[{w} worker(s)] {r['wall_s']:.0f} s wall, {r['epochs']} epochs (best {r['best_epoch']}), "
               f"{r['examples_per_s']:,.0f} examples/s; test {json.dumps({k: full[k] for k in ('HR@10', 'NDCG@10') if k in full})}",
               flush=True)
-    report = {"dataset": "Beauty", "machine": f"{platform.machine()}, {os.cpu_count()} cores", "runs": runs,
-              "command": "python -m bench.ray_train_beauty --workers " + " ".join(map(str, args.workers))
-              + "".join(f" --set {s}" for s in args.set)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ray_train_Beauty.json").write_text(json.dumps(report, indent=2))
+        report = {"dataset": "Beauty", "machine": f"{platform.machine()}, {os.cpu_count()} cores", "runs": runs,
+                  "command": "python -m bench.ray_train_beauty (one row per --workers value; see each run's command)"}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        out_file.write_text(json.dumps(report, indent=2))  # after every run, so a later failure loses nothing
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
+from ray.data import FileShuffleConfig
 
 from ray_rec import storage
 from ray_rec.config import ModelConfig
@@ -45,10 +46,14 @@ def split_paths(data: str, split: str, manifest: dict[str, Any] | None = None) -
     return paths, fs
 
 
-def read_sequences(data: str, split: str, manifest: dict[str, Any] | None = None) -> ray.data.Dataset:
-    """The raw per-user sequences of one split."""
+def read_sequences(
+    data: str, split: str, manifest: dict[str, Any] | None = None, shuffle_seed: int | None = None
+) -> ray.data.Dataset:
+    """The raw per-user sequences of one split; with ``shuffle_seed``, files are read in an order
+    drawn from the seed anew for every execution (every epoch), reproducibly."""
     paths, fs = split_paths(data, split, manifest)
-    return ray.data.read_parquet(paths, filesystem=fs)
+    shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True) if shuffle_seed is not None else None
+    return ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle)
 
 
 def limit_memory(object_store_mb: int) -> None:
@@ -67,8 +72,11 @@ def limit_memory(object_store_mb: int) -> None:
 def training_dataset(
     data: str, model: ModelConfig, max_browse: int, seed: int, manifest: dict[str, Any] | None = None
 ) -> ray.data.Dataset:
-    """Training examples of the train split, shard order randomised from ``seed``."""
-    ds = read_sequences(data, "train", manifest).randomize_block_order(seed=seed)
+    """Training examples of the train split, file order shuffled per epoch from ``seed``.
+
+    Not ``randomize_block_order``: that is an all-to-all step, which waits for every block of the
+    read (the whole split, in the object store) before the first example comes out."""
+    ds = read_sequences(data, "train", manifest, shuffle_seed=seed)
     return ds.map_batches(
         partial(to_training_examples, max_len=model.max_len, time_buckets=model.time_buckets, max_browse=max_browse),
         batch_format="pyarrow",

@@ -191,6 +191,11 @@ RELIABILITY = {
         "Bad input: generated event logs: random column sets, wrong types, nulls, huge ids and timestamps, unicode, "
         "empty and truncated files.", "`ray-rec prepare` exits 0 with drops counted, or 2 with one `error:` line and no "
         "manifest; never a stack trace.", "test_fuzzed_event_files_get_a_clear_error_or_counted_drops"),
+    "fuzzed mostly-valid event logs": (
+        "Bad input: logs with every required column where any value may be bad (nulls, empty or huge ids, unicode, junk "
+        "or out-of-range timestamps, unknown events).", "Imports when some user keeps 3 clicks, and then every row read "
+        "is either kept or counted under a drop reason; otherwise a clear error.",
+        "test_fuzzed_mostly_valid_logs_import_with_bad_rows_counted"),
     "fuzzed seqtxt and MovieLens files": (
         "Bad input: arbitrary lines in seqtxt, `u.data`, `ratings.dat` and `ratings.csv` files.", "As above.",
         "test_fuzzed_text_formats_get_a_clear_error_or_counted_drops"),

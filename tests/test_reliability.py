@@ -524,3 +524,53 @@ def test_fuzzed_text_formats_get_a_clear_error_or_counted_drops(tmp_path):
     outcomes = {"imported": 0, "clear error": 0}
     check()
     record("fuzzed seqtxt and MovieLens files", files=sum(outcomes.values()), **outcomes, stack_traces=0)
+
+
+def test_fuzzed_mostly_valid_logs_import_with_bad_rows_counted(tmp_path):
+    """Logs with every required column and a few users, where any value may be bad (nulls,
+    empty or huge ids, unicode, junk or out-of-range timestamps, unknown events): the import
+    succeeds whenever some user keeps 3 clicks, and every row is either kept or counted as dropped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from ray_rec.data.prepare import read_manifest
+
+    bad = st.one_of(st.none(), st.just(""), st.text(max_size=6), st.integers(2**62, 2**63 - 1).map(str))
+    def mostly(valid):  # one_of picks its branches evenly: 4 in 5 values are good
+        return st.one_of(valid, valid, valid, valid, bad)
+
+    row = st.tuples(
+        mostly(st.sampled_from(["u1", "u2", "ü3"])),
+        mostly(st.sampled_from(["i1", "i2", "i3", "i4"])),
+        mostly(st.integers(1_600_000_000, 1_700_000_000).map(str)),
+        mostly(st.sampled_from(["click", "click", "browse"])),
+    )
+    counter = [0]
+
+    @_fuzz_settings()
+    @given(st.lists(row, min_size=8, max_size=40))
+    def check(rows) -> None:
+        counter[0] += 1
+        case = tmp_path / f"case{counter[0]}"
+        case.mkdir()
+        # hypothesis shrinks toward equal rows; spread the good timestamps so rows are not all duplicates
+        rows = [(u, i, str(int(t) + k * 60) if t and t.isdigit() and len(t) == 10 else t, e) for k, (u, i, t, e) in enumerate(rows)]
+        cols = list(zip(*rows))
+        table = pa.table({name: pa.array(list(values), pa.string()) for name, values in
+                          zip(("user_id", "item_id", "timestamp", "event"), cols)})
+        pq.write_table(table, case / "events.parquet")
+        rc, err = _prepare(case, case / "events.parquet", "events")
+        _check_outcome(rc, err, case / "out")
+        if rc == 0:
+            m = read_manifest(str(case / "out"))
+            assert m["counts"]["rows_read"] == len(rows)
+            dropped_rows = sum(v for k, v in m["dropped"].items() if k != "short_users")  # that one counts users
+            assert m["counts"]["events"] + dropped_rows == len(rows), m
+        outcomes["imported" if rc == 0 else "clear error"] += 1
+
+    outcomes = {"imported": 0, "clear error": 0}
+    check()
+    assert outcomes["imported"] > 0, "the generator never produced an importable log"
+    record("fuzzed mostly-valid event logs", files=sum(outcomes.values()), **outcomes, stack_traces=0)

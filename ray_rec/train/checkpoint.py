@@ -37,9 +37,9 @@ def read_checkpoint(folder: str, model: InterestModel, optimizer: torch.optim.Op
         return json.load(f)
 
 
-def newest_complete_checkpoint(run_uri: str) -> str | None:
-    """The newest checkpoint folder under a Ray Train run folder that holds every file a resume
-    needs, by the epoch in its history; None if there is none.
+def newest_complete_checkpoint(run_uri: str) -> tuple[str, int] | None:
+    """(folder, epoch) of the newest checkpoint under a Ray Train run folder that holds every file
+    a resume needs, by the epoch in its history; None if there is none.
 
     Ray Train hands a restarted worker the last checkpoint its controller registered; a worker
     that dies within a moment of reporting one can beat that registration, and the restart would
@@ -53,7 +53,7 @@ def newest_complete_checkpoint(run_uri: str) -> str | None:
         folder, _, name = rel.rpartition("/")
         if folder.startswith("checkpoint_") and "/" not in folder:
             by_folder.setdefault(folder, set()).add(name)
-    best, best_epoch = None, -1
+    best: tuple[str, int] | None = None
     for folder, names in by_folder.items():
         if not {*REQUIRED_FILES, STATE_FILE, HISTORY_FILE} <= names:
             continue  # a partial upload
@@ -61,6 +61,6 @@ def newest_complete_checkpoint(run_uri: str) -> str | None:
             epoch = int(json.loads(storage.read_bytes(storage.join(run_uri, folder, HISTORY_FILE)))["epoch"])
         except (ValueError, KeyError, OSError):
             continue
-        if epoch > best_epoch:
-            best, best_epoch = storage.join(run_uri, folder), epoch
+        if best is None or epoch > best[1]:
+            best = (storage.join(run_uri, folder), epoch)
     return best

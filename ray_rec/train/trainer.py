@@ -44,7 +44,7 @@ from ray_rec.errors import TrainingError
 from ray_rec.metrics import RankingMetrics
 from ray_rec.model.artifact import REQUIRED_FILES
 from ray_rec.model.interest_model import InterestModel
-from ray_rec.train.checkpoint import HISTORY_FILE, newest_complete_checkpoint, read_checkpoint, write_checkpoint
+from ray_rec.train.checkpoint import newest_complete_checkpoint, read_checkpoint, write_checkpoint
 from ray_rec.train.loop import evaluate, make_optimizer, train_step
 from ray_rec.train.report import write_metrics_files
 from ray_rec.vocab import Vocabulary
@@ -169,10 +169,6 @@ def _maybe_fail(fail_once: dict[str, Any] | None, epoch: int, step: int) -> None
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _epoch_of(checkpoint_uri: str) -> int:
-    return int(json.loads(storage.read_bytes(storage.join(checkpoint_uri, HISTORY_FILE)))["epoch"])
-
-
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """What every Ray Train worker runs."""
     cfg = config_from_dict(loop_config["config"])
@@ -192,9 +188,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = read_checkpoint(folder, model, optimizer)
-    if stored is not None and (checkpoint is None or _epoch_of(stored) > state["epoch"]):
+    if stored is not None and stored[1] > state["epoch"]:
         with tempfile.TemporaryDirectory() as folder:
-            storage.copy_dir(stored, folder)
+            storage.copy_dir(stored[0], folder)
             state = read_checkpoint(folder, model, optimizer)
     if state["epoch"] > 0:
         state["resumes"] += 1

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
 from ray_rec.config import load_config
@@ -62,8 +61,13 @@ def main() -> None:
     args = parser.parse_args()
     data = prepared(args.dataset)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    rows = {}
-    started = time.monotonic()
+    out = RESULTS / f"model_quality_{args.dataset}.json"
+    # Rows of variants not run this time stay (each row names its own command), so the ablations
+    # can be run one at a time and the report is written after every variant.
+    rows = json.loads(out.read_text())["rows"] if out.exists() else {}
+    rows.setdefault("popularity", {**popularity(data), "best_epoch": 0, "seconds": 0, "overrides": {},
+                                   "command": f"python -m bench.model_quality --dataset {args.dataset}"})
+    report: dict = {}
     for name in args.variants:
         overrides = {"train.epochs": args.epochs, "train.patience": args.patience, **VARIANTS[name]}
         for pair in args.set:
@@ -72,15 +76,16 @@ def main() -> None:
         run = train_local(data, load_config(None, overrides), log=lambda m, n=name: print(f"[{n}] {m}", flush=True))
         rows[name] = {**{k: run.test[k] for k in ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")},
                       "best_epoch": run.best_epoch, "seconds": round(run.seconds), "overrides": VARIANTS[name],
-                      "history": run.history}
-        print(f"[{name}] test {json.dumps(rows[name])}", flush=True)
-    rows["popularity"] = {**popularity(data), "best_epoch": 0, "seconds": 0, "overrides": {}}
-    report = {"dataset": args.dataset, "machine": f"{platform.machine()}, {os.cpu_count()} cores", "rows": rows,
-              "published": PUBLISHED.get(args.dataset, {}), "total_seconds": round(time.monotonic() - started),
-              "command": f"python -m bench.model_quality --dataset {args.dataset} --epochs {args.epochs} "
-                         f"--patience {args.patience} --variants {' '.join(args.variants)}"}
-    out = RESULTS / f"model_quality_{args.dataset}.json"
-    out.write_text(json.dumps(report, indent=2))
+                      "history": run.history,
+                      "command": f"python -m bench.model_quality --dataset {args.dataset} --epochs {args.epochs} "
+                                 f"--patience {args.patience} --variants {name}" + "".join(f" --set {s}" for s in args.set)}
+        print(f"[{name}] test {json.dumps({k: v for k, v in rows[name].items() if k != 'history'})}", flush=True)
+        report = {"dataset": args.dataset, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                  "rows": {k: rows[k] for k in [*VARIANTS, "popularity"] if k in rows},
+                  "published": PUBLISHED.get(args.dataset, {}),
+                  "total_seconds": sum(r["seconds"] for r in rows.values()),
+                  "command": f"python -m bench.model_quality --dataset {args.dataset} (one row per variant; see each row's command)"}
+        out.write_text(json.dumps(report, indent=2))
     print(markdown(report))
     print(f"wrote {out}")
 

@@ -67,7 +67,11 @@ def speed(folder: Path) -> list[str]:
         plain = r["plain_examples_per_s"]
         out += [f"### {r['dataset']}", "", _source(r), "", "| loop | examples/s | vs plain | fixed start-up s |", "|---|---|---|---|",
                 f"| plain PyTorch, 1 process | {plain:,.0f} | 1.00x | - |"]
-        for label, key in (("Ray Train, 1 worker", "ray_1_worker"), ("Ray Train, 2 workers", "ray_2_workers")):
+        for label, key in (("Ray Train, 1 worker", "ray_1_worker"),
+                           ("Ray Train, 1 worker, streaming every epoch (`data.cache_mb=0`)", "ray_1_worker_streaming"),
+                           ("Ray Train, 2 workers", "ray_2_workers")):
+            if key not in r:
+                continue
             row = r[key]
             out.append(f"| {label} | {row['examples_per_s']:,.0f} | {row['examples_per_s'] / plain:.2f}x | {row['fixed_s']:.1f} |")
         out.append("")

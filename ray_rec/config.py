@@ -93,10 +93,12 @@ class DataConfig:
     shuffle_buffer: int = 16384  # rows in the local shuffle buffer of each worker (0 = off)
     seed: int = 0
     pipeline_memory_mb: int = 1024  # object-store memory Ray Data may fill ahead of training
+    cache_mb: int = 1024  # per worker: keep examples in memory after the first epoch if they fit (0 = stream every epoch)
 
     def __post_init__(self) -> None:
         _check_range("data.shuffle_buffer", self.shuffle_buffer, 0)
         _check_range("data.pipeline_memory_mb", self.pipeline_memory_mb, 64)
+        _check_range("data.cache_mb", self.cache_mb, 0)
 
 
 @dataclass(frozen=True)

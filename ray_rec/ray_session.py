@@ -20,6 +20,13 @@ def local_cpus(workers: int) -> int:
     return max(os.cpu_count() or 1, workers) + 2
 
 
+# Ray kills a worker process that has been idle for a second once more workers exist than CPUs.
+# Every epoch's Ray Data read and map tasks would then start fresh Python processes (importing
+# pyarrow, numpy and ray_rec again: seconds of CPU each) on the cores the training workers use;
+# measured on Beauty with 1 worker on 2 cores: 1,354 -> 1,433 examples/s. Keep them a while.
+WARM_WORKERS = {"idle_worker_killing_time_threshold_ms": 600_000, "num_workers_soft_limit": 32}
+
+
 def init_ray(workers: int = 2) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (or the job's cluster), else start a local Ray."""
     if ray.is_initialized():
@@ -27,7 +34,7 @@ def init_ray(workers: int = 2) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING)
     else:
-        ray.init(address="local", num_cpus=local_cpus(workers), logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=local_cpus(workers), logging_level=logging.WARNING, _system_config=WARM_WORKERS)
     ray.data.DataContext.get_current().enable_progress_bars = False
     for name in ("ray.data", "ray.train", "ray.serve"):  # our own progress lines say what matters
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -64,3 +64,25 @@ def test_demo_runs_end_to_end(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for needle in ("[1/6]", "[6/6]", "NDCG@10: model", "POST http://127.0.0.1", "Next steps"):
         assert needle in out.stdout
+
+
+def test_readme_configuration_table_matches_the_defaults():
+    """Every setting a user can change is in the README's table, with its real default."""
+    import dataclasses
+    import re
+
+    from ray_rec.config import Config
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    cfg, wrong = Config(), []
+    for section in ("model", "data", "train"):
+        values = getattr(cfg, section)
+        for f in dataclasses.fields(values):
+            if f.name in ("num_items", "side_features"):  # filled from the data set's manifest
+                continue
+            found = re.search(rf"\| `{section}\.{f.name}` \| `([^`]*)`", readme)
+            default = getattr(values, f.name)
+            expected = str(default).lower() if isinstance(default, bool) else str(default)
+            if found is None or found.group(1) != expected:
+                wrong.append(f"{section}.{f.name}: default {expected}, README {found.group(1) if found else 'missing'}")
+    assert not wrong, wrong

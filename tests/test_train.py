@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from ray_rec import load_model, storage
@@ -78,3 +79,82 @@ def test_batch_score_writes_top_k_for_every_user(trained, s3_data, s3):
 
     table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
     assert table.num_rows == 240 and all(len(r) == 5 for r in table.column("items").to_pylist())
+
+
+def _chunks(n_chunks: int, rows: int, start: int = 0) -> list[dict[str, np.ndarray]]:
+    return [{"items": np.arange(start + i * rows, start + (i + 1) * rows, dtype=np.int32).reshape(-1, 1) * np.ones((1, 4), np.int32)}
+            for i in range(n_chunks)]
+
+
+def test_example_cache_replays_a_pass_that_fits_in_a_new_order_without_streaming():
+    from ray_rec.train.trainer import ExampleCache
+
+    calls = []
+
+    def stream():
+        calls.append(1)
+        yield from _chunks(5, 10)
+
+    cache = ExampleCache(limit_mb=1)
+    first = list(cache.epoch(stream, 8, np.random.default_rng(1)))
+    second = list(cache.epoch(stream, 8, np.random.default_rng(2)))
+    third = list(cache.epoch(stream, 8, np.random.default_rng(3)))
+    assert len(calls) == 1  # the pipeline ran once
+    assert [len(c["items"]) for c in first] == [10] * 5
+    assert [len(c["items"]) for c in second] == [8] * 6 + [2]
+    ids = [np.concatenate([c["items"][:, 0] for c in e]) for e in (second, third)]
+    assert sorted(ids[0]) == list(range(50)) and sorted(ids[1]) == list(range(50))  # each row exactly once
+    assert not np.array_equal(ids[0], ids[1])  # reshuffled every epoch
+    assert (second[0]["items"] == second[0]["items"][:, :1]).all()  # rows stay whole
+
+
+def test_example_cache_keeps_streaming_what_does_not_fit_or_did_not_finish():
+    from ray_rec.train.trainer import ExampleCache
+
+    calls = []
+
+    def big():
+        calls.append(1)
+        yield from _chunks(4, 20_000)  # 4 x 20,000 x 4 int32 = 1.28 MB
+
+    cache = ExampleCache(limit_mb=1)
+    for epoch in range(3):
+        assert sum(len(c["items"]) for c in cache.epoch(big, 100, np.random.default_rng(epoch))) == 80_000
+    assert len(calls) == 3 and cache.rows is None and cache.too_big
+
+    cache = ExampleCache(limit_mb=1)
+    partial = cache.epoch(lambda: iter(_chunks(3, 10)), 8, np.random.default_rng(0))
+    next(partial)
+    partial.close()  # a pass cut short (a stop, a failure) is never replayed
+    assert cache.rows is None
+
+
+def test_example_cache_off_streams_every_pass():
+    from ray_rec.train.trainer import ExampleCache
+
+    calls = []
+
+    def stream():
+        calls.append(1)
+        yield from _chunks(2, 5)
+
+    cache = ExampleCache(limit_mb=0)
+    for _ in range(3):
+        assert [len(c["items"]) for c in cache.chunks(stream)] == [5, 5]
+        assert sum(len(c["items"]) for c in cache.epoch(stream, 4, np.random.default_rng(0))) == 10
+    assert len(calls) == 6
+
+
+def test_example_cache_replays_validation_chunks_in_order():
+    from ray_rec.train.trainer import ExampleCache
+
+    calls = []
+
+    def stream():
+        calls.append(1)
+        yield from _chunks(3, 4)
+
+    cache = ExampleCache(limit_mb=1)
+    passes = [[c["items"][:, 0].tolist() for c in cache.chunks(stream)] for _ in range(3)]
+    assert passes[0] == passes[1] == passes[2] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert len(calls) == 1

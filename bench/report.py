@@ -66,7 +66,9 @@ def speed(folder: Path) -> list[str]:
     for r in _load(folder, "train_speed_*.json"):
         plain = r["plain_examples_per_s"]
         out += [f"### {r['dataset']}", "", _source(r), "", "| loop | examples/s | vs plain | fixed start-up s |", "|---|---|---|---|",
-                f"| plain PyTorch, 1 process | {plain:,.0f} | 1.00x | - |"]
+                "| plain PyTorch, 1 process" + (" (mean of a run before and after the Ray runs: "
+                + ", ".join(f"{x:,.0f}" for x in r["plain_runs"]) + ")" if "plain_runs" in r else "")
+                + f" | {plain:,.0f} | 1.00x | - |"]
         for label, key in (("Ray Train, 1 worker", "ray_1_worker"),
                            ("Ray Train, 1 worker, streaming every epoch (`data.cache_mb=0`)", "ray_1_worker_streaming"),
                            ("Ray Train, 2 workers", "ray_2_workers")):

@@ -150,3 +150,22 @@ def test_config_errors_name_the_field():
         ModelConfig(tracker="lstm")
     with pytest.raises(ValueError, match="model.dim=30 must be divisible by model.heads=4"):
         ModelConfig(dim=30, heads=4)
+
+
+def test_catalog_features_are_reused_in_inference_until_the_weights_change():
+    model = make().eval()  # with a side feature, so the catalog table is computed, not the raw embedding
+    items = batch()["items"]
+    with torch.inference_mode():
+        first = model.score_catalog(items)
+        assert torch.equal(model.score_catalog(items), first)
+    with torch.no_grad():
+        model.features.side["cat"].weight.add_(0.5)  # what an optimizer step or a reload does
+    with torch.inference_mode():
+        changed = model.score_catalog(items)
+    fresh = make().eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.inference_mode():
+        assert torch.allclose(changed, fresh.score_catalog(items))
+    assert not torch.allclose(changed[:, 1:], first[:, 1:])
+    without_side = InterestModel(ModelConfig(num_items=N, dim=16, heads=2, max_len=8)).eval()
+    assert without_side.features.all_item_features() is without_side.features.item.weight  # no copy

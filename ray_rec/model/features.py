@@ -66,8 +66,22 @@ class SequenceFeatureExtractor(nn.Module):
         return feats
 
     def all_item_features(self) -> torch.Tensor:
-        """Features of the whole catalog, row 0 being padding: (N + 1, D)."""
-        return self.item_features(torch.arange(self.item.num_embeddings, device=self.item.weight.device))
+        """Features of the whole catalog, row 0 being padding: (N + 1, D).
+
+        Without side features that is the id embedding table itself: no gather, which at a
+        million items would copy 256 MB on every call. With side features, a model in inference
+        mode computes the table once and reuses it until any of its weights change.
+        """
+        if not self.side_names:
+            return self.item.weight
+        if not (torch.is_inference_mode_enabled() and not self.training):
+            return self.item_features(torch.arange(self.item.num_embeddings, device=self.item.weight.device))
+        key = tuple(t._version for t in (*self.parameters(), self.item_side))
+        cached = self.__dict__.get("_catalog")
+        if cached is None or cached[0] != key:
+            ids = torch.arange(self.item.num_embeddings, device=self.item.weight.device)
+            cached = self.__dict__["_catalog"] = (key, self.item_features(ids))
+        return cached[1]
 
     def sequence_features(self, items: torch.Tensor, time_buckets: torch.Tensor | None) -> torch.Tensor:
         """Features of a left-padded history.

@@ -12,6 +12,7 @@ import posixpath
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -37,11 +38,32 @@ def join(uri: str, *parts: str) -> str:
     return str(Path(uri, *parts))
 
 
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem whose pickle keeps its retry attempts.
+
+    pyarrow's own pickle drops the retry strategy, and Ray Train ships ``storage_filesystem`` to
+    its controller and workers pickled: their checkpoint uploads then gave up after pyarrow's
+    default 3 attempts while everything else retried ``RAY_REC_S3_RETRIES`` times (found by the
+    S3-outage test: the controller's ``checkpoint_manager_snapshot.json`` upload failed the run).
+    """
+
+    def __init__(self, attempts: int, **kwargs: Any) -> None:
+        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts), **kwargs)
+        self.attempts = attempts
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        kwargs = super().__reduce__()[1][0]  # the constructor arguments pyarrow itself pickles
+        return (_rebuild_s3, (self.attempts, kwargs))
+
+
+def _rebuild_s3(attempts: int, kwargs: dict[str, Any]) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(attempts, **kwargs)
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
     """An S3 filesystem configured from the standard AWS environment."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs: dict[str, object] = {
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=int(os.environ.get("RAY_REC_S3_RETRIES", S3_RETRY_ATTEMPTS))),
+    kwargs: dict[str, Any] = {
         "connect_timeout": 5,
         "background_writes": False,  # a write returns once uploaded: buffered data stays one part
         "request_timeout": 30,
@@ -59,7 +81,7 @@ def s3_filesystem() -> pafs.S3FileSystem:
         kwargs["secret_key"] = os.environ["AWS_SECRET_ACCESS_KEY"]
         if os.environ.get("AWS_SESSION_TOKEN"):
             kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
-    return pafs.S3FileSystem(**kwargs)  # type: ignore[arg-type]
+    return RetryingS3FileSystem(int(os.environ.get("RAY_REC_S3_RETRIES", S3_RETRY_ATTEMPTS)), **kwargs)
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:

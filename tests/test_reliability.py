@@ -574,3 +574,19 @@ def test_fuzzed_mostly_valid_logs_import_with_bad_rows_counted(tmp_path):
     check()
     assert outcomes["imported"] > 0, "the generator never produced an importable log"
     record("fuzzed mostly-valid event logs", files=sum(outcomes.values()), **outcomes, stack_traces=0)
+
+
+def test_the_s3_filesystem_keeps_its_retries_through_a_pickle(monkeypatch):
+    """Ray Train ships the storage filesystem to its controller and workers pickled; pyarrow's
+    own pickle would drop the retry strategy and leave them with 3 attempts."""
+    import pickle
+
+    from ray import cloudpickle
+
+    from ray_rec.storage import s3_filesystem
+
+    monkeypatch.setenv("RAY_REC_S3_RETRIES", "7")
+    fs = s3_filesystem()
+    for dumps, loads in ((pickle.dumps, pickle.loads), (cloudpickle.dumps, cloudpickle.loads)):
+        copy = loads(dumps(fs))
+        assert copy.attempts == 7 and copy == fs

@@ -65,8 +65,9 @@ def main() -> None:
     # Rows of variants not run this time stay (each row names its own command), so the ablations
     # can be run one at a time and the report is written after every variant.
     rows = json.loads(out.read_text())["rows"] if out.exists() else {}
-    rows.setdefault("popularity", {**popularity(data), "best_epoch": 0, "seconds": 0, "overrides": {},
-                                   "command": f"python -m bench.model_quality --dataset {args.dataset}"})
+    if "popularity" not in rows:
+        rows["popularity"] = {**popularity(data), "best_epoch": 0, "seconds": 0, "overrides": {},
+                              "command": f"python -m bench.model_quality --dataset {args.dataset}"}
     report: dict = {}
     for name in args.variants:
         overrides = {"train.epochs": args.epochs, "train.patience": args.patience, **VARIANTS[name]}

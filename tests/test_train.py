@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -86,14 +87,21 @@ def _chunks(n_chunks: int, rows: int, start: int = 0) -> list[dict[str, np.ndarr
             for i in range(n_chunks)]
 
 
-def test_example_cache_replays_a_pass_that_fits_in_a_new_order_without_streaming():
-    from ray_rec.train.trainer import ExampleCache
-
-    calls = []
+def counting(n_chunks: int, rows: int) -> tuple[Any, list[int]]:
+    """A stream of chunks, and the list that counts how often it was started."""
+    calls: list[int] = []
 
     def stream():
         calls.append(1)
-        yield from _chunks(5, 10)
+        yield from _chunks(n_chunks, rows)
+
+    return stream, calls
+
+
+def test_example_cache_replays_a_pass_that_fits_in_a_new_order_without_streaming():
+    from ray_rec.train.feed import ExampleCache
+
+    stream, calls = counting(5, 10)
 
     cache = ExampleCache(limit_mb=1)
     first = list(cache.epoch(stream, 8, np.random.default_rng(1)))
@@ -109,13 +117,9 @@ def test_example_cache_replays_a_pass_that_fits_in_a_new_order_without_streaming
 
 
 def test_example_cache_keeps_streaming_what_does_not_fit_or_did_not_finish():
-    from ray_rec.train.trainer import ExampleCache
+    from ray_rec.train.feed import ExampleCache
 
-    calls = []
-
-    def big():
-        calls.append(1)
-        yield from _chunks(4, 20_000)  # 4 x 20,000 x 4 int32 = 1.28 MB
+    big, calls = counting(4, 20_000)  # 4 x 20,000 x 4 int32 = 1.28 MB
 
     cache = ExampleCache(limit_mb=1)
     for epoch in range(3):
@@ -130,13 +134,9 @@ def test_example_cache_keeps_streaming_what_does_not_fit_or_did_not_finish():
 
 
 def test_example_cache_off_streams_every_pass():
-    from ray_rec.train.trainer import ExampleCache
+    from ray_rec.train.feed import ExampleCache
 
-    calls = []
-
-    def stream():
-        calls.append(1)
-        yield from _chunks(2, 5)
+    stream, calls = counting(2, 5)
 
     cache = ExampleCache(limit_mb=0)
     for _ in range(3):
@@ -146,13 +146,9 @@ def test_example_cache_off_streams_every_pass():
 
 
 def test_example_cache_replays_validation_chunks_in_order():
-    from ray_rec.train.trainer import ExampleCache
+    from ray_rec.train.feed import ExampleCache
 
-    calls = []
-
-    def stream():
-        calls.append(1)
-        yield from _chunks(3, 4)
+    stream, calls = counting(3, 4)
 
     cache = ExampleCache(limit_mb=1)
     passes = [[c["items"][:, 0].tolist() for c in cache.chunks(stream)] for _ in range(3)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,6 +47,7 @@ class SequenceFeatureExtractor(nn.Module):
         self.time = nn.Embedding(config.time_buckets + 1, d, padding_idx=0) if config.use_time else None
         self.dropout = nn.Dropout(config.dropout)
         self.time_dropout = 0.1  # share of time buckets hidden in training, so serving without times works
+        self._catalog: tuple[tuple[Any, ...], torch.Tensor] | None = None  # (weights' storage and versions, table), inference only
         nn.init.normal_(self.item.weight, std=0.02)
         with torch.no_grad():
             self.item.weight[0].zero_()
@@ -76,12 +78,11 @@ class SequenceFeatureExtractor(nn.Module):
             return self.item.weight
         if not (torch.is_inference_mode_enabled() and not self.training):
             return self.item_features(torch.arange(self.item.num_embeddings, device=self.item.weight.device))
-        key = tuple(t._version for t in (*self.parameters(), self.item_side))
-        cached = self.__dict__.get("_catalog")
-        if cached is None or cached[0] != key:
+        key = tuple((t.data_ptr(), t._version) for t in (*self.parameters(), self.item_side))
+        if self._catalog is None or self._catalog[0] != key:
             ids = torch.arange(self.item.num_embeddings, device=self.item.weight.device)
-            cached = self.__dict__["_catalog"] = (key, self.item_features(ids))
-        return cached[1]
+            self._catalog = (key, self.item_features(ids))
+        return self._catalog[1]
 
     def sequence_features(self, items: torch.Tensor, time_buckets: torch.Tensor | None) -> torch.Tensor:
         """Features of a left-padded history.

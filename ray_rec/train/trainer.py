@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import shutil
 import signal
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,14 +28,7 @@ from ray.train.torch import TorchTrainer
 
 from ray_rec import storage
 from ray_rec.config import Config, config_from_dict, with_catalog
-from ray_rec.data.examples import (
-    BUCKET_WINDOW,
-    browse_width,
-    collate,
-    evaluation_examples,
-    length_buckets,
-    shuffle_chunks,
-)
+from ray_rec.data.examples import BUCKET_WINDOW, browse_width, collate, evaluation_examples
 from ray_rec.data.pipeline import limit_memory, read_sequences, training_dataset
 from ray_rec.data.prepare import read_manifest
 from ray_rec.errors import TrainingError
@@ -45,6 +36,7 @@ from ray_rec.metrics import RankingMetrics
 from ray_rec.model.artifact import REQUIRED_FILES
 from ray_rec.model.interest_model import InterestModel
 from ray_rec.train.checkpoint import newest_complete_checkpoint, read_checkpoint, write_checkpoint
+from ray_rec.train.feed import EpochPrefetcher, ExampleCache, epoch_chunks, training_batches
 from ray_rec.train.loop import evaluate, make_optimizer, train_step
 from ray_rec.train.report import write_metrics_files
 from ray_rec.vocab import Vocabulary
@@ -89,143 +81,6 @@ def _evaluate_shard(model: InterestModel, shard: Any, cfg: Config, cache: Exampl
     return merged.result()
 
 
-class ExampleCache:
-    """Keeps one worker's examples in memory after the first complete pass, when they fit.
-
-    Streaming re-runs the Ray Data pipeline (read, decode, build examples) every epoch: that is
-    what lets a shard far larger than memory train, but on a small data set it is pure overhead
-    beside the model (measured on Amazon Beauty, 1 worker, 2 cores: epochs with the next epoch's
-    execution running alongside were 20-25% slower than one without). Once a full pass has gone
-    through and its chunks total at most ``limit_mb``, later passes read the memory copy; larger
-    shards keep streaming. Every worker holds the same number of equally wide rows (Ray Train
-    splits them equally), so all workers make the same choice and stay in step.
-    """
-
-    def __init__(self, limit_mb: int) -> None:
-        self.limit = limit_mb * 2**20
-        self.too_big = limit_mb <= 0
-        self.rows: dict[str, np.ndarray] | None = None
-        self._chunks: list[dict[str, np.ndarray]] | None = None
-
-    def chunks(self, stream: Any) -> Iterator[dict[str, np.ndarray]]:
-        """The chunks of ``stream()``, in their order; from memory once a full pass was kept."""
-        if self._chunks is not None:
-            yield from self._chunks
-            return
-        kept = self._keep(stream())
-        yield from kept
-        if kept.result is not None:
-            self._chunks = kept.result
-
-    def epoch(self, stream: Any, size: int, rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
-        """One training epoch: ``stream()`` until a full pass was kept, then the kept rows in a fresh
-        random order (``rng``), cut into chunks of ``size`` rows."""
-        if self.rows is None:
-            kept = self._keep(stream())
-            yield from kept
-            if kept.result:
-                self.rows = {k: np.concatenate([c[k] for c in kept.result]) for k in kept.result[0]}
-            return
-        order = rng.permutation(len(self.rows["items"]))
-        for start in range(0, len(order), size):
-            idx = order[start : start + size]
-            yield {k: v[idx] for k, v in self.rows.items()}
-
-    def _keep(self, chunks: Iterator[dict[str, np.ndarray]]) -> _Tee:
-        return _Tee(chunks, None if self.too_big else self.limit, self)
-
-
-class _Tee:
-    """Passes chunks through while copying them, until their bytes pass ``limit``."""
-
-    def __init__(self, chunks: Iterator[dict[str, np.ndarray]], limit: int | None, owner: ExampleCache) -> None:
-        self._chunks, self._limit, self._owner = chunks, limit, owner
-        self._kept: list[dict[str, np.ndarray]] | None = [] if limit is not None else None
-        self._bytes = 0
-        self.result: list[dict[str, np.ndarray]] | None = None
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        for chunk in self._chunks:
-            if self._kept is not None:
-                self._bytes += sum(v.nbytes for v in chunk.values())
-                if self._bytes > self._limit:
-                    self._kept, self._owner.too_big = None, True
-                else:
-                    self._kept.append(chunk)
-            yield chunk
-        self.result = self._kept  # only a pass that ran to its end is kept
-
-
-def _epoch_chunks(shard: Any, cfg: Config, epoch: int, rank: int) -> Iterator[dict[str, np.ndarray]]:
-    """This worker's example chunks of one epoch, streamed and shuffled through a seeded buffer
-    (`shuffle_chunks`). Every worker gets the same number of chunks and rows, as DDP needs: Ray
-    Train splits the rows equally and the chunking is the same on each."""
-    size = BUCKET_WINDOW * cfg.train.batch_size
-    stream = shard.iter_batches(batch_size=size, batch_format="numpy")
-    yield from shuffle_chunks(stream, size, cfg.data.shuffle_buffer, np.random.default_rng([cfg.data.seed, epoch, rank, 1]))
-
-
-class EpochPrefetcher:
-    """Streams the chunks of consecutive epochs from a background thread into a small queue.
-
-    Each epoch's ``iter_batches`` starts a fresh Ray Data execution, which costs 1.5-3 s before
-    the first chunk on a 2-core machine (measured on Amazon Beauty). The thread starts the next
-    epoch as soon as the current one is read, so that start-up overlaps with training instead of
-    stalling it. The queue holds at most ``depth`` chunks, so memory stays bounded.
-    """
-
-    _END = object()
-
-    def __init__(self, make_epoch: Any, first_epoch: int, last_epoch: int, depth: int = 4) -> None:
-        self._make_epoch, self._last = make_epoch, last_epoch
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(first_epoch,), daemon=True, name="epoch-prefetch")
-        self._thread.start()
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.5)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, epoch: int) -> None:
-        try:
-            while epoch <= self._last and not self._stop.is_set():
-                for chunk in self._make_epoch(epoch):
-                    if not self._put(chunk):
-                        return
-                if not self._put(self._END):
-                    return
-                epoch += 1
-        except BaseException as exc:  # surfaced in the training thread
-            self._put(exc)
-
-    def epoch(self) -> Iterator[dict[str, np.ndarray]]:
-        """The chunks of the next epoch."""
-        while True:
-            item = self._queue.get()
-            if item is self._END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def close(self) -> None:
-        self._stop.set()
-
-
-def _training_batches(chunks: Iterator[dict[str, np.ndarray]], cfg: Config, epoch: int, rank: int) -> Iterator[dict[str, torch.Tensor]]:
-    """One epoch's batches: each chunk regrouped by history length (`length_buckets`), collated."""
-    rng = np.random.default_rng([cfg.data.seed, epoch, rank])
-    for chunk in chunks:
-        for batch in length_buckets(chunk, cfg.train.batch_size, rng):
-            yield collate(batch)
-
-
 def _maybe_fail(fail_once: dict[str, Any] | None, epoch: int, step: int) -> None:
     """Test hook: kill this worker process once (SIGKILL) at a given epoch and step."""
     if not fail_once or ray.train.get_context().get_world_rank() != 0:
@@ -268,7 +123,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_cache, valid_cache = ExampleCache(cfg.data.cache_mb), ExampleCache(cfg.data.cache_mb)
     chunk_rows = BUCKET_WINDOW * cfg.train.batch_size
     prefetcher = EpochPrefetcher(
-        lambda e: train_cache.epoch(lambda: _epoch_chunks(train_shard, cfg, e, rank), chunk_rows,
+        lambda e: train_cache.epoch(lambda: epoch_chunks(train_shard, cfg, e, rank), chunk_rows,
                                     np.random.default_rng([cfg.data.seed, e, rank, 1])),
         state["epoch"] + 1, cfg.train.epochs)
     try:
@@ -284,7 +139,7 @@ def _epochs(loop_config: dict[str, Any], cfg: Config, state: dict[str, Any], mod
     for epoch in range(state["epoch"] + 1, tcfg.epochs + 1):
         t0 = time.monotonic()
         total, steps, examples, wait = 0.0, 0, 0, 0.0
-        batches = _training_batches(prefetcher.epoch(), cfg, epoch, rank)
+        batches = training_batches(prefetcher.epoch(), cfg, epoch, rank)
         while True:
             t_wait = time.monotonic()
             batch = next(batches, None)

@@ -26,14 +26,14 @@ ROOT = Path(__file__).resolve().parent
 FULL = {
     "quality": [["bench.model_quality", "--dataset", "Beauty"],
                 ["bench.model_quality", "--dataset", "Sports_and_Outdoors", "--variants", "default", "sasrec"]],
-    "speed": [["bench.train_speed"], ["bench.ray_train_beauty"]],
+    "speed": [["bench.train_speed"], ["bench.ray_train_beauty"], ["bench.relevance_cost"]],
     "serve": [["bench.serve_load"]],
     "data": [["bench.data_scale"]],
     "scale": [["bench.topk_scale"]],
 }
 QUICK = {
     "quality": [["bench.model_quality", "--dataset", "Beauty", "--epochs", "2", "--variants", "default", "sasrec"]],
-    "speed": [["bench.train_speed", "--synthetic", "--epochs", "2"]],
+    "speed": [["bench.train_speed", "--synthetic", "--epochs", "2", "--rounds", "1"], ["bench.relevance_cost", "--steps", "3"]],
     "serve": [["bench.serve_load", "--requests", "100"]],
     "data": [["bench.data_scale", "--sizes", "200000", "400000"]],
     "scale": [["bench.topk_scale", "--catalogs", "10000", "100000", "--requests", "100", "--repeats", "10"]],

@@ -32,10 +32,11 @@ VARIANTS: dict[str, dict[str, object]] = {
     # The SASRec-shaped baseline is also the enhancer=none ablation: transformer, no enhancer, dot,
     # full cross-entropy (the default auxiliary-loss weight is 0 already).
     "sasrec": {"model.enhancer": "none", "model.aux_loss_weight": 0.0},
-    "enhancer=augru": {"model.enhancer": "augru"},
+    "enhancer=trend": {"model.enhancer": "trend"},
     "tracker=gru": {"model.tracker": "gru"},
     "relevance=mlp": {"model.relevance": "mlp"},
 }
+KEYS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")
 PUBLISHED = {"Beauty": {"ICLRec (released model)": {"HR@10": 0.0744, "NDCG@10": 0.0403, "HR@20": 0.1058, "NDCG@20": 0.0483}}}
 
 
@@ -57,6 +58,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--epochs", type=int, default=60, help="at most this many epochs per variant")
     parser.add_argument("--patience", type=int, default=6)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="train each variant once per seed (model init and example order); rows show the mean")
     parser.add_argument("--set", action="append", default=[], help="extra override for every variant, k=v")
     args = parser.parse_args()
     data = prepared(args.dataset)
@@ -70,25 +73,50 @@ def main() -> None:
                               "command": f"python -m bench.model_quality --dataset {args.dataset}"}
     report: dict = {}
     for name in args.variants:
-        overrides = {"train.epochs": args.epochs, "train.patience": args.patience, **VARIANTS[name]}
-        for pair in args.set:
-            key, _, value = pair.partition("=")
-            overrides[key] = json.loads(value) if value[:1].isdigit() else value
-        run = train_local(data, load_config(None, overrides), log=lambda m, n=name: print(f"[{n}] {m}", flush=True))
-        rows[name] = {**{k: run.test[k] for k in ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")},
-                      "best_epoch": run.best_epoch, "seconds": round(run.seconds), "overrides": VARIANTS[name],
-                      "history": run.history,
-                      "command": f"python -m bench.model_quality --dataset {args.dataset} --epochs {args.epochs} "
-                                 f"--patience {args.patience} --variants {name}" + "".join(f" --set {s}" for s in args.set)}
-        print(f"[{name}] test {json.dumps({k: v for k, v in rows[name].items() if k != 'history'})}", flush=True)
-        report = {"dataset": args.dataset, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                  "rows": {k: rows[k] for k in [*VARIANTS, "popularity"] if k in rows},
-                  "published": PUBLISHED.get(args.dataset, {}),
-                  "total_seconds": sum(r["seconds"] for r in rows.values()),
-                  "command": f"python -m bench.model_quality --dataset {args.dataset} (one row per variant; see each row's command)"}
-        out.write_text(json.dumps(report, indent=2))
+        for seed in args.seeds:
+            overrides = {"train.epochs": args.epochs, "train.patience": args.patience,
+                         "train.seed": seed, "data.seed": seed, **VARIANTS[name]}
+            for pair in args.set:
+                key, _, value = pair.partition("=")
+                overrides[key] = json.loads(value) if value[:1].isdigit() else value
+            tag = name if seed == 0 else f"{name} seed {seed}"
+            run = train_local(data, load_config(None, overrides), log=lambda m, t=tag: print(f"[{t}] {m}", flush=True))
+            result = {**{k: run.test[k] for k in KEYS}, "best_epoch": run.best_epoch, "seconds": round(run.seconds),
+                      "history": run.history}
+            rows[name] = add_seed(rows.get(name), seed, result, VARIANTS[name],
+                                  f"python -m bench.model_quality --dataset {args.dataset} --epochs {args.epochs} "
+                                  f"--patience {args.patience} --variants {name}" + "".join(f" --set {s}" for s in args.set))
+            print(f"[{tag}] test {json.dumps({k: v for k, v in result.items() if k != 'history'})}", flush=True)
+            report = {"dataset": args.dataset, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                      "rows": {k: rows[k] for k in [*VARIANTS, "popularity"] if k in rows},
+                      "published": PUBLISHED.get(args.dataset, {}),
+                      "total_seconds": sum(x["seconds"] for r in rows.values() for x in r.get("runs", {"0": r}).values()),
+                      "command": f"python -m bench.model_quality --dataset {args.dataset} (one row per variant; see each row's command)"}
+            out.write_text(json.dumps(report, indent=2))
     print(markdown(report))
     print(f"wrote {out}")
+
+
+def add_seed(row: dict | None, seed: int, result: dict, overrides: dict, command: str) -> dict:
+    """A variant's row with one more seed's test metrics: the metrics are the mean over its seeds.
+
+    ``runs`` keeps each seed's metrics; a row from before seeds were recorded counts as seed 0.
+    The training curve shown is the lowest recorded seed's.
+    """
+    runs = dict((row or {}).get("runs") or ({"0": {k: row[k] for k in (*KEYS, "best_epoch", "seconds")}} if row else {}))
+    histories = dict((row or {}).get("histories") or ({"0": row["history"]} if row and row.get("history") else {}))
+    runs[str(seed)] = {k: result[k] for k in (*KEYS, "best_epoch", "seconds")}
+    histories[str(seed)] = result["history"]
+    seeds = sorted(runs, key=int)
+    mean = {k: sum(runs[s][k] for s in seeds) / len(seeds) for k in KEYS}
+    ndcg = [runs[s]["NDCG@10"] for s in seeds]
+    std = (sum((x - mean["NDCG@10"]) ** 2 for x in ndcg) / (len(ndcg) - 1)) ** 0.5 if len(ndcg) > 1 else 0.0
+    first = min(histories, key=int)
+    return {**mean, "NDCG@10_std": std, "seeds": [int(s) for s in seeds],
+            "best_epoch": runs[seeds[0]]["best_epoch"], "best_epochs": [runs[s]["best_epoch"] for s in seeds],
+            "seconds": round(sum(runs[s]["seconds"] for s in seeds) / len(seeds)), "overrides": overrides,
+            "history": histories[first], "histories": histories, "runs": runs,
+            "command": command + (" --seeds " + " ".join(seeds) if seeds != ["0"] else "")}
 
 
 def popularity(data: str) -> dict[str, float]:
@@ -111,16 +139,9 @@ def popularity(data: str) -> dict[str, float]:
 
 
 def markdown(report: dict) -> str:
-    keys = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")
-    lines = ["| model | " + " | ".join(keys) + " | best epoch | seconds |", "|---" * (len(keys) + 3) + "|"]
-    for name, r in report["rows"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + f" | {r['best_epoch']} | {r['seconds']} |")
-    for name, r in report["published"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.4f}" if k in r else "-" for k in keys) + " | - | - |")
-    if "default" in report["rows"] and "sasrec" in report["rows"]:
-        ratio = report["rows"]["default"]["NDCG@10"] / report["rows"]["sasrec"]["NDCG@10"]
-        lines.append(f"\ndefault / SASRec-shaped NDCG@10: {ratio:.3f}x")
-    return "\n".join(lines)
+    from bench.report import quality_table
+
+    return "\n".join(quality_table(report))
 
 
 if __name__ == "__main__":

@@ -33,26 +33,38 @@ def _plot(path: Path, draw: Any) -> str | None:
     return path.name
 
 
+def quality_table(r: dict[str, Any]) -> list[str]:
+    """The quality table of one data set: a row per variant (mean over its seeds), then the ratio."""
+    out = ["| model | " + " | ".join(KEYS) + " | seeds | best epoch | seconds |", "|---" * (len(KEYS) + 4) + "|"]
+    for name, row in r["rows"].items():
+        seeds = row.get("seeds", [0] if row.get("best_epoch") else [])
+        ndcg = " | ".join(f"{row[k]:.4f}" + (f" ± {row['NDCG@10_std']:.4f}" if k == "NDCG@10" and len(seeds) > 1 else "")
+                          for k in KEYS)
+        epochs = ", ".join(str(e) for e in row.get("best_epochs", [row["best_epoch"]])) if seeds else "-"
+        out.append(f"| {name} | {ndcg} | {len(seeds) or '-'} | {epochs} | {row['seconds'] or '-'} |")
+    for name, row in r.get("published", {}).items():
+        out.append(f"| {name} (published) | " + " | ".join(f"{row[k]:.4f}" if k in row else "-" for k in KEYS) + " | - | - | - |")
+    rows = r["rows"]
+    if "default" in rows and "sasrec" in rows:
+        out += ["", f"Default / SASRec-shaped NDCG@10: **{rows['default']['NDCG@10'] / rows['sasrec']['NDCG@10']:.3f}x**."]
+    if any(len(row.get("seeds", [])) > 1 for row in rows.values()):
+        out += ["", "Rows trained with several seeds (model initialisation and example order) show the mean, and "
+                "NDCG@10 ± its standard deviation across seeds; seconds is the mean per seed."]
+    return out
+
+
 def quality(folder: Path, rel: str) -> list[str]:
     out: list[str] = []
     for r in _load(folder, "model_quality_*.json"):
         ds = r["dataset"]
-        out += [f"### {ds}", "", _source(r), "",
-                "| model | " + " | ".join(KEYS) + " | best epoch | seconds |", "|---" * (len(KEYS) + 3) + "|"]
-        for name, row in r["rows"].items():
-            out.append(f"| {name} | " + " | ".join(f"{row[k]:.4f}" for k in KEYS) + f" | {row['best_epoch'] or '-'} | {row['seconds'] or '-'} |")
-        for name, row in r.get("published", {}).items():
-            out.append(f"| {name} (published) | " + " | ".join(f"{row[k]:.4f}" if k in row else "-" for k in KEYS) + " | - | - |")
-        rows = r["rows"]
-        if "default" in rows and "sasrec" in rows:
-            out += ["", f"Default / SASRec-shaped NDCG@10: **{rows['default']['NDCG@10'] / rows['sasrec']['NDCG@10']:.3f}x**."]
-        curves = {n: row["history"] for n, row in rows.items() if row.get("history")}
+        out += [f"### {ds}", "", _source(r), "", *quality_table(r)]
+        curves = {n: row["history"] for n, row in r["rows"].items() if row.get("history")}
         if curves:
             def draw(ax: Any, curves: dict = curves, ds: str = ds) -> None:
                 for name, hist in curves.items():
                     pts = [(h["epoch"], h["val_NDCG@10"]) for h in hist if "val_NDCG@10" in h]
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
-                ax.set(xlabel="epoch", ylabel="validation NDCG@10", title=f"{ds}: training curves")
+                ax.set(xlabel="epoch", ylabel="validation NDCG@10", title=f"{ds}: training curves (lowest seed per row)")
                 ax.legend(fontsize=7)
             name = _plot(folder / f"quality_{ds}.png", draw)
             if name:
@@ -61,21 +73,45 @@ def quality(folder: Path, rel: str) -> list[str]:
     return out
 
 
+def relevance_cost(folder: Path) -> list[str]:
+    out: list[str] = []
+    for r in _load(folder, "relevance_cost.json"):
+        out += ["### Relevance network cost (Beauty)", "", _source(r), "",
+                "| relevance | loss | training step ms (batch 128) | full catalog, 512 users, ms |", "|---|---|---|---|"]
+        for name, row in r["rows"].items():
+            out.append(f"| {name} | {row['loss']} | {row['step_ms']:.0f} | {row['catalog_512_users_ms']:,.0f} |")
+        out.append("")
+    return out
+
+
 def speed(folder: Path) -> list[str]:
     out: list[str] = []
     for r in _load(folder, "train_speed_*.json"):
         plain = r["plain_examples_per_s"]
-        out += [f"### {r['dataset']}", "", _source(r), "", "| loop | examples/s | vs plain | fixed start-up s |", "|---|---|---|---|",
-                "| plain PyTorch, 1 process" + (" (mean of a run before and after the Ray runs: "
-                + ", ".join(f"{x:,.0f}" for x in r["plain_runs"]) + ")" if "plain_runs" in r else "")
-                + f" | {plain:,.0f} | 1.00x | - |"]
+        runs = ", ".join(f"{x:,.0f}" for x in r.get("plain_runs", []))
+        out += [f"### {r['dataset']}", "", _source(r), "",
+                "| loop | examples/s | vs plain | fixed start-up s |", "|---|---|---|---|",
+                f"| plain PyTorch, 1 process (median of {len(r.get('plain_runs', [plain]))} runs: {runs or f'{plain:,.0f}'}) "
+                f"| {plain:,.0f} | 1.00x | - |"]
         for label, key in (("Ray Train, 1 worker", "ray_1_worker"),
                            ("Ray Train, 1 worker, streaming every epoch (`data.cache_mb=0`)", "ray_1_worker_streaming"),
                            ("Ray Train, 2 workers", "ray_2_workers")):
             if key not in r:
                 continue
             row = r[key]
-            out.append(f"| {label} | {row['examples_per_s']:,.0f} | {row['examples_per_s'] / plain:.2f}x | {row['fixed_s']:.1f} |")
+            ratio = row.get("vs_plain", row["examples_per_s"] / plain)
+            runs_around = r.get("plain_runs", [])
+            if "round" in row:  # the median round, against the plain runs just before and after it
+                label += f" (median of {len(row['rounds'])} rounds: round {row['round']}, between plain runs " \
+                         f"{runs_around[row['round'] - 1]:,.0f} and {runs_around[row['round']]:,.0f})"
+            elif "vs_plain" in row and len(runs_around) > 1:
+                label += f" (between plain runs {runs_around[-2]:,.0f} and {runs_around[-1]:,.0f})"
+            out.append(f"| {label} | {row['examples_per_s']:,.0f} | {ratio:.2f}x | {row['fixed_s']:.1f} |")
+        if "ratios_1_worker" in r:
+            out += ["", "Plain-loop and 1-worker runs alternate; each Ray run is compared with the mean of the plain runs "
+                    "just before and after it (the mean of those two is its 1.00x). 1 worker, per round: "
+                    + ", ".join(f"{x:.2f}x" for x in r["ratios_1_worker"]) + f" (median **{r['ratio_1_worker']:.2f}x**); "
+                    "the streaming and 2-worker runs are compared with the last two plain runs."]
         out.append("")
     return out
 
@@ -155,7 +191,7 @@ def write_report(folder: Path, target: Path, quick: bool = False) -> Path:
              f"`{rel}/`; each section names the command and machine that produced it. Rerun a section with its command, "
              "then `python -m bench --report`.", ""]
     sections = [("Model quality (leave-one-out, full ranking, seen items excluded; test split)", quality(folder, rel)),
-                ("Training speed", speed(folder) + ray_runs(folder)), ("Data: import and streaming at scale", data(folder)),
+                ("Training speed", speed(folder) + ray_runs(folder) + relevance_cost(folder)), ("Data: import and streaming at scale", data(folder)),
                 ("Serving", serving(folder, rel)), ("Top-k latency against catalog size", topk(folder))]
     for title, body in sections:
         lines += [f"## {title}", ""] + (body or ["Not measured yet: run its command.", ""])

@@ -1,7 +1,9 @@
 """Training throughput: the plain PyTorch loop against the Ray trainer with 1 and 2 workers.
 
-Same model, data and batch size, run one after the other in this process; the plain loop runs
-first and again last, and the ratios use the mean of its two rates. The Ray figures are
+Same model, data and batch size, run one after the other in this process. The machine's speed
+drifts by more than the gap being measured, so plain-loop and 1-worker Ray runs alternate
+(``--rounds`` pairs, plain first and last) and each Ray run is compared with the mean of the plain
+runs just before and after it; the headline ratio is the median of those. The Ray figures are
 the workers' own examples/s over the epochs after the first (which warms up and fills the
 worker's example cache, `data.cache_mb`), so they show what Ray and Ray Data cost per example once
 running. A third Ray run streams every epoch through Ray Data (`data.cache_mb=0`, as a data set
@@ -68,10 +70,23 @@ def ray_trainer(data: str, overrides: dict, epochs: int, workers: int) -> dict:
             "data_wait_s": [r["data_wait_s"] for r in rows], "epoch_s": [r["train_s"] for r in rows]}
 
 
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def _median_index(xs: list[float]) -> int:
+    """Index of the (lower) median element, so the reported run is one that happened."""
+    order = sorted(range(len(xs)), key=xs.__getitem__)
+    return order[(len(xs) - 1) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--synthetic", action="store_true")
     parser.add_argument("--epochs", type=int, default=6, help="epochs per run; the first is warm-up")
+    parser.add_argument("--rounds", type=int, default=3, help="plain / Ray 1-worker pairs, interleaved")
     args = parser.parse_args()
     if args.synthetic:
         import pyarrow.parquet as pq
@@ -87,32 +102,50 @@ def main() -> None:
     else:
         data, name = prepared("Beauty"), "Beauty"
     overrides = {"train.batch_size": 128}
+    import ray
+
     from ray_rec.ray_session import init_ray
 
-    plain = plain_loop(data, overrides, args.epochs)
-    print(f"plain PyTorch loop: {plain:,.0f} examples/s", flush=True)
-    init_ray(2)
-    one = ray_trainer(data, overrides, args.epochs, 1)
-    print(f"Ray trainer, 1 worker: {one['examples_per_s']:,.0f} examples/s ({one['examples_per_s'] / plain:.2f}x plain); "
-          f"fixed cost {one['fixed_s']:.1f} s", flush=True)
-    streaming = ray_trainer(data, {**overrides, "data.cache_mb": 0}, args.epochs, 1)
-    print(f"Ray trainer, 1 worker, streaming every epoch (data.cache_mb=0): {streaming['examples_per_s']:,.0f} examples/s "
-          f"({streaming['examples_per_s'] / plain:.2f}x plain)", flush=True)
-    two = ray_trainer(data, overrides, args.epochs, 2)
-    print(f"Ray trainer, 2 workers: {two['examples_per_s']:,.0f} examples/s ({two['examples_per_s'] / plain:.2f}x plain); "
-          f"fixed cost {two['fixed_s']:.1f} s", flush=True)
-    # The plain loop's rate drifts by a few percent between runs on a small shared machine; a
-    # second run after the Ray ones shows the drift, and the ratios use the mean of the two.
-    plain_after = plain_loop(data, overrides, args.epochs)
-    plain_runs = [plain, plain_after]
-    plain = sum(plain_runs) / 2
-    print(f"plain PyTorch loop again: {plain_after:,.0f} examples/s; ratios against the mean {plain:,.0f}: "
-          f"1 worker {one['examples_per_s'] / plain:.2f}x, streaming {streaming['examples_per_s'] / plain:.2f}x, "
-          f"2 workers {two['examples_per_s'] / plain:.2f}x", flush=True)
+    def plain() -> float:
+        # Ray is shut down while the plain loop runs, so its idle processes cost the plain loop nothing.
+        ray.shutdown()
+        rate = plain_loop(data, overrides, args.epochs)
+        print(f"plain PyTorch loop: {rate:,.0f} examples/s", flush=True)
+        return rate
+
+    def on_ray(label: str, extra: dict, workers: int) -> dict:
+        if not ray.is_initialized():
+            init_ray(2)
+        run = ray_trainer(data, {**overrides, **extra}, args.epochs, workers)
+        print(f"{label}: {run['examples_per_s']:,.0f} examples/s; fixed cost {run['fixed_s']:.1f} s", flush=True)
+        return run
+
+    # The machine's speed drifts by more than the gap being measured (the plain loop alone moved
+    # 16% within one invocation), so plain and Ray runs alternate, and every Ray run is compared
+    # with the mean of the plain runs just before and after it.
+    plain_runs = [plain()]
+    one_runs = []
+    for i in range(args.rounds):
+        one_runs.append(on_ray(f"Ray trainer, 1 worker (round {i + 1})", {}, 1))
+        plain_runs.append(plain())
+    streaming = on_ray("Ray trainer, 1 worker, streaming every epoch (data.cache_mb=0)", {"data.cache_mb": 0}, 1)
+    two = on_ray("Ray trainer, 2 workers", {}, 2)
+    plain_runs.append(plain())
+    for i, run in enumerate(one_runs):
+        run["vs_plain"] = run["examples_per_s"] / ((plain_runs[i] + plain_runs[i + 1]) / 2)
+    for run in (streaming, two):
+        run["vs_plain"] = run["examples_per_s"] / ((plain_runs[-2] + plain_runs[-1]) / 2)
+    ratios = [r["vs_plain"] for r in one_runs]
+    median = _median_index(ratios)
+    one = {**one_runs[median], "round": median + 1, "rounds": one_runs}
+    print(f"1 worker / bracketing plain runs: {', '.join(f'{x:.2f}x' for x in ratios)} (median {_median(ratios):.2f}x); "
+          f"streaming {streaming['vs_plain']:.2f}x; 2 workers {two['vs_plain']:.2f}x", flush=True)
     report = {"dataset": name, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "plain_examples_per_s": plain, "plain_runs": plain_runs,
-              "ray_1_worker": one, "ray_1_worker_streaming": streaming, "ray_2_workers": two, "ratio_1_worker": one["examples_per_s"] / plain,
-              "command": "python -m bench.train_speed" + (" --synthetic" if args.synthetic else "")}
+              "plain_examples_per_s": _median(plain_runs), "plain_runs": plain_runs,
+              "ray_1_worker": one, "ray_1_worker_streaming": streaming, "ray_2_workers": two,
+              "ratio_1_worker": _median(ratios), "ratios_1_worker": ratios,
+              "command": "python -m bench.train_speed" + (" --synthetic" if args.synthetic else "")
+                         + (f" --rounds {args.rounds}" if args.rounds != 3 else "")}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"train_speed_{name}.json").write_text(json.dumps(report, indent=2))
 

@@ -169,3 +169,22 @@ def test_catalog_features_are_reused_in_inference_until_the_weights_change():
     assert not torch.allclose(changed[:, 1:], first[:, 1:])
     without_side = InterestModel(ModelConfig(num_items=N, dim=16, heads=2, max_len=8)).eval()
     assert without_side.features.all_item_features() is without_side.features.item.weight  # no copy
+
+
+def test_the_factorised_mlp_relevance_is_the_plain_mlp_on_the_pair(monkeypatch):
+    from ray_rec.model import relevance
+
+    torch.manual_seed(0)
+    rel = RELEVANCES.build("mlp", ModelConfig(num_items=50, dim=8, dropout=0.0)).eval()
+    u, v, items = torch.randn(3, 5, 8), torch.randn(3, 5, 7, 8), torch.randn(50, 8)
+
+    def plain(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        u = u.unsqueeze(-2).expand_as(v)
+        return (u * v).sum(-1) + rel.mlp(torch.cat([u, v, u * v, u - v], -1)).squeeze(-1)
+
+    torch.testing.assert_close(rel(u, v), plain(u, v))
+    users = u.reshape(15, 8)
+    want = plain(users, items.expand(15, -1, -1))
+    torch.testing.assert_close(rel.catalog(users, items), want)
+    monkeypatch.setattr(relevance, "_CATALOG_PAIRS", 40)  # several chunks, the last one short
+    torch.testing.assert_close(rel.catalog(users, items), want)

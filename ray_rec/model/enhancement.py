@@ -108,8 +108,11 @@ class AUGRUEnhancer(nn.Module):
         score = score * valid.unsqueeze(-1)
         xr, xz, xn = self.input_gates(states).chunk(3, -1)  # each (B, L, D)
         e = states.new_zeros(b, d)
-        out = []
-        for t in range(length):
+        # Leading steps that are padding in every row leave the state at zero: skip them (a short
+        # history in a 50-step window runs its own length, not 50 recurrent steps).
+        first = int(valid.any(0).int().argmax()) if bool(valid.any()) else length
+        out = [e] * first
+        for t in range(first, length):
             hr, hz, hn = self.hidden_gates(e).chunk(3, -1)
             r = torch.sigmoid(xr[:, t] + hr)
             z = torch.sigmoid(xz[:, t] + hz) * score[:, t]  # attention-scaled update

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ray_rec.config import ModelConfig
 from ray_rec.model.registry import Registry
 
 RELEVANCES: Registry[nn.Module] = Registry("relevance")
 
-# Items scored per chunk when an MLP scores a whole catalog, to bound memory.
-_CATALOG_CHUNK = 4096
+# User-item pairs per chunk when an MLP scores a whole catalog, to bound memory (x 2D floats).
+_CATALOG_PAIRS = 1 << 18
 
 
 @RELEVANCES.register("dot")
@@ -32,7 +33,17 @@ class DotRelevance(nn.Module):
 
 @RELEVANCES.register("mlp")
 class MLPRelevance(nn.Module):
-    """score(u, v) = u . v + MLP([u, v, u * v, u - v]); the dot term keeps it at least as good as dot."""
+    """score(u, v) = u . v + MLP([u, v, u * v, u - v]); the dot term keeps it at least as good as dot.
+
+    The MLP's first layer is linear in [u, v, u * v, u - v], so it splits into a per-user matrix
+    applied to v plus a per-user vector: W [u, v, u*v, u-v] + b = M_u v + a_u, with
+    M_u = W_v - W_d + W_m diag(u) and a_u = (W_u + W_d) u + b. Scoring C candidates then costs one
+    (2D x D) product per pair instead of a (2D x 4D) one on a concatenated pair, no pair tensor is
+    built, and a whole catalog is one matrix product per chunk: the same function as the plain
+    MLP, four times fewer multiply-adds. In training, the hidden layer's dropout mask is drawn per
+    user and hidden unit and shared by that user's candidates, so it scales the last layer's weights
+    instead of every pair's hidden units (the same expectation, at no cost per pair).
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -41,16 +52,38 @@ class MLPRelevance(nn.Module):
             nn.Linear(4 * d, 2 * d), nn.ReLU(), nn.Dropout(config.dropout), nn.Linear(2 * d, 1)
         )
 
+    def _user_side(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """u (..., D) -> M_u (..., 2D, D) and a_u (..., 2D)."""
+        first = self.mlp[0]
+        w_u, w_v, w_m, w_d = first.weight.split(u.shape[-1], dim=1)  # each (2D, D)
+        return (w_v - w_d) + w_m * u.unsqueeze(-2), u @ (w_u + w_d).T + first.bias
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden units after the ReLU (..., 2D, C) -> MLP scores (..., C)."""
+        last, drop = self.mlp[3], self.mlp[2]
+        flat = hidden.reshape(-1, *hidden.shape[-2:])  # (M, 2D, C)
+        weight = last.weight.expand(flat.shape[0], 1, -1)  # (M, 1, 2D)
+        if self.training and drop.p > 0:
+            weight = F.dropout(weight, drop.p, training=True)  # one mask per user, see the class doc
+        # An explicit bmm: `weight @ hidden` copies all of hidden first when the weight requires grad.
+        out = torch.bmm(weight, flat)  # (M, 1, C)
+        return out.view(*hidden.shape[:-2], hidden.shape[-1]) + last.bias
+
     def forward(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """u (..., D) and candidates v (..., C, D) -> scores (..., C)."""
-        u = u.unsqueeze(-2).expand_as(v)
-        pair = torch.cat([u, v, u * v, u - v], -1)
-        return (u * v).sum(-1) + self.mlp(pair).squeeze(-1)
+        m, a = self._user_side(u)
+        hidden = (m @ v.transpose(-1, -2) + a.unsqueeze(-1)).relu_()  # (..., 2D, C)
+        return (u.unsqueeze(-2) * v).sum(-1) + self._head(hidden)
 
     def catalog(self, u: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """u (P, D) against every item (N, D) -> (P, N), in chunks of items."""
+        """u (P, D) against every item (N, D) -> (P, N), in chunks of items to bound memory."""
+        m, a = self._user_side(u)  # (P, 2D, D), (P, 2D)
+        p, width, d = m.shape
+        m, a = m.reshape(p * width, d), a.reshape(p * width, 1)  # every user's M_u stacked: one product per chunk
+        chunk = max(1, _CATALOG_PAIRS // max(1, p))
         parts = []
-        for start in range(0, items.shape[0], _CATALOG_CHUNK):
-            chunk = items[start : start + _CATALOG_CHUNK]  # (n, D)
-            parts.append(self(u, chunk.unsqueeze(0).expand(u.shape[0], -1, -1)))
+        for start in range(0, items.shape[0], chunk):
+            block = items[start : start + chunk]  # (n, D), a view: the table is never copied
+            hidden = torch.addmm(a, m, block.T).relu_().view(p, width, -1)  # (P, 2D, n); ReLU before the view
+            parts.append(u @ block.T + self._head(hidden))
         return torch.cat(parts, -1)

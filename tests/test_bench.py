@@ -1,0 +1,35 @@
+"""Benchmark bookkeeping: how seeds combine into a quality row and how the report shows it."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.model_quality import KEYS, add_seed
+from bench.report import quality_table
+
+
+def result(ndcg: float, epoch: int) -> dict:
+    return {**{k: ndcg for k in KEYS}, "best_epoch": epoch, "seconds": 100 * epoch,
+            "history": [{"epoch": 1, "val_NDCG@10": ndcg / 2}]}
+
+
+def test_seeds_average_into_one_row_and_an_old_row_counts_as_seed_0():
+    old = {**{k: 0.04 for k in KEYS}, "best_epoch": 30, "seconds": 900, "history": [{"epoch": 1, "val_NDCG@10": 0.01}]}
+    row = add_seed(old, 1, result(0.05, 20), {"model.enhancer": "augru"}, "python -m bench.model_quality --variants x")
+    assert row["seeds"] == [0, 1]
+    assert row["NDCG@10"] == pytest.approx(0.045)
+    assert row["NDCG@10_std"] == pytest.approx(0.00707, abs=1e-5)
+    assert row["best_epochs"] == [30, 20]
+    assert row["history"] == old["history"]  # the curve shown stays seed 0's
+    assert row["command"].endswith("--seeds 0 1")
+    again = add_seed(row, 1, result(0.06, 25), {}, "cmd")  # rerunning a seed replaces it
+    assert again["seeds"] == [0, 1] and again["NDCG@10"] == pytest.approx(0.05)
+
+
+def test_the_quality_table_shows_the_spread_of_seeded_rows():
+    rows = {"default": add_seed(add_seed(None, 0, result(0.05, 20), {}, "c"), 1, result(0.052, 22), {}, "c"),
+            "sasrec": add_seed(None, 0, result(0.048, 40), {}, "c")}
+    table = "\n".join(quality_table({"rows": rows}))
+    assert "| default | " in table and "0.0510 ± 0.0014 | " in table and "| 2 | 20, 22 |" in table
+    assert "| sasrec | " in table and "±" not in table.split("| sasrec |")[1].splitlines()[0]
+    assert "1.062x" in table

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -54,13 +56,13 @@ class MLPRelevance(nn.Module):
 
     def _user_side(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """u (..., D) -> M_u (..., 2D, D) and a_u (..., 2D)."""
-        first = self.mlp[0]
+        first = cast(nn.Linear, self.mlp[0])
         w_u, w_v, w_m, w_d = first.weight.split(u.shape[-1], dim=1)  # each (2D, D)
         return (w_v - w_d) + w_m * u.unsqueeze(-2), u @ (w_u + w_d).T + first.bias
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden units after the ReLU (..., 2D, C) -> MLP scores (..., C)."""
-        last, drop = self.mlp[3], self.mlp[2]
+        last, drop = cast(nn.Linear, self.mlp[3]), cast(nn.Dropout, self.mlp[2])
         flat = hidden.reshape(-1, *hidden.shape[-2:])  # (M, 2D, C)
         weight = last.weight.expand(flat.shape[0], 1, -1)  # (M, 1, 2D)
         if self.training and drop.p > 0:

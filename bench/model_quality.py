@@ -88,13 +88,19 @@ def main() -> None:
                                   f"--patience {args.patience} --variants {name}" + "".join(f" --set {s}" for s in args.set))
             print(f"[{tag}] test {json.dumps({k: v for k, v in result.items() if k != 'history'})}", flush=True)
             report = {"dataset": args.dataset, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                      "rows": {k: rows[k] for k in [*VARIANTS, "popularity"] if k in rows},
+                      "rows": ordered(rows),
                       "published": PUBLISHED.get(args.dataset, {}),
                       "total_seconds": sum(x["seconds"] for r in rows.values() for x in r.get("runs", {"0": r}).values()),
                       "command": f"python -m bench.model_quality --dataset {args.dataset} (one row per variant; see each row's command)"}
             out.write_text(json.dumps(report, indent=2))
     print(markdown(report))
     print(f"wrote {out}")
+
+
+def ordered(rows: dict) -> dict:
+    """Rows in VARIANTS order, then any others kept from earlier runs, popularity last."""
+    names = [*VARIANTS, *(k for k in rows if k not in VARIANTS and k != "popularity"), "popularity"]
+    return {k: rows[k] for k in names if k in rows}
 
 
 def add_seed(row: dict | None, seed: int, result: dict, overrides: dict, command: str) -> dict:

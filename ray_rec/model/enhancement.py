@@ -106,18 +106,19 @@ class AUGRUEnhancer(nn.Module):
         prev = states - shifts
         score = torch.sigmoid(self.attention(torch.cat([states, shifts, states * prev], -1)))  # (B, L, 1)
         score = score * valid.unsqueeze(-1)
-        xr, xz, xn = self.input_gates(states).chunk(3, -1)  # each (B, L, D)
+        gates = self.input_gates(states)  # (B, L, 3D): reset and update (2D), candidate (D)
+        x_rz, x_n, a = gates[..., : 2 * d].unbind(1), gates[..., 2 * d :].unbind(1), score.unbind(1)
         e = states.new_zeros(b, d)
         # Leading steps that are padding in every row leave the state at zero: skip them (a short
         # history in a 50-step window runs its own length, not 50 recurrent steps).
         first = int(valid.any(0).int().argmax()) if bool(valid.any()) else length
         out = [e] * first
+        # Few, fused operations per step: the loop's cost is their count (per-op overhead), not FLOPs.
         for t in range(first, length):
-            hr, hz, hn = self.hidden_gates(e).chunk(3, -1)
-            r = torch.sigmoid(xr[:, t] + hr)
-            z = torch.sigmoid(xz[:, t] + hz) * score[:, t]  # attention-scaled update
-            n = torch.tanh(xn[:, t] + r * hn)
-            e = (1 - z) * e + z * n
+            h = F.linear(e, self.hidden_gates.weight, self.hidden_gates.bias)  # (B, 3D)
+            r, z = torch.sigmoid(x_rz[t] + h[:, : 2 * d]).chunk(2, -1)
+            n = torch.tanh(torch.addcmul(x_n[t], r, h[:, 2 * d :]))
+            e = torch.lerp(e, n, z * a[t])  # (1 - z a) e + z a n; a = 0 at padding keeps e
             out.append(e)
         evolved = torch.stack(out, 1)  # (B, L, D)
         return self.norm(states + self.dropout(evolved)) * valid.unsqueeze(-1)

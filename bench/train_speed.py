@@ -23,6 +23,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 from bench.model_quality import RESULTS, prepared
 from ray_rec.config import load_config, with_catalog
@@ -68,12 +69,6 @@ def ray_trainer(data: str, overrides: dict, epochs: int, workers: int) -> dict:
     rate = sum(r["examples_per_s"] * r["train_s"] for r in steady) / sum(r["train_s"] for r in steady)
     return {"examples_per_s": rate, "wall_s": wall, "fixed_s": wall - epoch_s * len(rows), "epochs": len(rows),
             "data_wait_s": [r["data_wait_s"] for r in rows], "epoch_s": [r["train_s"] for r in rows]}
-
-
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    mid = len(xs) // 2
-    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
 
 
 def _median_index(xs: list[float]) -> int:
@@ -136,14 +131,14 @@ def main() -> None:
     for run in (streaming, two):
         run["vs_plain"] = run["examples_per_s"] / ((plain_runs[-2] + plain_runs[-1]) / 2)
     ratios = [r["vs_plain"] for r in one_runs]
-    median = _median_index(ratios)
-    one = {**one_runs[median], "round": median + 1, "rounds": one_runs}
-    print(f"1 worker / bracketing plain runs: {', '.join(f'{x:.2f}x' for x in ratios)} (median {_median(ratios):.2f}x); "
+    middle = _median_index(ratios)
+    one = {**one_runs[middle], "round": middle + 1, "rounds": one_runs}
+    print(f"1 worker / bracketing plain runs: {', '.join(f'{x:.2f}x' for x in ratios)} (median {median(ratios):.2f}x); "
           f"streaming {streaming['vs_plain']:.2f}x; 2 workers {two['vs_plain']:.2f}x", flush=True)
     report = {"dataset": name, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "plain_examples_per_s": _median(plain_runs), "plain_runs": plain_runs,
+              "plain_examples_per_s": median(plain_runs), "plain_runs": plain_runs,
               "ray_1_worker": one, "ray_1_worker_streaming": streaming, "ray_2_workers": two,
-              "ratio_1_worker": _median(ratios), "ratios_1_worker": ratios,
+              "ratio_1_worker": median(ratios), "ratios_1_worker": ratios,
               "command": "python -m bench.train_speed" + (" --synthetic" if args.synthetic else "")
                          + (f" --rounds {args.rounds}" if args.rounds != 3 else "")}
     RESULTS.mkdir(parents=True, exist_ok=True)

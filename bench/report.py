@@ -156,6 +156,18 @@ def serving(folder: Path, rel: str) -> list[str]:
             for c, row in levels.items():
                 out.append(f"| {setup} | {c} | {row['rps']:,.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['errors']} |")
         s = r["summary"]
+        alt = r.get("alternating_c32")
+        if alt:
+            out += ["", "Alternating runs at concurrency 32 (the headline ratios are their medians):", "",
+                    "| round | no-op req/s (p99 ms) | model req/s (p99 ms) | req/s ratio | p99 ratio | CPU ms/request: model replica / no-op replica / proxy (model run, no-op run) |",
+                    "|---|---|---|---|---|---|"]
+            for i, run in enumerate(alt["runs"], 1):
+                noop, model = run["no-op"], run["model"]
+                m_cpu, n_cpu = model["cpu_ms_per_request"], noop["cpu_ms_per_request"]
+                cpu = (f"{m_cpu.get('model replica', 0):.1f} / {n_cpu.get('no-op replica', 0):.1f} / "
+                       f"{m_cpu.get('proxy', 0):.1f}, {n_cpu.get('proxy', 0):.1f}")
+                out.append(f"| {i} | {noop['rps']:,.0f} ({noop['p99_ms']:.0f}) | {model['rps']:,.0f} ({model['p99_ms']:.0f}) | "
+                           f"{run['rps_ratio']:.2f}x | {run['p99_ratio']:.2f}x | {cpu} |")
         out += ["", f"At concurrency 32 the model serves {s['rps_ratio_c32']:.2f}x the no-op Serve app's requests/s with "
                 f"{s['p99_ratio_c32']:.2f}x its p99; batching gains {s['batching_gain_c128']:.1f}x at concurrency 128.", ""]
 

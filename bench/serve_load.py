@@ -3,7 +3,11 @@ the same run (a no-op Serve app with the same batching and deployment settings, 
 uvicorn app returning a constant), at concurrency 1, 8, 32 and 128, batching on and off.
 Loopback only; every level sends a bounded number of requests.
 
-    python -m bench.serve_load [--requests 400]
+The headline (model / no-op at concurrency 32) comes from ``--rounds`` extra runs that alternate
+the two apps, so drift of the machine over the run hits both sides alike; each round also records
+the CPU time the model replica, the no-op replica and the Serve proxy spend per request.
+
+    python -m bench.serve_load [--requests 400] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,7 +80,8 @@ async def load(url: str, body: dict, concurrency: int, total: int) -> dict[str, 
 
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
-        await asyncio.gather(*(worker(session) for _ in range(min(concurrency, 4))))  # warm-up connections
+        queue = iter(range(min(concurrency, 4) * 4))  # warm-up: open connections, a few requests
+        await asyncio.gather(*(worker(session) for _ in range(min(concurrency, 4))))
         queue = iter(range(total))
         t0 = time.perf_counter()
         latencies.clear()
@@ -83,6 +89,47 @@ async def load(url: str, body: dict, concurrency: int, total: int) -> dict[str, 
         wall = time.perf_counter() - t0
     lat = np.array(latencies) * 1000
     return {"rps": total / wall, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)), "errors": errors}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def replica_pids() -> dict[str, int]:
+    """Process ids of the model replica, the no-op replica and the HTTP proxy on this node."""
+    from ray.util.state import list_actors
+
+    wanted = {"RecommenderService": "model replica", "NoopService": "no-op replica", "ProxyActor": "proxy"}
+    pids: dict[str, int] = {}
+    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+        for key, name in wanted.items():
+            if key in actor.class_name and (key != "RecommenderService" or "nobatch" not in (actor.name or "")):
+                pids.setdefault(name, actor.pid)
+    return pids
+
+
+def interleaved(urls: dict[str, str], body: dict, concurrency: int, total: int, rounds: int) -> dict[str, Any]:
+    """Alternate the no-op and model apps ``rounds`` times; ratios per round and their median."""
+    pids = replica_pids() if sys.platform == "linux" else {}
+    runs: list[dict[str, Any]] = []
+    for r in range(rounds):
+        row: dict[str, Any] = {}
+        for name, url in urls.items():
+            before = {k: cpu_seconds(p) for k, p in pids.items()}
+            res = asyncio.run(load(url, body, concurrency, total))
+            res["cpu_ms_per_request"] = {k: (cpu_seconds(p) - before[k]) * 1000 / total for k, p in pids.items()}
+            row[name] = res
+            cpu = ", ".join(f"{k} {v:.1f}" for k, v in res["cpu_ms_per_request"].items())
+            print(f"round {r + 1} {name:8} c={concurrency} {res['rps']:6.0f} req/s  p99 {res['p99_ms']:6.1f} ms  "
+                  f"CPU ms/request: {cpu}", flush=True)
+        row["rps_ratio"] = row["model"]["rps"] / row["no-op"]["rps"]
+        row["p99_ratio"] = row["model"]["p99_ms"] / row["no-op"]["p99_ms"]
+        runs.append(row)
+    return {"concurrency": concurrency, "runs": runs,
+            "rps_ratio": statistics.median(r["rps_ratio"] for r in runs),
+            "p99_ratio": statistics.median(r["p99_ratio"] for r in runs)}
 
 
 UVICORN_APP = '''
@@ -97,6 +144,7 @@ async def recommend(body: dict):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating no-op / model runs at concurrency 32")
     args = parser.parse_args()
     os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
@@ -151,20 +199,22 @@ def main() -> None:
                 r = asyncio.run(load(url, body, c, args.requests))
                 rows.setdefault(name, {})[c] = r
                 print(f"{name:32} c={c:<4} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}", flush=True)
+        pairs = {"no-op": targets["no-op Serve, batching on"], "model": targets["model, batching on"]}
+        alternating = interleaved(pairs, history, 32, args.requests, args.rounds)
     finally:
         bare.terminate()
         serve.shutdown()
         ray.shutdown()
-    noop32, model32 = rows["no-op Serve, batching on"][32], rows["model, batching on"][32]
     summary = {
-        "rps_ratio_c32": model32["rps"] / noop32["rps"],
-        "p99_ratio_c32": model32["p99_ms"] / noop32["p99_ms"],
+        "rps_ratio_c32": alternating["rps_ratio"],  # median over the alternating rounds
+        "p99_ratio_c32": alternating["p99_ratio"],
         "batching_gain_c128": rows["model, batching on"][128]["rps"] / rows["model, batching off"][128]["rps"],
         "model_only_rps": model_only,
     }
     print(json.dumps(summary, indent=2))
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "requests_per_level": args.requests,
-              "rows": rows, "summary": summary, "command": f"python -m bench.serve_load --requests {args.requests}"}
+              "rows": rows, "alternating_c32": alternating, "summary": summary,
+              "command": f"python -m bench.serve_load --requests {args.requests} --rounds {args.rounds}"}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serve_load.json").write_text(json.dumps(report, indent=2))
 

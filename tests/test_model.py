@@ -188,3 +188,31 @@ def test_the_factorised_mlp_relevance_is_the_plain_mlp_on_the_pair(monkeypatch):
     torch.testing.assert_close(rel.catalog(users, items), want)
     monkeypatch.setattr(relevance, "_CATALOG_PAIRS", 40)  # several chunks, the last one short
     torch.testing.assert_close(rel.catalog(users, items), want)
+
+
+def test_the_augru_step_is_dien_s_attentional_update_gate():
+    """The gru_cell + lerp step computes DIEN's AUGRU, written out gate by gate."""
+    torch.manual_seed(0)
+    enh = ENHANCERS.build("augru", ModelConfig(num_items=N, dim=8, dropout=0.0)).eval()
+    states = torch.randn(3, 6, 8)
+    valid = torch.ones(3, 6, dtype=torch.bool)
+    valid[0, :2] = False
+    states = states * valid.unsqueeze(-1)
+
+    from ray_rec.model.enhancement import consecutive_differences
+
+    shifts = consecutive_differences(states, valid)
+    a = torch.sigmoid(enh.attention(torch.cat([states, shifts, states * (states - shifts)], -1))) * valid.unsqueeze(-1)
+    (w_r, w_z, w_n), (b_r, b_z, b_n) = enh.input_gates.weight.chunk(3), enh.input_gates.bias.chunk(3)
+    (u_r, u_z, u_n), (c_r, c_z, c_n) = enh.hidden_gates.weight.chunk(3), enh.hidden_gates.bias.chunk(3)
+    e, evolved = torch.zeros(3, 8), []
+    for t in range(6):
+        x = states[:, t]
+        r = torch.sigmoid(x @ w_r.T + b_r + e @ u_r.T + c_r)
+        z = torch.sigmoid(x @ w_z.T + b_z + e @ u_z.T + c_z) * a[:, t]  # attention scales the update gate
+        n = torch.tanh(x @ w_n.T + b_n + r * (e @ u_n.T + c_n))
+        e = (1 - z) * e + z * n
+        evolved.append(e)
+    want = enh.norm(states + torch.stack(evolved, 1)) * valid.unsqueeze(-1)
+    with torch.no_grad():
+        torch.testing.assert_close(enh(states, valid), want)

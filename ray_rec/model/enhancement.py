@@ -88,16 +88,25 @@ class AUGRUEnhancer(nn.Module):
     The score a_t = sigmoid(w . [h_t, h_t - h_{t-1}, h_t * h_{t-1}]) says how much step t shifts
     the interest; steps with a small score barely move the evolving state. Padded steps keep the
     state, so left padding changes nothing. Output: LN(h_t + e_t).
+
+    One step is e' = e + a z (n - e) (z: update gate, n: candidate state). A GRU cell gives
+    g = e + z (n - e), so e' = lerp(e, g, a): each step is ``torch.gru_cell`` (one call into ATen)
+    and one lerp, where per-step Python overhead, not FLOPs, sets the cost of the loop.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         d = config.dim
         self.attention = nn.Sequential(nn.Linear(3 * d, d), nn.ReLU(), nn.Linear(d, 1))
-        self.input_gates = nn.Linear(d, 3 * d)
+        self.input_gates = nn.Linear(d, 3 * d)  # rows: reset, update, candidate
         self.hidden_gates = nn.Linear(d, 3 * d)
         self.dropout = nn.Dropout(config.dropout)
         self.norm = nn.LayerNorm(d)
+        # torch.gru_cell weighs the *old* state by its update gate; here z weighs the new content.
+        # sigmoid(-x) = 1 - sigmoid(x), so the update rows enter the cell with their sign flipped.
+        flip = torch.ones(3 * d)
+        flip[d : 2 * d] = -1.0
+        self.register_buffer("flip", flip, persistent=False)
 
     def forward(self, states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(B, L, D) states and (B, L) validity -> (B, L, D) enhanced interests."""
@@ -106,19 +115,17 @@ class AUGRUEnhancer(nn.Module):
         prev = states - shifts
         score = torch.sigmoid(self.attention(torch.cat([states, shifts, states * prev], -1)))  # (B, L, 1)
         score = score * valid.unsqueeze(-1)
-        gates = self.input_gates(states)  # (B, L, 3D): reset and update (2D), candidate (D)
-        x_rz, x_n, a = gates[..., : 2 * d].unbind(1), gates[..., 2 * d :].unbind(1), score.unbind(1)
+        flip = self.flip
+        w_ih, b_ih = self.input_gates.weight * flip[:, None], self.input_gates.bias * flip
+        w_hh, b_hh = self.hidden_gates.weight * flip[:, None], self.hidden_gates.bias * flip
+        x, a = states.unbind(1), score.unbind(1)
         e = states.new_zeros(b, d)
         # Leading steps that are padding in every row leave the state at zero: skip them (a short
         # history in a 50-step window runs its own length, not 50 recurrent steps).
         first = int(valid.any(0).int().argmax()) if bool(valid.any()) else length
         out = [e] * first
-        # Few, fused operations per step: the loop's cost is their count (per-op overhead), not FLOPs.
         for t in range(first, length):
-            h = F.linear(e, self.hidden_gates.weight, self.hidden_gates.bias)  # (B, 3D)
-            r, z = torch.sigmoid(x_rz[t] + h[:, : 2 * d]).chunk(2, -1)
-            n = torch.tanh(torch.addcmul(x_n[t], r, h[:, 2 * d :]))
-            e = torch.lerp(e, n, z * a[t])  # (1 - z a) e + z a n; a = 0 at padding keeps e
+            e = torch.lerp(e, torch.gru_cell(x[t], e, w_ih, w_hh, b_ih, b_hh), a[t])  # a = 0 at padding keeps e
             out.append(e)
         evolved = torch.stack(out, 1)  # (B, L, D)
         return self.norm(states + self.dropout(evolved)) * valid.unsqueeze(-1)

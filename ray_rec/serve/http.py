@@ -51,8 +51,11 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-def check_key(request: Request) -> None:
-    """FastAPI dependency: the X-API-Key header must match, compared in constant time."""
+async def check_key(request: Request) -> None:
+    """FastAPI dependency: the X-API-Key header must match, compared in constant time.
+
+    A coroutine on purpose: FastAPI runs a plain ``def`` dependency in its thread pool, a thread
+    hand-off on every request."""
     expected = REPLICA.service.api_key if REPLICA.service is not None else None
     if expected is None:
         return

@@ -94,6 +94,8 @@ class AUGRUEnhancer(nn.Module):
     and one lerp, where per-step Python overhead, not FLOPs, sets the cost of the loop.
     """
 
+    flip: torch.Tensor  # buffer: +1 on reset and candidate rows, -1 on update rows
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         d = config.dim

@@ -11,6 +11,7 @@ each trained in this process with the plain PyTorch loop and early stopping on v
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -45,10 +46,14 @@ def prepared(dataset: str) -> str:
     if not src.exists():
         raise SystemExit(f"{src} not found: this benchmark reads the shared data sets beside the checkout")
     out = CACHE / dataset
-    try:
-        read_manifest(str(out))
-    except ValueError:
-        prepare(PrepareOptions(input=str(src), output=str(out), format="seqtxt", num_shards=4))
+    CACHE.mkdir(parents=True, exist_ok=True)
+    # Benchmarks started side by side share the cache: one prepares, the others wait for it.
+    with open(CACHE / f".{dataset}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            read_manifest(str(out))
+        except ValueError:
+            prepare(PrepareOptions(input=str(src), output=str(out), format="seqtxt", num_shards=4))
     return str(out)
 
 

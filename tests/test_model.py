@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ray_rec.config import ModelConfig
-from ray_rec.model.enhancement import ENHANCERS
+from ray_rec.model.enhancement import ENHANCERS, consecutive_differences
 from ray_rec.model.interest_model import InterestModel
 from ray_rec.model.relevance import RELEVANCES
 from ray_rec.model.tracking import TRACKERS
@@ -198,9 +198,6 @@ def test_the_augru_step_is_dien_s_attentional_update_gate():
     valid = torch.ones(3, 6, dtype=torch.bool)
     valid[0, :2] = False
     states = states * valid.unsqueeze(-1)
-
-    from ray_rec.model.enhancement import consecutive_differences
-
     shifts = consecutive_differences(states, valid)
     a = torch.sigmoid(enh.attention(torch.cat([states, shifts, states * (states - shifts)], -1))) * valid.unsqueeze(-1)
     (w_r, w_z, w_n), (b_r, b_z, b_n) = enh.input_gates.weight.chunk(3), enh.input_gates.bias.chunk(3)

@@ -125,7 +125,8 @@ def ray_runs(folder: Path) -> list[str]:
         for w, run in r["runs"].items():
             t = run["test"]
             full, pop, sampled = t["full_ranking"], t["popularity_full_ranking"], t["sampled_100"]
-            out.append(f"| {w} | {run['wall_s']:.0f} | {run['epochs']} ({run['best_epoch']}) | {run['examples_per_s']:,.0f} | "
+            label = f" ({run['note']})" if run.get("note") else ""
+            out.append(f"| {w}{label} | {run['wall_s']:.0f} | {run['epochs']} ({run['best_epoch']}) | {run['examples_per_s']:,.0f} | "
                        f"{full['HR@10']:.4f} | {full['NDCG@10']:.4f} | {pop['NDCG@10']:.4f} | {sampled['NDCG@10']:.4f} |")
         out.append("")
     return out

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ async def load(url: str, body: dict, concurrency: int, total: int) -> dict[str, 
 
     latencies: list[float] = []
     errors = 0
-    queue = iter(range(total))
+    queue: Iterator[int] = iter(())
 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal errors
@@ -85,6 +86,7 @@ async def load(url: str, body: dict, concurrency: int, total: int) -> dict[str, 
         queue = iter(range(total))
         t0 = time.perf_counter()
         latencies.clear()
+        errors = 0  # only the measured requests count
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
     lat = np.array(latencies) * 1000

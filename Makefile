@@ -28,7 +28,7 @@ test-fast: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check ray_rec tests jobs bench
-	$(BIN)/mypy ray_rec
+	$(BIN)/mypy ray_rec bench
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m bench --quick

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from bench.model_quality import RESULTS
@@ -116,7 +118,7 @@ def child_stream(data: str) -> dict[str, Any]:
     from ray_rec.data.prepare import read_manifest
     from ray_rec.ray_session import init_ray, local_cpus
 
-    ray.init(address="local", num_cpus=local_cpus(1), object_store_memory=OBJECT_STORE_MB * 2**20, logging_level="WARNING")
+    ray.init(address="local", num_cpus=local_cpus(1), object_store_memory=OBJECT_STORE_MB * 2**20, logging_level=logging.WARNING)
     init_ray(1)  # the rest of ray-rec's set-up
     cfg = load_config(None, {})
     m = read_manifest(data)
@@ -186,7 +188,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
-        fn = {"prepare": child_prepare, "stream": child_stream, "train_rate": lambda d: child_train_rate(d, 60)}[kind]
+        children: dict[str, Callable[..., dict[str, Any]]] = {
+            "prepare": child_prepare, "stream": child_stream, "train_rate": lambda d: child_train_rate(d, 60)}
+        fn = children[kind]
         print(json.dumps(fn(*rest)), flush=True)
         return
     import pyarrow.parquet as pq

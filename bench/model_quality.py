@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 from ray_rec.config import load_config
@@ -85,7 +86,7 @@ def main() -> None:
                 key, _, value = pair.partition("=")
                 overrides[key] = json.loads(value) if value[:1].isdigit() else value
             tag = name if seed == 0 else f"{name} seed {seed}"
-            run = train_local(data, load_config(None, overrides), log=lambda m, t=tag: print(f"[{t}] {m}", flush=True))
+            run = train_local(data, load_config(None, overrides), log=tagged(tag))
             result = {**{k: run.test[k] for k in KEYS}, "best_epoch": run.best_epoch, "seconds": round(run.seconds),
                       "history": run.history}
             rows[name] = add_seed(rows.get(name), seed, result, VARIANTS[name],
@@ -100,6 +101,11 @@ def main() -> None:
             out.write_text(json.dumps(report, indent=2))
     print(markdown(report))
     print(f"wrote {out}")
+
+
+def tagged(tag: str) -> Callable[[str], None]:
+    """A progress printer that prefixes each line with the run it belongs to."""
+    return lambda message: print(f"[{tag}] {message}", flush=True)
 
 
 def ordered(rows: dict) -> dict:

@@ -18,6 +18,7 @@ import platform
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -51,7 +52,7 @@ def plain_mlp() -> Iterator[None]:
         MLPRelevance.forward, MLPRelevance.catalog = saved  # type: ignore[method-assign]
 
 
-def measure(data: str, relevance: str, steps: int) -> dict[str, float]:
+def measure(data: str, relevance: str, steps: int) -> dict[str, Any]:
     manifest = read_manifest(data)
     cfg = load_config(None, {"model.relevance": relevance})
     mcfg = with_catalog(cfg.model, manifest["counts"]["items"], manifest["side_features"], manifest["has_time"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import platform
 import socket
@@ -59,7 +60,7 @@ def small_artifact(folder: str) -> str:
     return f"{folder}/model"
 
 
-async def load(url: str, body: dict, concurrency: int, total: int) -> dict[str, float]:
+async def load(url: str, body: dict, concurrency: int, total: int) -> dict[str, Any]:
     import aiohttp
 
     latencies: list[float] = []
@@ -107,7 +108,8 @@ def replica_pids() -> dict[str, int]:
     pids: dict[str, int] = {}
     for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
         for key, name in wanted.items():
-            if key in actor.class_name and (key != "RecommenderService" or "nobatch" not in (actor.name or "")):
+            batching = key != "RecommenderService" or "nobatch" not in (actor.name or "")
+            if key in actor.class_name and batching and actor.pid is not None:
                 pids.setdefault(name, actor.pid)
     return pids
 
@@ -158,14 +160,15 @@ def main() -> None:
 
     tmp = tempfile.mkdtemp()
     model_uri = small_artifact(tmp)
-    history = {"history": [f"i{i}" for i in range(1, 40)], "k": 10}
-    score = {"history": history["history"], "candidates": [f"i{i}" for i in range(100, 200)]}
+    clicks = [f"i{i}" for i in range(1, 40)]
+    history = {"history": clicks, "k": 10}
+    score = {"history": clicks, "candidates": [f"i{i}" for i in range(100, 200)]}
 
     from ray_rec import load_model
     from ray_rec.serve.batching import Job, run_jobs
 
     rec = load_model(model_uri)
-    idx = rec.vocab.lookup(history["history"])[0]
+    idx = rec.vocab.lookup(clicks)[0]
     t0 = time.perf_counter()
     n = 0
     while time.perf_counter() - t0 < 5:
@@ -180,9 +183,9 @@ def main() -> None:
     app_file.write_text(UVICORN_APP)
     bare = subprocess.Popen([sys.executable, "-m", "uvicorn", "bare:app", "--port", str(uv_port), "--log-level", "warning"],
                             cwd=tmp)
-    ray.init(address="local", num_cpus=4, logging_level="WARNING")
+    ray.init(address="local", num_cpus=4, logging_level=logging.WARNING)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    rows: dict[str, dict[str, Any]] = {}
+    rows: dict[str, dict[int, Any]] = {}
     try:
         setups = {
             "model, batching on": (build_app(ServeArgs(model_uri=model_uri)), "/model"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -46,7 +47,7 @@ def python_latency(uri: str, repeats: int) -> dict[str, float]:
     from ray_rec import load_model
 
     rec = load_model(uri)
-    history = [f"i{i}" for i in range(1, 41)]
+    history: list[int | str] = [f"i{i}" for i in range(1, 41)]
     out: dict[str, float] = {}
     for users in (1, 32):
         rec.recommend([history] * users, k=10)  # warm-up
@@ -72,7 +73,7 @@ def main() -> None:
     from ray_rec.serve.schemas import ServeArgs
 
     rows: dict[str, Any] = {}
-    ray.init(address="local", num_cpus=4, logging_level="WARNING")
+    ray.init(address="local", num_cpus=4, logging_level=logging.WARNING)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     body = {"history": [f"i{i}" for i in range(1, 41)], "k": 10}

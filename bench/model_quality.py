@@ -117,8 +117,8 @@ def ordered(rows: dict) -> dict:
 def add_seed(row: dict | None, seed: int, result: dict, overrides: dict, command: str) -> dict:
     """A variant's row with one more seed's test metrics: the metrics are the mean over its seeds.
 
-    ``runs`` keeps each seed's metrics; a row from before seeds were recorded counts as seed 0.
-    The training curve shown is the lowest recorded seed's.
+    ``runs`` keeps each seed's metrics and ``histories`` each seed's training curve; a row from
+    before seeds were recorded (one ``history``) counts as seed 0.
     """
     runs = dict((row or {}).get("runs") or ({"0": {k: row[k] for k in (*KEYS, "best_epoch", "seconds")}} if row else {}))
     histories = dict((row or {}).get("histories") or ({"0": row["history"]} if row and row.get("history") else {}))
@@ -128,11 +128,10 @@ def add_seed(row: dict | None, seed: int, result: dict, overrides: dict, command
     mean = {k: sum(runs[s][k] for s in seeds) / len(seeds) for k in KEYS}
     ndcg = [runs[s]["NDCG@10"] for s in seeds]
     std = (sum((x - mean["NDCG@10"]) ** 2 for x in ndcg) / (len(ndcg) - 1)) ** 0.5 if len(ndcg) > 1 else 0.0
-    first = min(histories, key=int)
     return {**mean, "NDCG@10_std": std, "seeds": [int(s) for s in seeds],
             "best_epoch": runs[seeds[0]]["best_epoch"], "best_epochs": [runs[s]["best_epoch"] for s in seeds],
             "seconds": round(sum(runs[s]["seconds"] for s in seeds) / len(seeds)), "overrides": overrides,
-            "history": histories[first], "histories": histories, "runs": runs,
+            "histories": histories, "runs": runs,
             "command": command + (" --seeds " + " ".join(seeds) if seeds != ["0"] else "")}
 
 

@@ -53,12 +53,18 @@ def quality_table(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def curve(row: dict) -> list[dict]:
+    """The training curve a row shows: its lowest seed's (an unseeded row's only one)."""
+    histories = row.get("histories") or {}
+    return histories[min(histories, key=int)] if histories else row.get("history") or []
+
+
 def quality(folder: Path, rel: str) -> list[str]:
     out: list[str] = []
     for r in _load(folder, "model_quality_*.json"):
         ds = r["dataset"]
         out += [f"### {ds}", "", _source(r), "", *quality_table(r)]
-        curves = {n: row["history"] for n, row in r["rows"].items() if row.get("history")}
+        curves = {n: curve(row) for n, row in r["rows"].items() if curve(row)}
         if curves:
             def draw(ax: Any, curves: dict = curves, ds: str = ds) -> None:
                 for name, hist in curves.items():

@@ -38,6 +38,8 @@ VARIANTS: dict[str, dict[str, object]] = {
     "tracker=gru": {"model.tracker": "gru"},
     "relevance=mlp": {"model.relevance": "mlp"},
 }
+# The benchmark's training schedule; runs under another one get rows of their own (see row_name).
+EPOCHS, PATIENCE = 60, 6
 KEYS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")
 PUBLISHED = {"Beauty": {"ICLRec (released model)": {"HR@10": 0.0744, "NDCG@10": 0.0403, "HR@20": 0.1058, "NDCG@20": 0.0483}}}
 
@@ -62,8 +64,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="Beauty")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--epochs", type=int, default=60, help="at most this many epochs per variant")
-    parser.add_argument("--patience", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help="at most this many epochs per variant")
+    parser.add_argument("--patience", type=int, default=PATIENCE)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0],
                         help="train each variant once per seed (model init and example order); rows show the mean")
     parser.add_argument("--set", action="append", default=[], help="extra override for every variant, k=v")
@@ -85,11 +87,12 @@ def main() -> None:
             for pair in args.set:
                 key, _, value = pair.partition("=")
                 overrides[key] = json.loads(value) if value[:1].isdigit() else value
-            tag = name if seed == 0 else f"{name} seed {seed}"
+            row = row_name(name, args.epochs, args.patience)
+            tag = row if seed == 0 else f"{row} seed {seed}"
             run = train_local(data, load_config(None, overrides), log=tagged(tag))
             result = {**{k: run.test[k] for k in KEYS}, "best_epoch": run.best_epoch, "seconds": round(run.seconds),
                       "history": run.history}
-            rows[name] = add_seed(rows.get(name), seed, result, VARIANTS[name],
+            rows[row] = add_seed(rows.get(row), seed, result, VARIANTS[name],
                                   f"python -m bench.model_quality --dataset {args.dataset} --epochs {args.epochs} "
                                   f"--patience {args.patience} --variants {name}" + "".join(f" --set {s}" for s in args.set))
             print(f"[{tag}] test {json.dumps({k: v for k, v in result.items() if k != 'history'})}", flush=True)
@@ -101,6 +104,13 @@ def main() -> None:
             out.write_text(json.dumps(report, indent=2))
     print(markdown(report))
     print(f"wrote {out}")
+
+
+def row_name(variant: str, epochs: int, patience: int) -> str:
+    """A variant's row; another schedule than the benchmark's makes a row of its own beside it."""
+    if (epochs, patience) == (EPOCHS, PATIENCE):
+        return variant
+    return f"{variant} ({epochs} epochs, patience {patience})"
 
 
 def tagged(tag: str) -> Callable[[str], None]:

@@ -45,8 +45,11 @@ def quality_table(r: dict[str, Any]) -> list[str]:
     for name, row in r.get("published", {}).items():
         out.append(f"| {name} (published) | " + " | ".join(f"{row[k]:.4f}" if k in row else "-" for k in KEYS) + " | - | - | - |")
     rows = r["rows"]
-    if "default" in rows and "sasrec" in rows:
-        out += ["", f"Default / SASRec-shaped NDCG@10: **{rows['default']['NDCG@10'] / rows['sasrec']['NDCG@10']:.3f}x**."]
+    for name in rows:  # the ratio for each schedule both rows were trained under
+        suffix = name.removeprefix("default")
+        if name.startswith("default") and f"sasrec{suffix}" in rows:
+            ratio = rows[name]["NDCG@10"] / rows[f"sasrec{suffix}"]["NDCG@10"]
+            out += ["", f"Default / SASRec-shaped NDCG@10{suffix}: **{ratio:.3f}x**."]
     if any(len(row.get("seeds", [])) > 1 for row in rows.values()):
         out += ["", "Rows trained with several seeds (model initialisation and example order) show the mean, and "
                 "NDCG@10 ± its standard deviation across seeds; seconds is the mean per seed."]

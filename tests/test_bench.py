@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.model_quality import KEYS, add_seed
+from bench.model_quality import KEYS, add_seed, row_name
 from bench.report import curve, quality_table
 
 
@@ -33,3 +33,14 @@ def test_the_quality_table_shows_the_spread_of_seeded_rows():
     assert "| default | " in table and "0.0510 ± 0.0014 | " in table and "| 2 | 20, 22 |" in table
     assert "| sasrec | " in table and "±" not in table.split("| sasrec |")[1].splitlines()[0]
     assert "1.062x" in table
+
+
+def test_another_schedule_gets_its_own_rows_and_ratio():
+    assert row_name("default", 60, 6) == "default"
+    long = row_name("default", 200, 10)
+    assert long == "default (200 epochs, patience 10)"
+    rows = {"default": add_seed(None, 0, result(0.05, 20), {}, "c"), "sasrec": add_seed(None, 0, result(0.04, 20), {}, "c"),
+            long: add_seed(None, 0, result(0.051, 40), {}, "c"), row_name("sasrec", 200, 10): add_seed(None, 0, result(0.05, 50), {}, "c")}
+    table = "\n".join(quality_table({"rows": rows}))
+    assert "NDCG@10: **1.250x**" in table
+    assert "NDCG@10 (200 epochs, patience 10): **1.020x**" in table

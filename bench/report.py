@@ -67,7 +67,7 @@ def quality(folder: Path, rel: str) -> list[str]:
     for r in _load(folder, "model_quality_*.json"):
         ds = r["dataset"]
         out += [f"### {ds}", "", _source(r), "", *quality_table(r)]
-        curves = {n: curve(row) for n, row in r["rows"].items() if curve(row)}
+        curves = {n: c for n, row in r["rows"].items() if (c := curve(row))}
         if curves:
             def draw(ax: Any, curves: dict = curves, ds: str = ds) -> None:
                 for name, hist in curves.items():
@@ -134,8 +134,7 @@ def ray_runs(folder: Path) -> list[str]:
         for w, run in r["runs"].items():
             t = run["test"]
             full, pop, sampled = t["full_ranking"], t["popularity_full_ranking"], t["sampled_100"]
-            label = f" ({run['note']})" if run.get("note") else ""
-            out.append(f"| {w}{label} | {run['wall_s']:.0f} | {run['epochs']} ({run['best_epoch']}) | {run['examples_per_s']:,.0f} | "
+            out.append(f"| {w} | {run['wall_s']:.0f} | {run['epochs']} ({run['best_epoch']}) | {run['examples_per_s']:,.0f} | "
                        f"{full['HR@10']:.4f} | {full['NDCG@10']:.4f} | {pop['NDCG@10']:.4f} | {sampled['NDCG@10']:.4f} |")
         out.append("")
     return out

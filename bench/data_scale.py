@@ -33,6 +33,10 @@ from typing import Any
 from bench.model_quality import RESULTS
 
 OBJECT_STORE_MB = 2048  # the streaming run's Ray object store: whatever the data size, it must fit
+# The generated users average about 40 clicks, right at the line where the history length would
+# switch from 50 to 200 (`ray_rec.config.LONG_HISTORY_CLICKS`): pinned, so every size streams the
+# same windows and the figures compare across runs.
+PINNED = {"model.max_len": 50}
 
 
 def _pss_mb(pids: list[int]) -> tuple[float, float]:
@@ -112,7 +116,7 @@ def child_stream(data: str) -> dict[str, Any]:
     import numpy as np
     import ray
 
-    from ray_rec.config import load_config, with_catalog
+    from ray_rec.config import for_data, load_config
     from ray_rec.data.examples import BUCKET_WINDOW, browse_width, collate, length_buckets, shuffle_chunks
     from ray_rec.data.pipeline import limit_memory, training_dataset
     from ray_rec.data.prepare import read_manifest
@@ -120,9 +124,9 @@ def child_stream(data: str) -> dict[str, Any]:
 
     ray.init(address="local", num_cpus=local_cpus(1), object_store_memory=OBJECT_STORE_MB * 2**20, logging_level=logging.WARNING)
     init_ray(1)  # the rest of ray-rec's set-up
-    cfg = load_config(None, {})
+    cfg = load_config(None, PINNED)
     m = read_manifest(data)
-    mcfg = with_catalog(cfg.model, m["counts"]["items"], m["side_features"], m["has_time"])
+    mcfg = for_data(cfg.model, m)
     limit_memory(cfg.data.pipeline_memory_mb)  # as `ray-rec train` does
     ds = training_dataset(data, mcfg, browse_width(m), 0, m)
     size = BUCKET_WINDOW * cfg.train.batch_size
@@ -143,18 +147,18 @@ def child_train_rate(data: str, steps: int) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from ray_rec.config import load_config, with_catalog
+    from ray_rec.config import for_data, load_config
     from ray_rec.data.examples import BUCKET_WINDOW, browse_width, collate, length_buckets, training_examples
     from ray_rec.data.local import read_split
     from ray_rec.data.prepare import read_manifest
     from ray_rec.model.interest_model import InterestModel
     from ray_rec.train.loop import make_optimizer, train_step
 
-    cfg = load_config(None, {})
+    cfg = load_config(None, PINNED)
     m = read_manifest(data)
-    mcfg = with_catalog(cfg.model, m["counts"]["items"], m["side_features"], m["has_time"])
+    mcfg = for_data(cfg.model, m)
     table = read_split(data, "train").slice(0, 40_000)
-    examples = training_examples(table, mcfg.max_len, mcfg.time_buckets, browse_width(m))
+    examples = training_examples(table, mcfg.history_len, mcfg.time_buckets, browse_width(m))
     rng = np.random.default_rng(0)
     rows = rng.permutation(len(examples["items"]))[: BUCKET_WINDOW * cfg.train.batch_size]
     batches = [collate(b) for b in length_buckets({k: v[rows] for k, v in examples.items()}, cfg.train.batch_size, rng)]

@@ -65,7 +65,9 @@ def main() -> None:
     parser.add_argument("--dataset", default="Beauty")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="at most this many epochs per variant")
-    parser.add_argument("--patience", type=int, default=PATIENCE)
+    parser.add_argument("--patience", type=int, default=PATIENCE, help="validations without a better NDCG@10 before stopping")
+    parser.add_argument("--eval-every", type=int, default=1,
+                        help="validate every this many epochs (the MLP relevance's full-catalog validation is slow)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0],
                         help="train each variant once per seed (model init and example order); rows show the mean")
     parser.add_argument("--set", action="append", default=[], help="extra override for every variant, k=v")
@@ -82,19 +84,20 @@ def main() -> None:
     report: dict = {}
     for name in args.variants:
         for seed in args.seeds:
-            overrides = {"train.epochs": args.epochs, "train.patience": args.patience,
+            overrides = {"train.epochs": args.epochs, "train.patience": args.patience, "train.eval_every": args.eval_every,
                          "train.seed": seed, "data.seed": seed, **VARIANTS[name]}
             for pair in args.set:
                 key, _, value = pair.partition("=")
                 overrides[key] = json.loads(value) if value[:1].isdigit() else value
-            row = row_name(name, args.epochs, args.patience)
+            row = row_name(name, args.epochs, args.patience, args.eval_every)
             tag = row if seed == 0 else f"{row} seed {seed}"
             run = train_local(data, load_config(None, overrides), log=tagged(tag))
             result = {**{k: run.test[k] for k in KEYS}, "best_epoch": run.best_epoch, "seconds": round(run.seconds),
                       "history": run.history}
             rows[row] = add_seed(rows.get(row), seed, result, VARIANTS[name],
                                   f"python -m bench.model_quality --dataset {args.dataset} --epochs {args.epochs} "
-                                  f"--patience {args.patience} --variants {name}" + "".join(f" --set {s}" for s in args.set))
+                                  f"--patience {args.patience}" + (f" --eval-every {args.eval_every}" if args.eval_every != 1 else "")
+                                  + f" --variants {name}" + "".join(f" --set {s}" for s in args.set))
             print(f"[{tag}] test {json.dumps({k: v for k, v in result.items() if k != 'history'})}", flush=True)
             report = {"dataset": args.dataset, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                       "rows": ordered(rows),
@@ -106,11 +109,12 @@ def main() -> None:
     print(f"wrote {out}")
 
 
-def row_name(variant: str, epochs: int, patience: int) -> str:
+def row_name(variant: str, epochs: int, patience: int, eval_every: int = 1) -> str:
     """A variant's row; another schedule than the benchmark's makes a row of its own beside it."""
-    if (epochs, patience) == (EPOCHS, PATIENCE):
+    if (epochs, patience, eval_every) == (EPOCHS, PATIENCE, 1):
         return variant
-    return f"{variant} ({epochs} epochs, patience {patience})"
+    every = f", validated every {eval_every} epochs" if eval_every != 1 else ""
+    return f"{variant} ({epochs} epochs{every}, patience {patience})"
 
 
 def tagged(tag: str) -> Callable[[str], None]:

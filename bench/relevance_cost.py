@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from bench.model_quality import RESULTS, prepared
-from ray_rec.config import load_config, with_catalog
+from ray_rec.config import for_data, load_config
 from ray_rec.data.local import InMemoryExamples
 from ray_rec.data.prepare import read_manifest
 from ray_rec.model.interest_model import InterestModel
@@ -55,11 +55,11 @@ def plain_mlp() -> Iterator[None]:
 def measure(data: str, relevance: str, steps: int) -> dict[str, Any]:
     manifest = read_manifest(data)
     cfg = load_config(None, {"model.relevance": relevance})
-    mcfg = with_catalog(cfg.model, manifest["counts"]["items"], manifest["side_features"], manifest["has_time"])
+    mcfg = for_data(cfg.model, manifest)
     torch.manual_seed(0)
     model = InterestModel(mcfg)
     opt = make_optimizer(model, cfg.train)
-    examples = InMemoryExamples.training(data, "train", mcfg.max_len, mcfg.time_buckets, 0)
+    examples = InMemoryExamples.training(data, "train", mcfg.history_len, mcfg.time_buckets, 0)
     batches = [b for _, b in zip(range(steps + 5), examples.batches(128, seed=0))]
     for b in batches[:5]:
         train_step(model, b, opt, cfg.train.grad_clip)
@@ -68,7 +68,7 @@ def measure(data: str, relevance: str, steps: int) -> dict[str, Any]:
         train_step(model, b, opt, cfg.train.grad_clip)
     step = (time.perf_counter() - t0) / steps
     model.eval()
-    users = next(iter(InMemoryExamples.evaluation(data, "valid", mcfg.max_len, mcfg.time_buckets).batches(512)))
+    users = next(iter(InMemoryExamples.evaluation(data, "valid", mcfg.history_len, mcfg.time_buckets).batches(512)))
     model.score_catalog(users["items"])
     t0 = time.perf_counter()
     model.score_catalog(users["items"])

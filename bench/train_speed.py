@@ -26,7 +26,7 @@ from pathlib import Path
 from statistics import median
 
 from bench.model_quality import RESULTS, prepared
-from ray_rec.config import load_config, with_catalog
+from ray_rec.config import for_data, load_config
 from ray_rec.data.examples import browse_width
 from ray_rec.data.local import InMemoryExamples
 from ray_rec.data.prepare import PrepareOptions, prepare, read_manifest
@@ -40,11 +40,11 @@ def plain_loop(data: str, overrides: dict, epochs: int) -> float:
 
     cfg = load_config(None, overrides)
     m = read_manifest(data)
-    mcfg = with_catalog(cfg.model, m["counts"]["items"], m["side_features"], m["has_time"])
+    mcfg = for_data(cfg.model, m)
     torch.manual_seed(0)
     model = InterestModel(mcfg)
     opt = make_optimizer(model, cfg.train)
-    ex = InMemoryExamples.training(data, "train", mcfg.max_len, mcfg.time_buckets, browse_width(m))
+    ex = InMemoryExamples.training(data, "train", mcfg.history_len, mcfg.time_buckets, browse_width(m))
     seconds, n = 0.0, 0
     for epoch in range(epochs):
         t0 = time.monotonic()

@@ -16,9 +16,17 @@ ENHANCERS = ("augru", "trend", "none")
 RELEVANCES = ("dot", "mlp")
 LOSSES = ("auto", "ce", "sampled_softmax", "bce")
 
-# Above this catalog size `loss: auto` switches from full cross-entropy to sampled softmax:
-# a (positions x items) logit matrix stops fitting comfortably in memory.
-FULL_SOFTMAX_MAX_ITEMS = 200_000
+# Above this many (catalog items x history length) `loss: auto` switches from full cross-entropy
+# to sampled softmax: a (positions x items) logit matrix stops fitting comfortably in memory.
+# At the short-history length of 50 that is a catalog of 200,000 items.
+FULL_SOFTMAX_MAX_CELLS = 200_000 * 50
+
+# History length and dropout follow the data set unless set, after SASRec's own choices: 50 and
+# 0.5 on the sparse sets whose users average 7-11 clicks (Amazon, Steam), 200 and 0.2 on
+# MovieLens-1M (165 clicks per user). The data set is "long" from this many clicks per user on.
+LONG_HISTORY_CLICKS = 40.0
+SHORT_HISTORY: tuple[int, float] = (50, 0.5)  # (max_len, dropout)
+LONG_HISTORY: tuple[int, float] = (200, 0.2)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -42,7 +50,7 @@ class ModelConfig:
 
     num_items: int = 0  # catalog size; valid item indices are 1..num_items, 0 is padding
     side_features: dict[str, int] = field(default_factory=dict)  # name -> vocabulary size
-    max_len: int = 50
+    max_len: int | None = None  # history length read; None: 50, or 200 when users average >= 40 clicks
     dim: int = 64
     use_time: bool = True  # bucketed time since the previous click (ignored if data has none)
     time_buckets: int = 24
@@ -51,7 +59,7 @@ class ModelConfig:
     heads: int = 1
     enhancer: str = "augru"  # measured best on Beauty over 3 seeds; see README "Model quality"
     relevance: str = "dot"
-    dropout: float = 0.5
+    dropout: float | None = None  # dropout everywhere; None: 0.5, or 0.2 when users average >= 40 clicks
     loss: str = "auto"
     num_negatives: int = 256  # sampled negatives for `sampled_softmax` / `bce`
     aux_loss_weight: float = 0.0  # DIEN's auxiliary next-click loss on the interest states (off: see README)
@@ -62,11 +70,13 @@ class ModelConfig:
         _check_choice("model.relevance", self.relevance, RELEVANCES)
         _check_choice("model.loss", self.loss, LOSSES)
         _check_range("model.num_items", self.num_items, 0)
-        _check_range("model.max_len", self.max_len, 2, 4096)
+        if self.max_len is not None:
+            _check_range("model.max_len", self.max_len, 2, 4096)
         _check_range("model.dim", self.dim, 4, 4096)
         _check_range("model.tracker_layers", self.tracker_layers, 1, 24)
         _check_range("model.heads", self.heads, 1, 64)
-        _check_range("model.dropout", self.dropout, 0.0, 0.95)
+        if self.dropout is not None:
+            _check_range("model.dropout", self.dropout, 0.0, 0.95)
         _check_range("model.time_buckets", self.time_buckets, 2, 256)
         _check_range("model.num_negatives", self.num_negatives, 1)
         _check_range("model.aux_loss_weight", self.aux_loss_weight, 0.0)
@@ -77,13 +87,38 @@ class ModelConfig:
                 raise ValueError(f"model.side_features[{name!r}]={size} must be >= 1")
 
     @property
+    def history_len(self) -> int:
+        """``max_len``, or the short-history default while the data set has not chosen it."""
+        return SHORT_HISTORY[0] if self.max_len is None else self.max_len
+
+    @property
+    def dropout_p(self) -> float:
+        """``dropout``, or the short-history default while the data set has not chosen it."""
+        return SHORT_HISTORY[1] if self.dropout is None else self.dropout
+
+    @property
     def resolved_loss(self) -> str:
         """The loss actually used: `auto` picks full softmax for dot relevance and small catalogs."""
         if self.loss != "auto":
             return self.loss
-        if self.relevance == "dot" and self.num_items <= FULL_SOFTMAX_MAX_ITEMS:
+        if self.relevance == "dot" and self.num_items * self.history_len <= FULL_SOFTMAX_MAX_CELLS:
             return "ce"
         return "sampled_softmax"
+
+    def describe(self) -> str:
+        """One line naming the networks and the sizes training will use."""
+        return (f"{self.tracker} tracker, {self.enhancer} enhancer, {self.relevance} relevance, "
+                f"{self.resolved_loss} loss; {self.num_items:,} items, history length {self.history_len}, "
+                f"dropout {self.dropout_p:g}")
+
+    def fit_to_history(self, clicks_per_user: float) -> ModelConfig:
+        """Fill the unset ``max_len`` and ``dropout`` from how many clicks a user has on average."""
+        max_len, dropout = LONG_HISTORY if clicks_per_user >= LONG_HISTORY_CLICKS else SHORT_HISTORY
+        return dataclasses.replace(
+            self,
+            max_len=max_len if self.max_len is None else self.max_len,
+            dropout=dropout if self.dropout is None else self.dropout,
+        )
 
 
 @dataclass(frozen=True)
@@ -110,7 +145,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: float = 5.0
-    patience: int = 10  # epochs without a better validation NDCG@10 before stopping
+    patience: int = 10  # validations (every `eval_every` epochs) without a better NDCG@10 before stopping
     eval_every: int = 1
     keep_checkpoints: int = 2  # best K by validation NDCG@10
     eval_batch_size: int = 512
@@ -207,8 +242,20 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     return config_from_dict(raw)
 
 
-def with_catalog(model: ModelConfig, num_items: int, side_features: dict[str, int], has_time: bool) -> ModelConfig:
-    """Return ``model`` with the catalog facts of a data set filled in."""
+def with_catalog(
+    model: ModelConfig, num_items: int, side_features: dict[str, int], has_time: bool, clicks_per_user: float = 0.0
+) -> ModelConfig:
+    """Return ``model`` with the catalog facts of a data set filled in, and the settings it leaves
+    to the data (history length, dropout) chosen from its clicks per user."""
     return dataclasses.replace(
         model, num_items=num_items, side_features=dict(side_features), use_time=model.use_time and has_time
+    ).fit_to_history(clicks_per_user)
+
+
+def for_data(model: ModelConfig, manifest: dict[str, Any]) -> ModelConfig:
+    """`with_catalog` from a prepared data set's manifest."""
+    counts = manifest["counts"]
+    return with_catalog(
+        model, counts["items"], manifest["side_features"], manifest["has_time"],
+        clicks_per_user=counts["clicks"] / max(counts["users"], 1),
     )

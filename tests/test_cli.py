@@ -80,8 +80,12 @@ def test_readme_configuration_table_matches_the_defaults():
         for f in dataclasses.fields(values):
             if f.name in ("num_items", "side_features"):  # filled from the data set's manifest
                 continue
-            found = re.search(rf"\| `{section}\.{f.name}` \| `([^`]*)`", readme)
             default = getattr(values, f.name)
+            if default is None:  # chosen from the data set (history length, dropout)
+                if not re.search(rf"\| `{section}\.{f.name}` \| from the data \|", readme):
+                    wrong.append(f"{section}.{f.name}: README does not say it comes from the data")
+                continue
+            found = re.search(rf"\| `{section}\.{f.name}` \| `([^`]*)`", readme)
             expected = str(default).lower() if isinstance(default, bool) else str(default)
             if found is None or found.group(1) != expected:
                 wrong.append(f"{section}.{f.name}: default {expected}, README {found.group(1) if found else 'missing'}")

@@ -152,6 +152,40 @@ def test_config_errors_name_the_field():
         ModelConfig(dim=30, heads=4)
 
 
+def test_history_length_and_dropout_follow_the_data_unless_set():
+    from ray_rec.config import FULL_SOFTMAX_MAX_CELLS, for_data
+
+    def manifest(users: int, clicks: int) -> dict:
+        return {"counts": {"users": users, "items": 1000, "clicks": clicks}, "side_features": {}, "has_time": False}
+
+    short = for_data(ModelConfig(), manifest(100, 900))  # 9 clicks per user, like Amazon Beauty
+    long = for_data(ModelConfig(), manifest(100, 16500))  # 165, like MovieLens-1M
+    assert (short.max_len, short.dropout) == (50, 0.5)
+    assert (long.max_len, long.dropout) == (200, 0.2)
+    mine = for_data(ModelConfig(max_len=80, dropout=0.3), manifest(100, 16500))
+    assert (mine.max_len, mine.dropout) == (80, 0.3)
+    unset = ModelConfig(num_items=N)  # built without a data set: the short-history values
+    assert (unset.history_len, unset.dropout_p) == (50, 0.5)
+    assert InterestModel(unset).features.position.num_embeddings == 50
+    # Full cross-entropy's logits grow with catalog x history length: a longer history moves the switch.
+    assert ModelConfig(num_items=FULL_SOFTMAX_MAX_CELLS // 50, max_len=50).resolved_loss == "ce"
+    assert ModelConfig(num_items=FULL_SOFTMAX_MAX_CELLS // 50, max_len=200).resolved_loss == "sampled_softmax"
+
+
+def test_training_on_long_histories_reads_200_steps(tmp_path):
+    from ray_rec.config import load_config
+    from ray_rec.data.prepare import PrepareOptions, prepare
+    from ray_rec.train.local import train_local
+
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(str(int(i)) for i in [u, *torch.randint(1, 30, (60,), generator=g)]) for u in range(1, 41)]
+    (tmp_path / "long.txt").write_text("\n".join(lines) + "\n")
+    prepare(PrepareOptions(input=str(tmp_path / "long.txt"), output=str(tmp_path / "data"), format="seqtxt", num_shards=1))
+    run = train_local(str(tmp_path / "data"), load_config(None, {"model.dim": 8, "train.epochs": 1}), log=lambda _: None)
+    assert (run.model.config.max_len, run.model.config.dropout) == (200, 0.2)
+    assert run.model.features.position.num_embeddings == 200
+
+
 def test_catalog_features_are_reused_in_inference_until_the_weights_change():
     model = make().eval()  # with a side feature, so the catalog table is computed, not the raw embedding
     items = batch()["items"]

@@ -91,7 +91,7 @@ def test_long_histories_keep_the_most_recent_items(service, trained):
     rec = load_model(trained.model_uri)
     long = [f"i{i % 60}" for i in range(90)]
     r = post(service, "/v1/score", {"history": long, "candidates": ["i1"]})
-    assert r.json()["scores"] == pytest.approx(rec.score([long[-rec.config.max_len:]], [["i1"]])[0], rel=1e-4, abs=1e-5)
+    assert r.json()["scores"] == pytest.approx(rec.score([long[-rec.config.history_len:]], [["i1"]])[0], rel=1e-4, abs=1e-5)
 
 
 def test_unknown_history_falls_back_to_popularity(service):

@@ -78,7 +78,7 @@ def training_dataset(
     read (the whole split, in the object store) before the first example comes out."""
     ds = read_sequences(data, "train", manifest, shuffle_seed=seed)
     return ds.map_batches(
-        partial(to_training_examples, max_len=model.max_len, time_buckets=model.time_buckets, max_browse=max_browse),
+        partial(to_training_examples, max_len=model.history_len, time_buckets=model.time_buckets, max_browse=max_browse),
         batch_format="pyarrow",
         batch_size=SEQUENCES_PER_TASK,
         zero_copy_batch=True,

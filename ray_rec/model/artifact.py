@@ -79,7 +79,7 @@ class Recommender:
     def encode_histories(self, histories: list[list[RawId]]) -> tuple[torch.Tensor, list[list[RawId]]]:
         """Raw histories -> left-padded (B, L) indices (the most recent ``max_len`` known items)
         and, per history, the unknown ids that were skipped."""
-        max_len = self.config.max_len
+        max_len = self.config.history_len
         rows, unknown = [], []
         for history in histories:
             known, missing = self.vocab.lookup(history)

@@ -58,7 +58,7 @@ class TrendEnhancer(nn.Module):
         self.out = nn.Linear(d, d)
         self.gate = nn.Linear(2 * d, d)
         self.recency = nn.Parameter(torch.full((config.heads,), -2.0))  # softplus -> slope per head
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout_p)
         self.norm = nn.LayerNorm(d)
 
     def forward(self, states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -102,7 +102,7 @@ class AUGRUEnhancer(nn.Module):
         self.attention = nn.Sequential(nn.Linear(3 * d, d), nn.ReLU(), nn.Linear(d, 1))
         self.input_gates = nn.Linear(d, 3 * d)  # rows: reset, update, candidate
         self.hidden_gates = nn.Linear(d, 3 * d)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout_p)
         self.norm = nn.LayerNorm(d)
         # torch.gru_cell weighs the *old* state by its update gate; here z weighs the new content.
         # sigmoid(-x) = 1 - sigmoid(x), so the update rows enter the cell with their sign flipped.

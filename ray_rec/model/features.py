@@ -34,7 +34,7 @@ class SequenceFeatureExtractor(nn.Module):
         super().__init__()
         d = config.dim
         self.dim = d
-        self.max_len = config.max_len
+        self.max_len = config.history_len
         self.item = nn.Embedding(config.num_items + 1, d, padding_idx=0)
         self.side_names = sorted(config.side_features)
         self.side = nn.ModuleDict(
@@ -43,9 +43,9 @@ class SequenceFeatureExtractor(nn.Module):
         self.register_buffer(
             "item_side", torch.zeros(config.num_items + 1, len(self.side_names), dtype=torch.long)
         )
-        self.position = nn.Embedding(config.max_len, d)
+        self.position = nn.Embedding(config.history_len, d)
         self.time = nn.Embedding(config.time_buckets + 1, d, padding_idx=0) if config.use_time else None
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout_p)
         self.time_dropout = 0.1  # share of time buckets hidden in training, so serving without times works
         self._catalog: tuple[tuple[Any, ...], torch.Tensor] | None = None  # (weights' storage and versions, table), inference only
         nn.init.normal_(self.item.weight, std=0.02)

@@ -51,7 +51,7 @@ class MLPRelevance(nn.Module):
         super().__init__()
         d = config.dim
         self.mlp = nn.Sequential(
-            nn.Linear(4 * d, 2 * d), nn.ReLU(), nn.Dropout(config.dropout), nn.Linear(2 * d, 1)
+            nn.Linear(4 * d, 2 * d), nn.ReLU(), nn.Dropout(config.dropout_p), nn.Linear(2 * d, 1)
         )
 
     def _user_side(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -62,7 +62,7 @@ class TransformerTracker(nn.Module):
         super().__init__()
         self.heads = config.heads
         self.blocks = nn.ModuleList(
-            CausalBlock(config.dim, config.heads, config.dropout) for _ in range(config.tracker_layers)
+            CausalBlock(config.dim, config.heads, config.dropout_p) for _ in range(config.tracker_layers)
         )
         self.norm = nn.LayerNorm(config.dim)
 
@@ -107,7 +107,7 @@ class GRUTracker(nn.Module):
             config.dim,
             num_layers=config.tracker_layers,
             batch_first=True,
-            dropout=config.dropout if config.tracker_layers > 1 else 0.0,
+            dropout=config.dropout_p if config.tracker_layers > 1 else 0.0,
         )
         self.norm = nn.LayerNorm(config.dim)
 

@@ -23,7 +23,7 @@ class TopK:
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
         cfg = self.rec.config
-        ex = evaluation_examples(table, cfg.max_len, cfg.time_buckets, with_target=False)
+        ex = evaluation_examples(table, cfg.history_len, cfg.time_buckets, with_target=False)
         ids, scores = self.rec.model.recommend(
             torch.as_tensor(ex["items"]), self.k, exclude=torch.as_tensor(ex["seen"]),
             time_buckets=torch.as_tensor(ex["time_buckets"]),

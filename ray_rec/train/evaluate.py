@@ -43,7 +43,7 @@ class RankUsers:
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
         cfg = self.rec.config
-        ex = {k: torch.as_tensor(v) for k, v in evaluation_examples(table, cfg.max_len, cfg.time_buckets).items()}
+        ex = {k: torch.as_tensor(v) for k, v in evaluation_examples(table, cfg.history_len, cfg.time_buckets).items()}
         if not len(ex["targets"]):
             return {"full": np.zeros(0, np.int64), "sampled": np.zeros(0, np.int64), "popularity": np.zeros(0, np.int64)}
         scores = self.rec.model.score_catalog(ex["items"], ex["time_buckets"])

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ray_rec.config import Config, with_catalog
+from ray_rec.config import Config, for_data
 from ray_rec.data.examples import browse_width
 from ray_rec.data.local import InMemoryExamples
 from ray_rec.data.prepare import read_manifest
@@ -40,12 +40,13 @@ def train_local(
     """Train on a prepared dataset in this process; keeps the epoch with the best validation NDCG@10."""
     say = log or logger.info
     manifest = read_manifest(data)
-    mcfg = with_catalog(config.model, manifest["counts"]["items"], manifest["side_features"], manifest["has_time"])
+    mcfg = for_data(config.model, manifest)
+    say(f"model: {mcfg.describe()}")
     torch.manual_seed(config.train.seed)
     model = InterestModel(mcfg)
     tcfg = config.train
-    train = InMemoryExamples.training(data, "train", mcfg.max_len, mcfg.time_buckets, browse_width(manifest))
-    valid = InMemoryExamples.evaluation(data, "valid", mcfg.max_len, mcfg.time_buckets)
+    train = InMemoryExamples.training(data, "train", mcfg.history_len, mcfg.time_buckets, browse_width(manifest))
+    valid = InMemoryExamples.evaluation(data, "valid", mcfg.history_len, mcfg.time_buckets)
     optimizer = make_optimizer(model, tcfg)
     run = LocalRun(model=model)
     best, best_state, bad = -1.0, copy.deepcopy(model.state_dict()), 0
@@ -78,7 +79,7 @@ def train_local(
     run.seconds = time.monotonic() - started
     run.examples_per_s = examples / max(train_seconds, 1e-9)
     if evaluate_test:
-        test = InMemoryExamples.evaluation(data, "test", mcfg.max_len, mcfg.time_buckets)
+        test = InMemoryExamples.evaluation(data, "test", mcfg.history_len, mcfg.time_buckets)
         full, _ = evaluate(model, test.batches(tcfg.eval_batch_size))
         run.test = full.result()
     return run

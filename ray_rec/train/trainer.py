@@ -27,7 +27,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from ray_rec import storage
-from ray_rec.config import Config, config_from_dict, with_catalog
+from ray_rec.config import Config, config_from_dict, for_data
 from ray_rec.data.examples import BUCKET_WINDOW, browse_width, collate, evaluation_examples
 from ray_rec.data.pipeline import limit_memory, read_sequences, training_dataset
 from ray_rec.data.prepare import read_manifest
@@ -68,7 +68,7 @@ def _evaluate_shard(model: InterestModel, shard: Any, cfg: Config, cache: Exampl
     """Full-ranking validation on this worker's users, summed over all workers."""
     def stream() -> Iterator[dict[str, np.ndarray]]:
         for table in shard.iter_batches(batch_size=cfg.train.eval_batch_size, batch_format="pyarrow"):
-            examples = evaluation_examples(table, model.config.max_len, model.config.time_buckets)
+            examples = evaluation_examples(table, model.config.history_len, model.config.time_buckets)
             if len(examples["targets"]):
                 yield examples
 
@@ -99,7 +99,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(cfg.train.seed + rank)
     torch.set_num_threads(max(1, loop_config.get("threads_per_worker", 1)))
-    mcfg = with_catalog(cfg.model, manifest["counts"]["items"], manifest["side_features"], manifest["has_time"])
+    mcfg = for_data(cfg.model, manifest)
     vocab = Vocabulary.load(loop_config["data"])
     model = InterestModel(mcfg)
     model.features.set_item_side(torch.as_tensor(vocab.side_matrix()))
@@ -227,7 +227,8 @@ def train(
         raise TrainingError(f"{output} already holds a training run: pass --resume to continue it, or choose another --output")
     if resume and not storage.exists(run_dir):
         raise TrainingError(f"--resume: {output} holds no training run to continue")
-    mcfg = with_catalog(config.model, manifest["counts"]["items"], manifest["side_features"], manifest["has_time"])
+    mcfg = for_data(config.model, manifest)
+    logger.info("model: %s", mcfg.describe())
     started = time.monotonic()
     storage_path, fs = _storage(output)
     limit_memory(config.data.pipeline_memory_mb)

@@ -242,20 +242,16 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     return config_from_dict(raw)
 
 
-def with_catalog(
-    model: ModelConfig, num_items: int, side_features: dict[str, int], has_time: bool, clicks_per_user: float = 0.0
-) -> ModelConfig:
-    """Return ``model`` with the catalog facts of a data set filled in, and the settings it leaves
-    to the data (history length, dropout) chosen from its clicks per user."""
+def with_catalog(model: ModelConfig, num_items: int, side_features: dict[str, int], has_time: bool) -> ModelConfig:
+    """Return ``model`` with the catalog facts of a data set filled in."""
     return dataclasses.replace(
         model, num_items=num_items, side_features=dict(side_features), use_time=model.use_time and has_time
-    ).fit_to_history(clicks_per_user)
+    )
 
 
 def for_data(model: ModelConfig, manifest: dict[str, Any]) -> ModelConfig:
-    """`with_catalog` from a prepared data set's manifest."""
+    """``model`` for a prepared data set: its catalog facts, and the settings left to the data
+    (history length, dropout) chosen from its clicks per user."""
     counts = manifest["counts"]
-    return with_catalog(
-        model, counts["items"], manifest["side_features"], manifest["has_time"],
-        clicks_per_user=counts["clicks"] / max(counts["users"], 1),
-    )
+    catalog = with_catalog(model, counts["items"], manifest["side_features"], manifest["has_time"])
+    return catalog.fit_to_history(counts["clicks"] / max(counts["users"], 1))

@@ -61,7 +61,7 @@ class ModelConfig:
     relevance: str = "dot"
     dropout: float | None = None  # dropout everywhere; None: 0.5, or 0.2 when users average >= 40 clicks
     loss: str = "auto"
-    num_negatives: int = 256  # sampled negatives for `sampled_softmax` / `bce`
+    num_negatives: int | None = None  # sampled negatives; None: 2048 for `sampled_softmax` over `dot`, else 256
     aux_loss_weight: float = 0.0  # DIEN's auxiliary next-click loss on the interest states (off: see README)
 
     def __post_init__(self) -> None:
@@ -78,7 +78,8 @@ class ModelConfig:
         if self.dropout is not None:
             _check_range("model.dropout", self.dropout, 0.0, 0.95)
         _check_range("model.time_buckets", self.time_buckets, 2, 256)
-        _check_range("model.num_negatives", self.num_negatives, 1)
+        if self.num_negatives is not None:
+            _check_range("model.num_negatives", self.num_negatives, 1)
         _check_range("model.aux_loss_weight", self.aux_loss_weight, 0.0)
         if self.dim % self.heads:
             raise ValueError(f"model.dim={self.dim} must be divisible by model.heads={self.heads}")
@@ -105,10 +106,20 @@ class ModelConfig:
             return "ce"
         return "sampled_softmax"
 
+    @property
+    def negatives(self) -> int:
+        """``num_negatives``, or by the loss: 2048 negatives shared by the batch when sampled softmax
+        scores them with a dot product (one (positions x 2048) product: on Beauty NDCG@10 within 2%
+        of the full softmax's), 256 when an MLP scores every pair or `bce` draws them per position."""
+        if self.num_negatives is not None:
+            return self.num_negatives
+        return 2048 if self.resolved_loss == "sampled_softmax" and self.relevance == "dot" else 256
+
     def describe(self) -> str:
         """One line naming the networks and the sizes training will use."""
+        loss = self.resolved_loss + (f" ({self.negatives} negatives)" if self.resolved_loss != "ce" else "")
         return (f"{self.tracker} tracker, {self.enhancer} enhancer, {self.relevance} relevance, "
-                f"{self.resolved_loss} loss; {self.num_items:,} items, history length {self.history_len}, "
+                f"{loss} loss; {self.num_items:,} items, history length {self.history_len}, "
                 f"dropout {self.dropout_p:g}")
 
     def fit_to_history(self, clicks_per_user: float) -> ModelConfig:

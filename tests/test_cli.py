@@ -64,6 +64,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for needle in ("[1/6]", "[6/6]", "NDCG@10: model", "POST http://127.0.0.1", "Next steps"):
         assert needle in out.stdout
+    # Each epoch's progress line reaches the driver once (a worker's `print` used to arrive twice).
+    assert (out.stdout + out.stderr).count("[ray-rec] epoch 1/4 ") == 1, out.stderr[-3000:]
 
 
 def test_readme_configuration_table_matches_the_defaults():
@@ -81,9 +83,9 @@ def test_readme_configuration_table_matches_the_defaults():
             if f.name in ("num_items", "side_features"):  # filled from the data set's manifest
                 continue
             default = getattr(values, f.name)
-            if default is None:  # chosen from the data set (history length, dropout)
-                if not re.search(rf"\| `{section}\.{f.name}` \| from the data \|", readme):
-                    wrong.append(f"{section}.{f.name}: README does not say it comes from the data")
+            if default is None:  # chosen from the data set (history length, dropout) or the loss (negatives)
+                if not re.search(rf"\| `{section}\.{f.name}` \| from the (data|loss) \|", readme):
+                    wrong.append(f"{section}.{f.name}: README does not say what chooses it")
                 continue
             found = re.search(rf"\| `{section}\.{f.name}` \| `([^`]*)`", readme)
             expected = str(default).lower() if isinstance(default, bool) else str(default)

@@ -247,3 +247,22 @@ def test_the_augru_step_is_dien_s_attentional_update_gate():
     want = enh.norm(states + torch.stack(evolved, 1)) * valid.unsqueeze(-1)
     with torch.no_grad():
         torch.testing.assert_close(enh(states, valid), want)
+
+
+def test_sampled_softmax_estimates_the_full_softmax():
+    """With the logQ correction, K uniform negatives stand for the whole catalog of N items."""
+    from ray_rec.model.losses import full_softmax_loss, sampled_softmax_loss
+
+    n, k = 5000, 50
+    targets = torch.tensor([1, 2])
+    # Every item scores the same: the full softmax's loss is log(N); uncorrected, K negatives give log(1 + K).
+    full = full_softmax_loss(torch.zeros(2, n), targets)
+    neg_ids = torch.arange(10, 10 + k)
+    sampled = sampled_softmax_loss(torch.zeros(2), torch.zeros(2, k), neg_ids, targets, n)
+    assert full.item() == pytest.approx(torch.log(torch.tensor(float(n))).item())
+    assert sampled.item() == pytest.approx(full.item(), abs=1e-3)  # log(1 + N) against log(N)
+    # Drawing every item once is the full softmax (the target itself is masked out of the negatives).
+    scores = torch.randn(2, n)
+    pos = scores.gather(1, (targets - 1).unsqueeze(1)).squeeze(1)
+    every = sampled_softmax_loss(pos, scores, torch.arange(1, n + 1), targets, n)
+    assert every.item() == pytest.approx(full_softmax_loss(scores, targets).item(), rel=1e-5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.nn import functional as F
 
@@ -16,15 +18,25 @@ def full_softmax_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits, targets - 1)
 
 
-def sampled_softmax_loss(pos: torch.Tensor, neg: torch.Tensor, neg_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def sampled_softmax_loss(
+    pos: torch.Tensor, neg: torch.Tensor, neg_ids: torch.Tensor, targets: torch.Tensor, num_items: int
+) -> torch.Tensor:
     """Softmax of the clicked item against uniformly sampled negatives shared by the batch.
+
+    Each of the K negatives stands for N / K items of the catalog (uniform draws with replacement:
+    expected count K / N per item), so its logit gets log(N / K) added (the logQ correction of
+    Bengio & Senecal, Jean et al. 2015). The sampled partition function then estimates the full
+    softmax's, instead of undercounting the catalog N / K times; on Beauty this gave NDCG@10
+    0.0446 against 0.0430 uncorrected (K = 256, README "Model quality").
 
     Args:
         pos: (P,) score of the clicked item.
         neg: (P, K) scores of the shared negatives.
         neg_ids: (K,) their item indices; a negative equal to the target is masked out.
         targets: (P,) clicked item indices.
+        num_items: N, the catalog size the negatives were drawn from.
     """
+    neg = neg + math.log(num_items / neg_ids.shape[0])
     neg = neg.masked_fill(neg_ids.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
     logits = torch.cat([pos.unsqueeze(1), neg], 1)  # (P, 1 + K)
     return F.cross_entropy(logits, torch.zeros_like(targets))

@@ -60,8 +60,10 @@ class TrainResult:
 
 
 def _log(msg: str) -> None:
+    """Progress from rank 0, through logging: Ray Train sends a worker's log records to the driver
+    once, while a `print` there reaches it twice (Train's print patch tees it to stdout and logs it)."""
     if ray.train.get_context().get_world_rank() == 0:
-        print(f"[ray-rec] {msg}", flush=True)
+        logger.info("[ray-rec] %s", msg)
 
 
 def _evaluate_shard(model: InterestModel, shard: Any, cfg: Config, cache: ExampleCache) -> dict[str, float]:

@@ -37,6 +37,8 @@ VARIANTS: dict[str, dict[str, object]] = {
     "enhancer=trend": {"model.enhancer": "trend"},
     "tracker=gru": {"model.tracker": "gru"},
     "relevance=mlp": {"model.relevance": "mlp"},
+    # What a catalog too large for the full softmax trains with (`loss: auto` above 10M items x length).
+    "loss=sampled_softmax": {"model.loss": "sampled_softmax"},
 }
 # The benchmark's training schedule; runs under another one get rows of their own (see row_name).
 EPOCHS, PATIENCE = 60, 6

@@ -27,7 +27,7 @@ def sampled_softmax_loss(
     expected count K / N per item), so its logit gets log(N / K) added (the logQ correction of
     Bengio & Senecal, Jean et al. 2015). The sampled partition function then estimates the full
     softmax's, instead of undercounting the catalog N / K times; on Beauty this gave NDCG@10
-    0.0446 against 0.0430 uncorrected (K = 256, README "Model quality").
+    0.0463 against 0.0439 uncorrected (K = 256; README "Model quality").
 
     Args:
         pos: (P,) score of the clicked item.

@@ -15,7 +15,7 @@ import fcntl
 import json
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ray_rec.config import load_config
@@ -91,7 +91,7 @@ def main() -> None:
             for pair in args.set:
                 key, _, value = pair.partition("=")
                 overrides[key] = json.loads(value) if value[:1].isdigit() else value
-            row = row_name(name, args.epochs, args.patience, args.eval_every)
+            row = row_name(name, args.epochs, args.patience, args.eval_every, args.set)
             tag = row if seed == 0 else f"{row} seed {seed}"
             run = train_local(data, load_config(None, overrides), log=tagged(tag))
             result = {**{k: run.test[k] for k in KEYS}, "best_epoch": run.best_epoch, "seconds": round(run.seconds),
@@ -111,12 +111,14 @@ def main() -> None:
     print(f"wrote {out}")
 
 
-def row_name(variant: str, epochs: int, patience: int, eval_every: int = 1) -> str:
-    """A variant's row; another schedule than the benchmark's makes a row of its own beside it."""
+def row_name(variant: str, epochs: int, patience: int, eval_every: int = 1, sets: Sequence[str] = ()) -> str:
+    """A variant's row; another schedule than the benchmark's, or `--set` overrides, make a row of
+    their own beside it (never overwriting the variant's own row)."""
+    extra = f" with {', '.join(sets)}" if sets else ""
     if (epochs, patience, eval_every) == (EPOCHS, PATIENCE, 1):
-        return variant
+        return variant + extra
     every = f", validated every {eval_every} epochs" if eval_every != 1 else ""
-    return f"{variant} ({epochs} epochs{every}, patience {patience})"
+    return f"{variant} ({epochs} epochs{every}, patience {patience}){extra}"
 
 
 def tagged(tag: str) -> Callable[[str], None]:

@@ -40,6 +40,8 @@ def test_another_schedule_gets_its_own_rows_and_ratio():
     long = row_name("default", 200, 10)
     assert long == "default (200 epochs, patience 10)"
     assert row_name("relevance=mlp", 60, 2, eval_every=3) == "relevance=mlp (60 epochs, validated every 3 epochs, patience 2)"
+    assert row_name("default", 60, 6, sets=["model.loss=bce"]) == "default with model.loss=bce"  # never the default's row
+    assert row_name("default", 200, 10, sets=["a=1", "b=2"]) == "default (200 epochs, patience 10) with a=1, b=2"
     rows = {"default": add_seed(None, 0, result(0.05, 20), {}, "c"), "sasrec": add_seed(None, 0, result(0.04, 20), {}, "c"),
             long: add_seed(None, 0, result(0.051, 40), {}, "c"), row_name("sasrec", 200, 10): add_seed(None, 0, result(0.05, 50), {}, "c")}
     table = "\n".join(quality_table({"rows": rows}))

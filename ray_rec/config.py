@@ -109,9 +109,8 @@ class ModelConfig:
     @property
     def negatives(self) -> int:
         """``num_negatives``, or by the loss: 2048 negatives shared by the batch when sampled softmax
-        scores them with a dot product (one (positions x 2048) product; on Beauty NDCG@10 0.0488
-        against the full softmax's 0.0497, same two seeds), 256 when an MLP scores every pair or
-        `bce` draws them per position."""
+        scores them with a dot product (one (positions x 2048) product; measured in README "Model
+        quality"), 256 when an MLP scores every pair or `bce` draws them per position."""
         if self.num_negatives is not None:
             return self.num_negatives
         return 2048 if self.resolved_loss == "sampled_softmax" and self.relevance == "dot" else 256

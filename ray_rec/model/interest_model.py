@@ -47,6 +47,7 @@ class InterestModel(nn.Module):
         self.enhancer = ENHANCERS.build(config.enhancer, config)
         self.relevance: DotRelevance | MLPRelevance = RELEVANCES.build(config.relevance, config)  # type: ignore[assignment]
         self.loss_kind = config.resolved_loss
+        self.num_negatives = config.negatives
 
     def encode(self, items: torch.Tensor, time_buckets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """History (B, L) -> (interest states, enhanced interests), both (B, L, D), zero at padding."""
@@ -88,10 +89,10 @@ class InterestModel(nn.Module):
             return full_softmax_loss(self.relevance.catalog(u, self.features.all_item_features()[1:]), tgt)
         pos = self.relevance(u, self.features.item_features(tgt).unsqueeze(1)).squeeze(1)  # (P,)
         if self.loss_kind == "sampled_softmax":
-            neg_ids = torch.randint(1, cfg.num_items + 1, (cfg.negatives,), device=u.device)  # (K,)
+            neg_ids = torch.randint(1, cfg.num_items + 1, (self.num_negatives,), device=u.device)  # (K,)
             neg = self.relevance.catalog(u, self.features.item_features(neg_ids))  # (P, K)
             return sampled_softmax_loss(pos, neg, neg_ids, tgt, cfg.num_items)
-        sampled = torch.randint(1, cfg.num_items + 1, (u.shape[0], cfg.negatives), device=u.device)
+        sampled = torch.randint(1, cfg.num_items + 1, (u.shape[0], self.num_negatives), device=u.device)
         neg_ids = sampled if negatives is None else torch.cat([negatives[has_target], sampled], 1)  # (P, K)
         neg = self.relevance(u, self.features.item_features(neg_ids))  # (P, K)
         return binary_loss(pos, neg, ((neg_ids > 0) & (neg_ids != tgt.unsqueeze(1))).float())

@@ -1,6 +1,6 @@
 """The benchmark suite in one command: run the benchmarks, then write BENCHMARKS.md and plots.
 
-    python -m bench                 # the full figures (about 4 hours on a 2-core machine)
+    python -m bench                 # the full figures (about 4.5 hours on a 2-core machine)
     python -m bench --quick         # every benchmark at a small size (about 10 minutes), into
                                     # bench/results/quick/ so it never overwrites the full figures
     python -m bench --only serve scale   # some of them; the report is rebuilt from every result on disk
@@ -26,14 +26,16 @@ ROOT = Path(__file__).resolve().parent
 FULL = {
     "quality": [["bench.model_quality", "--dataset", "Beauty"],
                 ["bench.model_quality", "--dataset", "Sports_and_Outdoors", "--variants", "default", "sasrec"]],
-    "speed": [["bench.train_speed"], ["bench.ray_train_beauty"], ["bench.relevance_cost"]],
+    "speed": [["bench.train_speed"], ["bench.shared_cores"], ["bench.loss_memory"], ["bench.ray_train_beauty"], ["bench.relevance_cost"]],
     "serve": [["bench.serve_load"]],
     "data": [["bench.data_scale"]],
     "scale": [["bench.topk_scale"]],
 }
 QUICK = {
     "quality": [["bench.model_quality", "--dataset", "Beauty", "--epochs", "2", "--variants", "default", "sasrec"]],
-    "speed": [["bench.train_speed", "--synthetic", "--epochs", "2", "--rounds", "1"], ["bench.relevance_cost", "--steps", "3"]],
+    "speed": [["bench.train_speed", "--synthetic", "--epochs", "2", "--rounds", "1"],
+              ["bench.shared_cores", "--synthetic", "--epochs", "2", "--rounds", "1"],
+              ["bench.loss_memory", "--catalogs", "20000", "--positions", "1280"], ["bench.relevance_cost", "--steps", "3"]],
     "serve": [["bench.serve_load", "--requests", "100"]],
     "data": [["bench.data_scale", "--sizes", "200000", "400000"]],
     "scale": [["bench.topk_scale", "--catalogs", "10000", "100000", "--requests", "100", "--repeats", "10"]],

@@ -125,6 +125,31 @@ def speed(folder: Path) -> list[str]:
     return out
 
 
+def shared_cores(folder: Path) -> list[str]:
+    out: list[str] = []
+    for r in _load(folder, "shared_cores_*.json"):
+        out += [f"### Training on shared cores ({r['dataset']})", "", _source(r), "",
+                "| condition | threads | examples/s (median) | runs |", "|---|---|---|---|"]
+        out += [f"| {row['label']} | {row['threads']} | {row['examples_per_s']:,.0f} | "
+                + ", ".join(f"{x:,.0f}" for x in row["runs"]) + " |" for row in r["rows"]]
+        out += ["", f"`OMP_WAIT_POLICY=PASSIVE` (what `ray_rec` sets for its Ray workers) against the policy left unset, "
+                f"per round, median: **{r['passive_vs_unset_idle']:.2f}x** on idle cores, "
+                f"**{r['passive_vs_unset_shared']:.2f}x** with {r['busy']} of {r['threads']} cores busy.", ""]
+    return out
+
+
+def loss_memory(folder: Path) -> list[str]:
+    out: list[str] = []
+    for r in _load(folder, "loss_memory.json"):
+        out += ["### Full-softmax loss: memory of one step", "", _source(r), "",
+                "| catalog items | positions | logits | peak memory over the start | step (forward + backward) | loss |",
+                "|---|---|---|---|---|---|"]
+        out += [f"| {row['items']:,} | {row['positions']:,} | {row['mode']} | {row['peak_mb']:,.0f} MB | "
+                f"{row['step_s']:.2f} s | {row['loss']:.4f} |" for row in r["rows"]]
+        out.append("")
+    return out
+
+
 def ray_runs(folder: Path) -> list[str]:
     out: list[str] = []
     for r in _load(folder, "ray_train_*.json"):
@@ -212,7 +237,7 @@ def write_report(folder: Path, target: Path, quick: bool = False) -> Path:
              f"`{rel}/`; each section names the command and machine that produced it. Rerun a section with its command, "
              "then `python -m bench --report`.", ""]
     sections = [("Model quality (leave-one-out, full ranking, seen items excluded; test split)", quality(folder, rel)),
-                ("Training speed", speed(folder) + ray_runs(folder) + relevance_cost(folder)), ("Data: import and streaming at scale", data(folder)),
+                ("Training speed", speed(folder) + shared_cores(folder) + loss_memory(folder) + ray_runs(folder) + relevance_cost(folder)), ("Data: import and streaming at scale", data(folder)),
                 ("Serving", serving(folder, rel)), ("Top-k latency against catalog size", topk(folder))]
     for title, body in sections:
         lines += [f"## {title}", ""] + (body or ["Not measured yet: run its command.", ""])

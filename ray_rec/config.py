@@ -17,7 +17,8 @@ RELEVANCES = ("dot", "mlp")
 LOSSES = ("auto", "ce", "sampled_softmax", "bce")
 
 # Above this many (catalog items x history length) `loss: auto` switches from full cross-entropy
-# to sampled softmax: a (positions x items) logit matrix stops fitting comfortably in memory.
+# to sampled softmax: the full softmax scores every position against every item (its memory is
+# bounded by chunking, its compute is not), sampled softmax against 2048 shared negatives.
 # At the short-history length of 50 that is a catalog of 200,000 items.
 FULL_SOFTMAX_MAX_CELLS = 200_000 * 50
 

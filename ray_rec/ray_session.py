@@ -27,14 +27,33 @@ def local_cpus(workers: int) -> int:
 WARM_WORKERS = {"idle_worker_killing_time_threshold_ms": 600_000, "num_workers_soft_limit": 32}
 
 
+def worker_env() -> dict[str, str]:
+    """Environment variables for every Ray worker process of the job (a user's own setting wins).
+
+    ``OMP_WAIT_POLICY=PASSIVE``: an OpenMP thread that finds no work sleeps instead of spinning.
+    Training workers run several intra-op threads, and Ray Data tasks, Serve replicas or other jobs
+    share the node's cores with them; a spinning thread then holds a core the thread it waits for
+    needs, and every parallel region waits out a scheduler time slice. Measured on this 2-core
+    machine with one core busy (README, "Training speed"): Beauty's training loop 682 -> 1,127
+    examples/s, a small model's epoch 3.0 -> 0.09 s; it costs about a tenth on idle cores.
+    """
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
 def init_ray(workers: int = 2) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (or the job's cluster), else start a local Ray."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING)
+        ray.init(logging_level=logging.WARNING, runtime_env={"env_vars": worker_env()})
     else:
-        ray.init(address="local", num_cpus=local_cpus(workers), logging_level=logging.WARNING, _system_config=WARM_WORKERS)
+        ray.init(
+            address="local",
+            num_cpus=local_cpus(workers),
+            logging_level=logging.WARNING,
+            runtime_env={"env_vars": worker_env()},
+            _system_config=WARM_WORKERS,
+        )
     ray.data.DataContext.get_current().enable_progress_bars = False
     for name in ("ray.data", "ray.train", "ray.serve"):  # our own progress lines say what matters
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,21 +59,23 @@ def test_evaluate_with_a_missing_model_is_a_clear_error(tiny_data, capsys):
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run(
         [*CLI, "demo", "--users", "600", "--epochs", "4", "--workdir", str(tmp_path / "demo")],
-        capture_output=True, text=True, timeout=900, cwd=Path(__file__).parents[1],
+        capture_output=True, text=True, timeout=900, cwd=Path(__file__).parents[1], env=env,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for needle in ("[1/6]", "[6/6]", "NDCG@10: model", "POST http://127.0.0.1", "Next steps"):
         assert needle in out.stdout
     # Each epoch's progress line reaches the driver once (a worker's `print` used to arrive twice).
     assert (out.stdout + out.stderr).count("[ray-rec] epoch 1/4 ") == 1, out.stderr[-3000:]
+    # The training workers' OpenMP threads sleep when idle (spinning ones stall on shared cores).
+    assert re.search(r"\[ray-rec\] \d+ intra-op threads per worker \(OMP_WAIT_POLICY=PASSIVE\)", out.stderr), out.stderr[-3000:]
 
 
 def test_readme_configuration_table_matches_the_defaults():
     """Every setting a user can change is in the README's table, with its real default."""
     import dataclasses
-    import re
 
     from ray_rec.config import Config
 

@@ -256,13 +256,39 @@ def test_sampled_softmax_estimates_the_full_softmax():
     n, k = 5000, 50
     targets = torch.tensor([1, 2])
     # Every item scores the same: the full softmax's loss is log(N); uncorrected, K negatives give log(1 + K).
-    full = full_softmax_loss(torch.zeros(2, n), targets)
+    full = full_softmax_loss(torch.zeros(2, 1), torch.zeros(n, 1), targets, dot)
     neg_ids = torch.arange(10, 10 + k)
     sampled = sampled_softmax_loss(torch.zeros(2), torch.zeros(2, k), neg_ids, targets, n)
     assert full.item() == pytest.approx(torch.log(torch.tensor(float(n))).item())
     assert sampled.item() == pytest.approx(full.item(), abs=1e-3)  # log(1 + N) against log(N)
     # Drawing every item once is the full softmax (the target itself is masked out of the negatives).
-    scores = torch.randn(2, n)
+    u, items = torch.randn(2, 8), torch.randn(n, 8)
+    scores = dot(u, items)
     pos = scores.gather(1, (targets - 1).unsqueeze(1)).squeeze(1)
     every = sampled_softmax_loss(pos, scores, torch.arange(1, n + 1), targets, n)
-    assert every.item() == pytest.approx(full_softmax_loss(scores, targets).item(), rel=1e-5)
+    assert every.item() == pytest.approx(full_softmax_loss(u, items, targets, dot).item(), rel=1e-5)
+
+
+def dot(u: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    return u @ items.T
+
+
+@pytest.mark.parametrize("relevance", ["dot", "mlp"])
+def test_full_softmax_in_chunks_gives_the_same_loss_and_gradients(relevance):
+    """A batch whose logits pass the memory bound goes in chunks, with the same loss and gradients."""
+    from ray_rec.model.losses import full_softmax_loss
+
+    torch.manual_seed(0)
+    scorer = RELEVANCES.build(relevance, ModelConfig(num_items=300, dim=8, dropout=0.0))
+    u, items = torch.randn(37, 8, requires_grad=True), torch.randn(300, 8, requires_grad=True)
+    targets = torch.randint(1, 301, (37,))
+    results = []
+    for max_cells in (37 * 300, 10 * 300, 1):  # one pass; chunks of 10 positions (the last one 7); one row each
+        catalog = None if relevance == "dot" else scorer.catalog  # None: the fused dot-product path
+        loss = full_softmax_loss(u, items, targets, catalog, max_cells=max_cells)
+        grads = torch.autograd.grad(loss, [u, items, *scorer.parameters()])
+        results.append((loss.detach(), grads))
+    for loss, grads in results[1:]:
+        torch.testing.assert_close(loss, results[0][0])
+        for got, want in zip(grads, results[0][1], strict=True):
+            torch.testing.assert_close(got, want)

@@ -86,7 +86,8 @@ class InterestModel(nn.Module):
     ) -> torch.Tensor:
         cfg = self.config
         if self.loss_kind == "ce":
-            return full_softmax_loss(self.relevance.catalog(u, self.features.all_item_features()[1:]), tgt)
+            scorer = None if isinstance(self.relevance, DotRelevance) else self.relevance.catalog  # None: dot, fused
+            return full_softmax_loss(u, self.features.all_item_features()[1:], tgt, scorer)
         pos = self.relevance(u, self.features.item_features(tgt).unsqueeze(1)).squeeze(1)  # (P,)
         if self.loss_kind == "sampled_softmax":
             neg_ids = torch.randint(1, cfg.num_items + 1, (self.num_negatives,), device=u.device)  # (K,)

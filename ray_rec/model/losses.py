@@ -3,19 +3,82 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+# Logit cells (positions x catalog items) the full softmax holds at once: 32M floats, 128 MB, and
+# about as much again for their softmax and gradient. Larger products go in chunks of positions.
+FULL_SOFTMAX_CHUNK_CELLS = 1 << 25
+
+Catalog = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def full_softmax_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the next click over the whole catalog.
+def full_softmax_loss(
+    u: torch.Tensor,
+    items: torch.Tensor,
+    targets: torch.Tensor,
+    catalog: Catalog | None = None,
+    max_cells: int = FULL_SOFTMAX_CHUNK_CELLS,
+) -> torch.Tensor:
+    """Cross-entropy of the next click over the whole catalog, in bounded memory.
+
+    The (P, N) logits of a long-history batch over a large catalog run to gigabytes (128 windows x
+    200 steps x 50,000 items is 5 GB, about three times over with the softmax and its gradient), so
+    when P x N passes ``max_cells`` the positions go in chunks. With dot-product scores each chunk's
+    gradients are computed right away from its softmax (d loss / d logits = softmax - one-hot) and
+    the logits freed: the same loss and gradients for the same three matrix products. Any other
+    scorer gets activation checkpointing: a chunk's logits are recomputed in the backward pass.
 
     Args:
-        logits: (P, N) scores of the real items 1..N (padding left out).
+        u: (P, D) interests at the positions that have a next click.
+        items: (N, D) features of the real items 1..N (padding left out).
         targets: (P,) item indices >= 1.
+        catalog: scores u against every item, (P, D), (N, D) -> (P, N); None: the dot product.
     """
-    return F.cross_entropy(logits, targets - 1)
+    rows = max(1, max_cells // max(1, items.shape[0]))
+    if u.shape[0] <= rows:
+        return F.cross_entropy(u @ items.T if catalog is None else catalog(u, items), targets - 1)
+    if catalog is None:
+        return cast(torch.Tensor, _ChunkedDotSoftmax.apply(u, items, targets, rows))
+    total = u.new_zeros(())
+    for start in range(0, u.shape[0], rows):
+        chunk = slice(start, start + rows)
+        total = total + checkpoint(_summed_cross_entropy, u[chunk], items, targets[chunk], catalog, use_reentrant=False)
+    return total / u.shape[0]
+
+
+def _summed_cross_entropy(u: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, catalog: Catalog) -> torch.Tensor:
+    return F.cross_entropy(catalog(u, items), targets - 1, reduction="sum")
+
+
+class _ChunkedDotSoftmax(torch.autograd.Function):
+    """Mean cross-entropy of softmax(u @ items.T) in chunks of ``rows`` positions, gradients
+    computed in the forward pass (only (P, D) and (N, D) gradients are kept, never the logits)."""
+
+    @staticmethod
+    def forward(ctx: Any, u: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+        total = u.new_zeros((), dtype=torch.float64)
+        grad_u, grad_items = torch.empty_like(u), torch.zeros_like(items)
+        for start in range(0, u.shape[0], rows):
+            uc, tc = u[start : start + rows], targets[start : start + rows] - 1  # (R, D), (R,)
+            probs = (uc @ items.T).log_softmax(-1)  # (R, N) log-probabilities
+            total -= probs.gather(1, tc.unsqueeze(1)).sum().double()
+            probs.exp_()[torch.arange(len(tc), device=tc.device), tc] -= 1.0  # d loss / d logits
+            grad_u[start : start + rows] = probs @ items
+            grad_items.addmm_(probs.T, uc)
+        ctx.save_for_backward(grad_u, grad_items)
+        ctx.positions = u.shape[0]
+        return (total / u.shape[0]).to(u.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_u, grad_items = ctx.saved_tensors
+        scale = grad_out / ctx.positions
+        return grad_u * scale, grad_items * scale, None, None
 
 
 def sampled_softmax_loss(

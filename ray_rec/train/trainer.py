@@ -66,6 +66,19 @@ def _log(msg: str) -> None:
         logger.info("[ray-rec] %s", msg)
 
 
+def _threads_per_worker(use_gpu: bool) -> int:
+    """Intra-op threads for this worker: its node's usable cores shared among the workers there.
+
+    Counted on the worker's own node (a cluster's nodes differ from the driver's), from the CPU
+    affinity mask where the OS has one (a container or ``taskset`` may allow fewer than all cores).
+    A GPU worker's host threads only feed the device: one.
+    """
+    if use_gpu:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // ray.train.get_context().get_local_world_size())
+
+
 def _evaluate_shard(model: InterestModel, shard: Any, cfg: Config, cache: ExampleCache) -> dict[str, float]:
     """Full-ranking validation on this worker's users, summed over all workers."""
     def stream() -> Iterator[dict[str, np.ndarray]]:
@@ -95,12 +108,16 @@ def _maybe_fail(fail_once: dict[str, Any] | None, epoch: int, step: int) -> None
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """What every Ray Train worker runs."""
+    # Train logs every report and checkpoint at INFO from each worker; our own epoch line says it.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = config_from_dict(loop_config["config"])
     manifest = loop_config["manifest"]
     output = loop_config["output"]
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(cfg.train.seed + rank)
-    torch.set_num_threads(max(1, loop_config.get("threads_per_worker", 1)))
+    threads = _threads_per_worker(loop_config["use_gpu"])
+    torch.set_num_threads(threads)
+    _log(f"{threads} intra-op threads per worker (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
     mcfg = for_data(cfg.model, manifest)
     vocab = Vocabulary.load(loop_config["data"])
     model = InterestModel(mcfg)
@@ -234,7 +251,6 @@ def train(
     started = time.monotonic()
     storage_path, fs = _storage(output)
     limit_memory(config.data.pipeline_memory_mb)
-    cpus = os.cpu_count() or 1
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -243,7 +259,7 @@ def train(
             "data": data,
             "output": output,
             "fail_once": fail_once,
-            "threads_per_worker": max(1, cpus // workers) if not use_gpu else 1,
+            "use_gpu": use_gpu,
         },
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         datasets={

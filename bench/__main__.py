@@ -35,7 +35,7 @@ QUICK = {
     "quality": [["bench.model_quality", "--dataset", "Beauty", "--epochs", "2", "--variants", "default", "sasrec"]],
     "speed": [["bench.train_speed", "--synthetic", "--epochs", "2", "--rounds", "1"],
               ["bench.shared_cores", "--synthetic", "--epochs", "2", "--rounds", "1"],
-              ["bench.loss_memory", "--catalogs", "20000", "--positions", "1280"], ["bench.relevance_cost", "--steps", "3"]],
+              ["bench.loss_memory", "--sizes", "20000x1280"], ["bench.relevance_cost", "--steps", "3"]],
     "serve": [["bench.serve_load", "--requests", "100"]],
     "data": [["bench.data_scale", "--sizes", "200000", "400000"]],
     "scale": [["bench.topk_scale", "--catalogs", "10000", "100000", "--requests", "100", "--repeats", "10"]],

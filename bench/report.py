@@ -145,7 +145,7 @@ def loss_memory(folder: Path) -> list[str]:
                 "| catalog items | positions | logits | peak memory over the start | step (forward + backward) | loss |",
                 "|---|---|---|---|---|---|"]
         out += [f"| {row['items']:,} | {row['positions']:,} | {row['mode']} | {row['peak_mb']:,.0f} MB | "
-                f"{row['step_s']:.2f} s | {row['loss']:.4f} |" for row in r["rows"]]
+                f"{row['step_s'] * 1000:,.0f} ms | {row['loss']:.4f} |" for row in r["rows"]]
         out.append("")
     return out
 

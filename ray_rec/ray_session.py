@@ -33,9 +33,9 @@ def worker_env() -> dict[str, str]:
     ``OMP_WAIT_POLICY=PASSIVE``: an OpenMP thread that finds no work sleeps instead of spinning.
     Training workers run several intra-op threads, and Ray Data tasks, Serve replicas or other jobs
     share the node's cores with them; a spinning thread then holds a core the thread it waits for
-    needs, and every parallel region waits out a scheduler time slice. Measured on this 2-core
-    machine with one core busy (README, "Training speed"): Beauty's training loop 682 -> 1,127
-    examples/s, a small model's epoch 3.0 -> 0.09 s; it costs about a tenth on idle cores.
+    needs, and every parallel region waits out a scheduler time slice. Measured in README,
+    "Training throughput": a large gain with a core busy, a cost on idle cores that grows as the
+    model shrinks (``OMP_WAIT_POLICY=ACTIVE`` in the job's environment takes the spin back).
     """
     return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 

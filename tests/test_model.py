@@ -282,13 +282,12 @@ def test_full_softmax_in_chunks_gives_the_same_loss_and_gradients(relevance):
     scorer = RELEVANCES.build(relevance, ModelConfig(num_items=300, dim=8, dropout=0.0))
     u, items = torch.randn(37, 8, requires_grad=True), torch.randn(300, 8, requires_grad=True)
     targets = torch.randint(1, 301, (37,))
-    results = []
-    for max_cells in (37 * 300, 10 * 300, 1):  # one pass; chunks of 10 positions (the last one 7); one row each
-        catalog = None if relevance == "dot" else scorer.catalog  # None: the fused dot-product path
+    params = [u, items, *scorer.parameters()]
+    want = torch.nn.functional.cross_entropy(scorer.catalog(u, items), targets - 1)  # autograd, logits whole
+    want_grads = torch.autograd.grad(want, params)
+    catalog = None if relevance == "dot" else scorer.catalog  # None: the dot product's fused path
+    for max_cells in (37 * 300, 10 * 300, 1):  # one chunk; chunks of 10 positions (the last one 7); one row each
         loss = full_softmax_loss(u, items, targets, catalog, max_cells=max_cells)
-        grads = torch.autograd.grad(loss, [u, items, *scorer.parameters()])
-        results.append((loss.detach(), grads))
-    for loss, grads in results[1:]:
-        torch.testing.assert_close(loss, results[0][0])
-        for got, want in zip(grads, results[0][1], strict=True):
-            torch.testing.assert_close(got, want)
+        torch.testing.assert_close(loss, want)
+        for got, expected in zip(torch.autograd.grad(loss, params), want_grads, strict=True):
+            torch.testing.assert_close(got, expected)

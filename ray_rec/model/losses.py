@@ -28,10 +28,12 @@ def full_softmax_loss(
 
     The (P, N) logits of a long-history batch over a large catalog run to gigabytes (128 windows x
     200 steps x 50,000 items is 5 GB, about three times over with the softmax and its gradient), so
-    when P x N passes ``max_cells`` the positions go in chunks. With dot-product scores each chunk's
-    gradients are computed right away from its softmax (d loss / d logits = softmax - one-hot) and
-    the logits freed: the same loss and gradients for the same three matrix products. Any other
-    scorer gets activation checkpointing: a chunk's logits are recomputed in the backward pass.
+    when P x N passes ``max_cells`` the positions go in chunks. With dot-product scores (one chunk
+    or several) each chunk's gradients are computed right away from its softmax (d loss / d logits
+    = softmax - one-hot) and the logits freed: the same loss and gradients from the same three
+    matrix products, with no softmax kept for autograd (faster than autograd's cross-entropy at
+    every size measured: README, "Full-softmax memory"). Any other scorer gets activation
+    checkpointing: a chunk's logits are recomputed in the backward pass.
 
     Args:
         u: (P, D) interests at the positions that have a next click.
@@ -40,10 +42,10 @@ def full_softmax_loss(
         catalog: scores u against every item, (P, D), (N, D) -> (P, N); None: the dot product.
     """
     rows = max(1, max_cells // max(1, items.shape[0]))
-    if u.shape[0] <= rows:
-        return F.cross_entropy(u @ items.T if catalog is None else catalog(u, items), targets - 1)
     if catalog is None:
-        return cast(torch.Tensor, _ChunkedDotSoftmax.apply(u, items, targets, rows))
+        return cast(torch.Tensor, _ChunkedDotSoftmax.apply(u, items, targets, min(rows, max(1, u.shape[0]))))
+    if u.shape[0] <= rows:
+        return F.cross_entropy(catalog(u, items), targets - 1)
     total = u.new_zeros(())
     for start in range(0, u.shape[0], rows):
         chunk = slice(start, start + rows)

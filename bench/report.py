@@ -142,7 +142,7 @@ def loss_memory(folder: Path) -> list[str]:
     out: list[str] = []
     for r in _load(folder, "loss_memory.json"):
         out += ["### Full-softmax loss: memory of one step", "", _source(r), "",
-                "| catalog items | positions | logits | peak memory over the start | step (forward + backward) | loss |",
+                "| catalog items | positions | way | peak memory over the start | step (forward + backward) | loss |",
                 "|---|---|---|---|---|---|"]
         out += [f"| {row['items']:,} | {row['positions']:,} | {row['mode']} | {row['peak_mb']:,.0f} MB | "
                 f"{row['step_s'] * 1000:,.0f} ms | {row['loss']:.4f} |" for row in r["rows"]]

@@ -73,8 +73,8 @@ class _ChunkedDotSoftmax(torch.autograd.Function):
             grad_u[start : start + rows] = probs @ items
             grad_items.addmm_(probs.T, uc)
         ctx.save_for_backward(grad_u, grad_items)
-        ctx.positions = u.shape[0]
-        return (total / u.shape[0]).to(u.dtype)
+        ctx.positions = max(1, u.shape[0])  # a batch without a next click gives loss 0, not NaN
+        return (total / ctx.positions).to(u.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:

@@ -95,7 +95,7 @@ class PeakMemory:
         self._thread.join()
 
 
-def _vm_hwm_mb() -> float:
+def vm_hwm_mb() -> float:
     """This process's peak RSS since exec (VmHWM). Not ru_maxrss: that survives exec on Linux, so
     a child forked from this benchmark's parent (which holds the loopback S3 server's objects in
     memory) would report the parent's size."""
@@ -109,7 +109,7 @@ def child_prepare(src: str, out: str) -> dict[str, Any]:
     t0 = time.monotonic()
     manifest = prepare(PrepareOptions(input=src, output=out, num_shards=8))
     seconds = time.monotonic() - t0
-    return {"seconds": seconds, "events_per_s": manifest["counts"]["rows_read"] / seconds, "peak_rss_mb": _vm_hwm_mb(), "counts": manifest["counts"]}
+    return {"seconds": seconds, "events_per_s": manifest["counts"]["rows_read"] / seconds, "peak_rss_mb": vm_hwm_mb(), "counts": manifest["counts"]}
 
 
 def child_stream(data: str) -> dict[str, Any]:

@@ -20,12 +20,12 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 from statistics import median
 
+from bench.data_scale import vm_hwm_mb
 from bench.model_quality import RESULTS
 
 MODES = ("whole", "chunked", "chunked, checkpointed")
@@ -64,7 +64,7 @@ def child(items: int, positions: int, mode: str, steps: int) -> None:
         loss.backward()
         seconds.append(time.perf_counter() - t0)
         u.grad = table.grad = None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = vm_hwm_mb()
     print(json.dumps({"items": items, "positions": positions, "mode": mode, "step_s": median(seconds),
                       "peak_mb": peak - before, "loss": loss.item()}))
 

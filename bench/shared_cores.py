@@ -21,7 +21,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from statistics import median
@@ -29,10 +28,6 @@ from statistics import median
 from bench.model_quality import RESULTS, prepared
 
 SPIN = [sys.executable, "-c", "while True: pass"]
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @contextmanager
@@ -77,20 +72,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.epochs, args.threads)
-    if args.synthetic:
-        import pyarrow.parquet as pq
+    from bench.train_speed import synthetic_dataset
+    from ray_rec.ray_session import usable_cores
 
-        from ray_rec.data.prepare import PrepareOptions, prepare
-        from ray_rec.data.synthetic import SyntheticSpec, generate
-
-        tmp = tempfile.mkdtemp()
-        log, _ = generate(SyntheticSpec(users=5000, items=1000))
-        pq.write_table(log, f"{tmp}/events.parquet")
-        data, name = f"{tmp}/data", "synthetic"
-        prepare(PrepareOptions(input=f"{tmp}/events.parquet", output=data, num_shards=4))
-    else:
-        data, name = prepared("Beauty"), "Beauty"
-    n = cores()
+    data, name = (synthetic_dataset(), "synthetic") if args.synthetic else (prepared("Beauty"), "Beauty")
+    n = usable_cores()
     # (label, busy cores, threads, wait policy); the unset policy and PASSIVE alternate.
     shared = f"{args.busy} of {n} cores busy"
     conditions = [("idle cores, policy unset", 0, n, None), ("idle cores, PASSIVE", 0, n, "PASSIVE"),

@@ -71,6 +71,19 @@ def ray_trainer(data: str, overrides: dict, epochs: int, workers: int) -> dict:
             "data_wait_s": [r["data_wait_s"] for r in rows], "epoch_s": [r["train_s"] for r in rows]}
 
 
+def synthetic_dataset() -> str:
+    """A generated log (5,000 users, 1,000 items) prepared into a temporary folder; its path."""
+    import pyarrow.parquet as pq
+
+    from ray_rec.data.synthetic import SyntheticSpec, generate
+
+    tmp = tempfile.mkdtemp()
+    log, _ = generate(SyntheticSpec(users=5000, items=1000))
+    pq.write_table(log, f"{tmp}/events.parquet")
+    prepare(PrepareOptions(input=f"{tmp}/events.parquet", output=f"{tmp}/data", num_shards=4))
+    return f"{tmp}/data"
+
+
 def _median_index(xs: list[float]) -> int:
     """Index of the (lower) median element, so the reported run is one that happened."""
     order = sorted(range(len(xs)), key=xs.__getitem__)
@@ -83,19 +96,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="epochs per run; the first is warm-up")
     parser.add_argument("--rounds", type=int, default=3, help="plain / Ray 1-worker pairs, interleaved")
     args = parser.parse_args()
-    if args.synthetic:
-        import pyarrow.parquet as pq
-
-        from ray_rec.data.synthetic import SyntheticSpec, generate
-
-        tmp = tempfile.mkdtemp()
-        log, _ = generate(SyntheticSpec(users=5000, items=1000))
-        pq.write_table(log, f"{tmp}/events.parquet")
-        data = f"{tmp}/data"
-        prepare(PrepareOptions(input=f"{tmp}/events.parquet", output=data, num_shards=4))
-        name = "synthetic"
-    else:
-        data, name = prepared("Beauty"), "Beauty"
+    data, name = (synthetic_dataset(), "synthetic") if args.synthetic else (prepared("Beauty"), "Beauty")
     overrides = {"train.batch_size": 128}
     import ray
 

@@ -10,6 +10,12 @@ import ray
 logger = logging.getLogger(__name__)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity mask where the OS has one (a container or
+    ``taskset`` may allow fewer than the machine's), else every core."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def local_cpus(workers: int) -> int:
     """Logical CPUs for a local Ray: every core, and at least two more than training workers.
 
@@ -17,7 +23,7 @@ def local_cpus(workers: int) -> int:
     Ray Data read and map tasks that feed them can never be scheduled and the run hangs. The
     extra ones oversubscribe the cores on purpose: those tasks are short and mostly I/O.
     """
-    return max(os.cpu_count() or 1, workers) + 2
+    return max(usable_cores(), workers) + 2
 
 
 # Ray kills a worker process that has been idle for a second once more workers exist than CPUs.

@@ -35,6 +35,7 @@ from ray_rec.errors import TrainingError
 from ray_rec.metrics import RankingMetrics
 from ray_rec.model.artifact import REQUIRED_FILES
 from ray_rec.model.interest_model import InterestModel
+from ray_rec.ray_session import usable_cores
 from ray_rec.train.checkpoint import newest_complete_checkpoint, read_checkpoint, write_checkpoint
 from ray_rec.train.feed import EpochPrefetcher, ExampleCache, epoch_chunks, training_batches
 from ray_rec.train.loop import evaluate, make_optimizer, train_step
@@ -69,14 +70,12 @@ def _log(msg: str) -> None:
 def _threads_per_worker(use_gpu: bool) -> int:
     """Intra-op threads for this worker: its node's usable cores shared among the workers there.
 
-    Counted on the worker's own node (a cluster's nodes differ from the driver's), from the CPU
-    affinity mask where the OS has one (a container or ``taskset`` may allow fewer than all cores).
-    A GPU worker's host threads only feed the device: one.
+    Counted on the worker's own node (a cluster's nodes differ from the driver's). A GPU worker's
+    host threads only feed the device: one.
     """
     if use_gpu:
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // ray.train.get_context().get_local_world_size())
+    return max(1, usable_cores() // ray.train.get_context().get_local_world_size())
 
 
 def _evaluate_shard(model: InterestModel, shard: Any, cfg: Config, cache: ExampleCache) -> dict[str, float]:

@@ -71,6 +71,9 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (out.stdout + out.stderr).count("[ray-rec] epoch 1/4 ") == 1, out.stderr[-3000:]
     # The training workers' OpenMP threads sleep when idle (spinning ones stall on shared cores).
     assert re.search(r"\[ray-rec\] \d+ intra-op threads per worker \(OMP_WAIT_POLICY=PASSIVE\)", out.stderr), out.stderr[-3000:]
+    # Ray Train's own per-report and per-checkpoint INFO lines repeat ours: silenced in the worker.
+    for chatter in ("Reporting training result", "Checkpoint successfully created"):
+        assert chatter not in out.stdout + out.stderr, out.stderr[-3000:]
 
 
 def test_readme_configuration_table_matches_the_defaults():

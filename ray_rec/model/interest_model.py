@@ -15,7 +15,6 @@ from ray_rec.model.features import SequenceFeatureExtractor
 from ray_rec.model.losses import (
     auxiliary_next_click_loss,
     binary_loss,
-    full_softmax_loss,
     sampled_softmax_loss,
 )
 from ray_rec.model.relevance import RELEVANCES, DotRelevance, MLPRelevance
@@ -86,8 +85,7 @@ class InterestModel(nn.Module):
     ) -> torch.Tensor:
         cfg = self.config
         if self.loss_kind == "ce":
-            scorer = None if isinstance(self.relevance, DotRelevance) else self.relevance.catalog  # None: dot, fused
-            return full_softmax_loss(u, self.features.all_item_features()[1:], tgt, scorer)
+            return self.relevance.full_softmax_loss(u, self.features.all_item_features()[1:], tgt)
         pos = self.relevance(u, self.features.item_features(tgt).unsqueeze(1)).squeeze(1)  # (P,)
         if self.loss_kind == "sampled_softmax":
             neg_ids = torch.randint(1, cfg.num_items + 1, (self.num_negatives,), device=u.device)  # (K,)

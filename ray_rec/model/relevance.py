@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ray_rec.config import ModelConfig
+from ray_rec.model.losses import full_softmax_loss
 from ray_rec.model.registry import Registry
 
 RELEVANCES: Registry[nn.Module] = Registry("relevance")
@@ -31,6 +32,10 @@ class DotRelevance(nn.Module):
     def catalog(self, u: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """u (P, D) against every item (N, D) -> (P, N)."""
         return u @ items.T
+
+    def full_softmax_loss(self, u: torch.Tensor, items: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of ``targets`` (P,) over every item (N, D): the fused dot-product softmax."""
+        return full_softmax_loss(u, items, targets)
 
 
 @RELEVANCES.register("mlp")
@@ -89,3 +94,7 @@ class MLPRelevance(nn.Module):
             hidden = torch.addmm(a, m, block.T).relu_().view(p, width, -1)  # (P, 2D, n); ReLU before the view
             parts.append(u @ block.T + self._head(hidden))
         return torch.cat(parts, -1)
+
+    def full_softmax_loss(self, u: torch.Tensor, items: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of ``targets`` (P,) over every item (N, D), chunks recomputed in backward."""
+        return full_softmax_loss(u, items, targets, self.catalog)

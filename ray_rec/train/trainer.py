@@ -105,25 +105,23 @@ def _maybe_fail(fail_once: dict[str, Any] | None, epoch: int, step: int) -> None
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _train_logger_names() -> list[str]:
-    """Ray Train's loggers that speak on every report: ``ray.train``, and the worker context's,
-    which is named by its file path (``getLogger(__file__)``), so outside the ``ray.train`` tree."""
-    names = ["ray.train"]
+def _quiet_train_loggers() -> None:
+    """Ray Train logs every report and checkpoint at INFO from each worker; our own epoch line
+    says it. Its loggers: ``ray.train``, and the worker context's, which is named by its file path
+    (``getLogger(__file__)``), so outside the ``ray.train`` tree. (Train's ``LoggingConfig`` level
+    would also drop our own INFO progress lines.)"""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     try:
         from ray.train.v2._internal.execution import context
-    except ImportError:  # another Ray layout: its line stays, nothing else changes
-        return names
-    logger_ = getattr(context, "logger", None)
-    if isinstance(logger_, logging.Logger):
-        names.append(logger_.name)
-    return names
+
+        context.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):  # another Ray layout: its line stays, nothing else changes
+        pass
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """What every Ray Train worker runs."""
-    # Train logs every report and checkpoint at INFO from each worker; our own epoch line says it.
-    for name in _train_logger_names():
-        logging.getLogger(name).setLevel(logging.WARNING)
+    _quiet_train_loggers()
     cfg = config_from_dict(loop_config["config"])
     manifest = loop_config["manifest"]
     output = loop_config["output"]

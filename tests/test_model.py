@@ -291,3 +291,34 @@ def test_full_softmax_in_chunks_gives_the_same_loss_and_gradients(relevance):
         torch.testing.assert_close(loss, want)
         for got, expected in zip(torch.autograd.grad(loss, params), want_grads, strict=True):
             torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("catalog_cells", ["small", "large"])
+def test_the_mlp_relevance_also_trains_its_dot_term(monkeypatch, catalog_cells):
+    """MLP relevance under sampled softmax adds the dot term's own softmax: over the whole catalog
+    while `auto` would give the dot model the full softmax, else over 2048 shared negatives."""
+    from ray_rec import config
+    from ray_rec.model.losses import full_softmax_loss, sampled_softmax_loss
+
+    if catalog_cells == "large":
+        monkeypatch.setattr(config, "FULL_SOFTMAX_MAX_CELLS", N * 8 - 1)
+    model, dot_model = make(relevance="mlp").eval(), make(relevance="dot", loss="sampled_softmax")  # eval: no dropout draws
+    assert model.train_dot_term and not dot_model.train_dot_term
+    assert not make(relevance="mlp", loss="bce").train_dot_term
+    data = batch(negatives=False)
+    torch.manual_seed(5)
+    got = model(data)["main"]
+    torch.manual_seed(5)  # the same draws, written out
+    _, interest = model.encode(data["items"], data["time_buckets"])
+    has = data["targets"] > 0
+    u, tgt = interest[has], data["targets"][has]
+    feats = model.features.all_item_features()
+    neg_ids = torch.randint(1, N + 1, (8,))
+    pos = model.relevance(u, feats[tgt].unsqueeze(1)).squeeze(1)
+    want = sampled_softmax_loss(pos, model.relevance.catalog(u, feats[neg_ids]), neg_ids, tgt, N)
+    if catalog_cells == "small":
+        dot_term = full_softmax_loss(u, feats[1:], tgt)
+    else:
+        dot_ids = torch.randint(1, N + 1, (2048,))
+        dot_term = sampled_softmax_loss((u * feats[tgt]).sum(-1), u @ feats[dot_ids].T, dot_ids, tgt, N)
+    torch.testing.assert_close(got, want + dot_term)

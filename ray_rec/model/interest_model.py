@@ -9,12 +9,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ray_rec.config import ModelConfig
+from ray_rec.config import DOT_NEGATIVES, ModelConfig
 from ray_rec.model.enhancement import ENHANCERS
 from ray_rec.model.features import SequenceFeatureExtractor
 from ray_rec.model.losses import (
     auxiliary_next_click_loss,
     binary_loss,
+    full_softmax_loss,
     sampled_softmax_loss,
 )
 from ray_rec.model.relevance import RELEVANCES, DotRelevance, MLPRelevance
@@ -47,6 +48,10 @@ class InterestModel(nn.Module):
         self.relevance: DotRelevance | MLPRelevance = RELEVANCES.build(config.relevance, config)  # type: ignore[assignment]
         self.loss_kind = config.resolved_loss
         self.num_negatives = config.negatives
+        # The MLP relevance's score is u . v + MLP(u, v). Its sampled softmax alone learns slowly and
+        # ends below the dot model (README "Model quality"), so the u . v term is also trained on its
+        # own, as `relevance: dot` would be: the MLP then learns a correction to a good ranker.
+        self.train_dot_term = config.relevance == "mlp" and self.loss_kind == "sampled_softmax"
 
     def encode(self, items: torch.Tensor, time_buckets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """History (B, L) -> (interest states, enhanced interests), both (B, L, D), zero at padding."""
@@ -90,11 +95,23 @@ class InterestModel(nn.Module):
         if self.loss_kind == "sampled_softmax":
             neg_ids = torch.randint(1, cfg.num_items + 1, (self.num_negatives,), device=u.device)  # (K,)
             neg = self.relevance.catalog(u, self.features.item_features(neg_ids))  # (P, K)
-            return sampled_softmax_loss(pos, neg, neg_ids, tgt, cfg.num_items)
+            loss = sampled_softmax_loss(pos, neg, neg_ids, tgt, cfg.num_items)
+            return loss + self._dot_term_loss(u, tgt) if self.train_dot_term else loss
         sampled = torch.randint(1, cfg.num_items + 1, (u.shape[0], self.num_negatives), device=u.device)
         neg_ids = sampled if negatives is None else torch.cat([negatives[has_target], sampled], 1)  # (P, K)
         neg = self.relevance(u, self.features.item_features(neg_ids))  # (P, K)
         return binary_loss(pos, neg, ((neg_ids > 0) & (neg_ids != tgt.unsqueeze(1))).float())
+
+    def _dot_term_loss(self, u: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        """The next click's softmax under u . v alone: over the whole catalog when `loss: auto` would
+        give the dot model the full softmax, else over 2048 shared, logQ-corrected negatives."""
+        cfg = self.config
+        if cfg.full_softmax_fits:
+            return full_softmax_loss(u, self.features.all_item_features()[1:], tgt)
+        neg_ids = torch.randint(1, cfg.num_items + 1, (DOT_NEGATIVES,), device=u.device)
+        pos = (u * self.features.item_features(tgt)).sum(-1)
+        neg = u @ self.features.item_features(neg_ids).T  # (P, K)
+        return sampled_softmax_loss(pos, neg, neg_ids, tgt, cfg.num_items)
 
     def user_interest(self, items: torch.Tensor, time_buckets: torch.Tensor | None = None) -> torch.Tensor:
         """The enhanced interest after the last step of each history: (B, L) -> (B, D)."""

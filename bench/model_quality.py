@@ -62,7 +62,7 @@ def prepared(dataset: str) -> str:
     return str(out)
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="Beauty")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -73,7 +73,11 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0],
                         help="train each variant once per seed (model init and example order); rows show the mean")
     parser.add_argument("--set", action="append", default=[], help="extra override for every variant, k=v")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     data = prepared(args.dataset)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"model_quality_{args.dataset}.json"

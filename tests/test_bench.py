@@ -47,3 +47,23 @@ def test_another_schedule_gets_its_own_rows_and_ratio():
     table = "\n".join(quality_table({"rows": rows}))
     assert "NDCG@10: **1.250x**" in table
     assert "NDCG@10 (200 epochs, patience 10): **1.020x**" in table
+
+
+def test_the_full_suite_refreshes_the_stored_beauty_rows_of_every_variant():
+    """`python -m bench` trains every variant on Beauty, each into the row the stored results show
+    (the MLP relevance under its own validation schedule), never into a new row beside it."""
+    import json
+    from pathlib import Path
+
+    from bench.__main__ import FULL
+    from bench.model_quality import VARIANTS, parse_args
+
+    made: dict[str, str] = {}
+    for cmd in FULL["quality"]:
+        args = parse_args(cmd[1:])
+        if args.dataset == "Beauty":
+            made |= {v: row_name(v, args.epochs, args.patience, args.eval_every, args.set) for v in args.variants}
+    assert set(made) == set(VARIANTS)
+    stored = json.loads((Path(__file__).parents[1] / "bench" / "results" / "model_quality_Beauty.json").read_text())["rows"]
+    assert set(made.values()) <= set(stored), set(made.values()) - set(stored)
+    assert made["relevance=mlp"] == "relevance=mlp (60 epochs, validated every 3 epochs, patience 2)"

@@ -20,7 +20,6 @@ from pathlib import Path
 
 from ray_rec.config import load_config
 from ray_rec.data.prepare import PrepareOptions, prepare, read_manifest
-from ray_rec.train.local import train_local
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon"
 # Where results go: bench/results, or RAY_REC_BENCH_RESULTS (`python -m bench --quick` points it
@@ -77,6 +76,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main() -> None:
+    from ray_rec.train.local import train_local  # torch: not imported by `python -m bench --report`
+
     args = parse_args()
     data = prepared(args.dataset)
     RESULTS.mkdir(parents=True, exist_ok=True)

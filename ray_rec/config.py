@@ -21,8 +21,6 @@ LOSSES = ("auto", "ce", "sampled_softmax", "bce")
 # bounded by chunking, its compute is not), sampled softmax against 2048 shared negatives.
 # At the short-history length of 50 that is a catalog of 200,000 items.
 FULL_SOFTMAX_MAX_CELLS = 200_000 * 50
-# Negatives shared by a batch when sampled softmax scores them with a dot product.
-DOT_NEGATIVES = 2048
 
 # History length and dropout follow the data set unless set, after SASRec's own choices: 50 and
 # 0.5 on the sparse sets whose users average 7-11 clicks (Amazon, Steam), 200 and 0.2 on
@@ -105,12 +103,9 @@ class ModelConfig:
         """The loss actually used: `auto` picks full softmax for dot relevance and small catalogs."""
         if self.loss != "auto":
             return self.loss
-        return "ce" if self.relevance == "dot" and self.full_softmax_fits else "sampled_softmax"
-
-    @property
-    def full_softmax_fits(self) -> bool:
-        """Whether the catalog times the history length is small enough for the full softmax."""
-        return self.num_items * self.history_len <= FULL_SOFTMAX_MAX_CELLS
+        if self.relevance == "dot" and self.num_items * self.history_len <= FULL_SOFTMAX_MAX_CELLS:
+            return "ce"
+        return "sampled_softmax"
 
     @property
     def negatives(self) -> int:
@@ -119,13 +114,25 @@ class ModelConfig:
         quality"), 256 when an MLP scores every pair or `bce` draws them per position."""
         if self.num_negatives is not None:
             return self.num_negatives
-        return DOT_NEGATIVES if self.resolved_loss == "sampled_softmax" and self.relevance == "dot" else 256
+        return 2048 if self.resolved_loss == "sampled_softmax" and self.relevance == "dot" else 256
+
+    @property
+    def dot_term(self) -> ModelConfig | None:
+        """What the MLP relevance's u . v term also trains under while the MLP trains with sampled
+        softmax: the loss and negatives `relevance: dot` gets by default (the full softmax while the
+        catalog fits, else 2048 shared negatives). None for every other setting."""
+        if self.relevance != "mlp" or self.resolved_loss != "sampled_softmax":
+            return None
+        return dataclasses.replace(self, relevance="dot", loss="auto", num_negatives=None)
+
+    def loss_text(self) -> str:
+        """The loss actually used, with its negatives: e.g. `ce`, `sampled_softmax (2048 negatives)`."""
+        return self.resolved_loss + (f" ({self.negatives} negatives)" if self.resolved_loss != "ce" else "")
 
     def describe(self) -> str:
         """One line naming the networks and the sizes training will use."""
-        loss = self.resolved_loss + (f" ({self.negatives} negatives)" if self.resolved_loss != "ce" else "") + " loss"
-        if self.relevance == "mlp" and self.resolved_loss == "sampled_softmax":  # see InterestModel.train_dot_term
-            loss += f" + {'ce' if self.full_softmax_fits else f'sampled_softmax ({DOT_NEGATIVES} negatives)'} on its dot term"
+        dot = self.dot_term
+        loss = f"{self.loss_text()} loss" + (f" + {dot.loss_text()} on its dot term" if dot else "")
         return (f"{self.tracker} tracker, {self.enhancer} enhancer, {self.relevance} relevance, "
                 f"{loss}; {self.num_items:,} items, history length {self.history_len}, "
                 f"dropout {self.dropout_p:g}")

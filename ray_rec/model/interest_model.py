@@ -9,13 +9,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ray_rec.config import DOT_NEGATIVES, ModelConfig
+from ray_rec.config import ModelConfig
 from ray_rec.model.enhancement import ENHANCERS
 from ray_rec.model.features import SequenceFeatureExtractor
 from ray_rec.model.losses import (
     auxiliary_next_click_loss,
     binary_loss,
-    full_softmax_loss,
     sampled_softmax_loss,
 )
 from ray_rec.model.relevance import RELEVANCES, DotRelevance, MLPRelevance
@@ -51,7 +50,12 @@ class InterestModel(nn.Module):
         # The MLP relevance's score is u . v + MLP(u, v). Its sampled softmax alone learns slowly and
         # ends below the dot model (README "Model quality"), so the u . v term is also trained on its
         # own, as `relevance: dot` would be: the MLP then learns a correction to a good ranker.
-        self.train_dot_term = config.relevance == "mlp" and self.loss_kind == "sampled_softmax"
+        self.dot_term = config.dot_term
+        self.dot_relevance = DotRelevance(config)  # no parameters: scores the u . v term alone
+
+    @property
+    def train_dot_term(self) -> bool:
+        return self.dot_term is not None
 
     def encode(self, items: torch.Tensor, time_buckets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """History (B, L) -> (interest states, enhanced interests), both (B, L, D), zero at padding."""
@@ -88,30 +92,30 @@ class InterestModel(nn.Module):
     def _main_loss(
         self, u: torch.Tensor, tgt: torch.Tensor, negatives: torch.Tensor | None, has_target: torch.Tensor
     ) -> torch.Tensor:
+        if self.loss_kind != "bce":
+            loss = self._softmax_loss(self.relevance, self.loss_kind, self.num_negatives, u, tgt)
+            if self.dot_term is not None:
+                dot = self.dot_term
+                loss = loss + self._softmax_loss(self.dot_relevance, dot.resolved_loss, dot.negatives, u, tgt)
+            return loss
         cfg = self.config
-        if self.loss_kind == "ce":
-            return self.relevance.full_softmax_loss(u, self.features.all_item_features()[1:], tgt)
         pos = self.relevance(u, self.features.item_features(tgt).unsqueeze(1)).squeeze(1)  # (P,)
-        if self.loss_kind == "sampled_softmax":
-            neg_ids = torch.randint(1, cfg.num_items + 1, (self.num_negatives,), device=u.device)  # (K,)
-            neg = self.relevance.catalog(u, self.features.item_features(neg_ids))  # (P, K)
-            loss = sampled_softmax_loss(pos, neg, neg_ids, tgt, cfg.num_items)
-            return loss + self._dot_term_loss(u, tgt) if self.train_dot_term else loss
         sampled = torch.randint(1, cfg.num_items + 1, (u.shape[0], self.num_negatives), device=u.device)
         neg_ids = sampled if negatives is None else torch.cat([negatives[has_target], sampled], 1)  # (P, K)
         neg = self.relevance(u, self.features.item_features(neg_ids))  # (P, K)
         return binary_loss(pos, neg, ((neg_ids > 0) & (neg_ids != tgt.unsqueeze(1))).float())
 
-    def _dot_term_loss(self, u: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-        """The next click's softmax under u . v alone: over the whole catalog when `loss: auto` would
-        give the dot model the full softmax, else over 2048 shared, logQ-corrected negatives."""
-        cfg = self.config
-        if cfg.full_softmax_fits:
-            return full_softmax_loss(u, self.features.all_item_features()[1:], tgt)
-        neg_ids = torch.randint(1, cfg.num_items + 1, (DOT_NEGATIVES,), device=u.device)
-        pos = (u * self.features.item_features(tgt)).sum(-1)
-        neg = u @ self.features.item_features(neg_ids).T  # (P, K)
-        return sampled_softmax_loss(pos, neg, neg_ids, tgt, cfg.num_items)
+    def _softmax_loss(
+        self, relevance: DotRelevance | MLPRelevance, kind: str, num_negatives: int, u: torch.Tensor, tgt: torch.Tensor
+    ) -> torch.Tensor:
+        """The next click's softmax under ``relevance``: over the whole catalog (``kind`` "ce"), or
+        over ``num_negatives`` uniformly drawn, logQ-corrected negatives shared by the batch."""
+        if kind == "ce":
+            return relevance.full_softmax_loss(u, self.features.all_item_features()[1:], tgt)
+        pos = relevance(u, self.features.item_features(tgt).unsqueeze(1)).squeeze(1)  # (P,)
+        neg_ids = torch.randint(1, self.config.num_items + 1, (num_negatives,), device=u.device)  # (K,)
+        neg = relevance.catalog(u, self.features.item_features(neg_ids))  # (P, K)
+        return sampled_softmax_loss(pos, neg, neg_ids, tgt, self.config.num_items)
 
     def user_interest(self, items: torch.Tensor, time_buckets: torch.Tensor | None = None) -> torch.Tensor:
         """The enhanced interest after the last step of each history: (B, L) -> (B, D)."""

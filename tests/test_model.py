@@ -220,8 +220,33 @@ def test_the_factorised_mlp_relevance_is_the_plain_mlp_on_the_pair(monkeypatch):
     users = u.reshape(15, 8)
     want = plain(users, items.expand(15, -1, -1))
     torch.testing.assert_close(rel.catalog(users, items), want)
-    monkeypatch.setattr(relevance, "_CATALOG_PAIRS", 40)  # several chunks, the last one short
-    torch.testing.assert_close(rel.catalog(users, items), want)
+    many = torch.randn(300, 8)
+    want_many = plain(users, many.expand(15, -1, -1))
+    monkeypatch.setattr(relevance, "_BLOCK_FLOATS", 7 * 16 * 128)  # blocks of 7 users x 128 items, the last ones short
+    torch.testing.assert_close(rel.catalog(users, many), want_many)
+    monkeypatch.setattr(relevance, "_BLOCK_FLOATS", 1)  # one user at a time
+    torch.testing.assert_close(rel.catalog(users, many), want_many)
+
+
+def test_the_mlp_catalog_recomputed_in_backward_gives_the_same_gradients(monkeypatch):
+    """In training (dropout on) the checkpointed blocks of users draw no new masks when they are
+    recomputed: loss and gradients equal those of the catalog kept whole."""
+    from ray_rec.model import relevance
+
+    monkeypatch.setattr(relevance, "_BLOCK_FLOATS", 4 * 32 * 128)  # blocks of 4 users x 128 items
+    monkeypatch.setattr(relevance, "_KEEP_FLOATS", 0)  # too large to keep: recomputed
+    rel = RELEVANCES.build("mlp", ModelConfig(num_items=300, dim=16, dropout=0.5)).train()
+    u, items = torch.randn(10, 16, requires_grad=True), torch.randn(300, 16, requires_grad=True)
+    grads = []
+    for recompute in (True, False):
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        rel.zero_grad()
+        u.grad = items.grad = None
+        loss = rel.catalog(u, items, recompute=recompute).logsumexp(-1).sum()
+        loss.backward()
+        grads.append([loss.detach(), u.grad, items.grad, *(p.grad for p in rel.parameters())])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)
 
 
 def test_the_augru_step_is_dien_s_attentional_update_gate():

@@ -226,6 +226,7 @@ def test_the_factorised_mlp_relevance_is_the_plain_mlp_on_the_pair(monkeypatch):
     torch.testing.assert_close(rel.catalog(users, many), want_many)
     monkeypatch.setattr(relevance, "_BLOCK_FLOATS", 1)  # one user at a time
     torch.testing.assert_close(rel.catalog(users, many), want_many)
+    assert rel.catalog(users[:0], many).shape == (0, 300)  # no users: no blocks, an empty table
 
 
 def test_the_mlp_catalog_recomputed_in_backward_gives_the_same_gradients(monkeypatch):

@@ -104,6 +104,8 @@ class MLPRelevance(nn.Module):
         caller recomputes the whole call itself (``recompute=False``).
         """
         p, width = u.shape[0], cast(nn.Linear, self.mlp[0]).out_features
+        if p == 0:
+            return u.new_zeros(0, items.shape[0])
         users = max(1, min(p, _BLOCK_FLOATS // (width * 128)))
         cols = max(128, _BLOCK_FLOATS // (users * width))
         weights = self._head_weights(p)  # drawn once, so a recomputed block sees the same masks

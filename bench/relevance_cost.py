@@ -37,7 +37,7 @@ def _plain_forward(self: MLPRelevance, u: torch.Tensor, v: torch.Tensor) -> torc
     return (u * v).sum(-1) + self.mlp(torch.cat([u, v, u * v, u - v], -1)).squeeze(-1)
 
 
-def _plain_catalog(self: MLPRelevance, u: torch.Tensor, items: torch.Tensor, recompute: bool = True) -> torch.Tensor:
+def _plain_catalog(self: MLPRelevance, u: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     return torch.cat([_plain_forward(self, u, items[s : s + 4096].unsqueeze(0).expand(u.shape[0], -1, -1))
                       for s in range(0, items.shape[0], 4096)], -1)
 

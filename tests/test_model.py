@@ -235,15 +235,15 @@ def test_the_mlp_catalog_recomputed_in_backward_gives_the_same_gradients(monkeyp
     from ray_rec.model import relevance
 
     monkeypatch.setattr(relevance, "_BLOCK_FLOATS", 4 * 32 * 128)  # blocks of 4 users x 128 items
-    monkeypatch.setattr(relevance, "_KEEP_FLOATS", 0)  # too large to keep: recomputed
     rel = RELEVANCES.build("mlp", ModelConfig(num_items=300, dim=16, dropout=0.5)).train()
     u, items = torch.randn(10, 16, requires_grad=True), torch.randn(300, 16, requires_grad=True)
     grads = []
-    for recompute in (True, False):
+    for keep in (0, 1 << 30):  # too large to keep: recomputed; then kept whole
+        monkeypatch.setattr(relevance, "_KEEP_FLOATS", keep)
         torch.manual_seed(1)  # the same dropout masks in both runs
         rel.zero_grad()
         u.grad = items.grad = None
-        loss = rel.catalog(u, items, recompute=recompute).logsumexp(-1).sum()
+        loss = rel.catalog(u, items).logsumexp(-1).sum()
         loss.backward()
         grads.append([loss.detach(), u.grad, items.grad, *(p.grad for p in rel.parameters())])
     for got, want in zip(*grads):
@@ -329,8 +329,8 @@ def test_the_mlp_relevance_also_trains_its_dot_term(monkeypatch, catalog_cells):
     if catalog_cells == "large":
         monkeypatch.setattr(config, "FULL_SOFTMAX_MAX_CELLS", N * 8 - 1)
     model, dot_model = make(relevance="mlp").eval(), make(relevance="dot", loss="sampled_softmax")  # eval: no dropout draws
-    assert model.train_dot_term and not dot_model.train_dot_term
-    assert not make(relevance="mlp", loss="bce").train_dot_term
+    assert model.dot_term is not None and dot_model.dot_term is None
+    assert make(relevance="mlp", loss="bce").dot_term is None
     data = batch(negatives=False)
     torch.manual_seed(5)
     got = model(data)["main"]

@@ -53,10 +53,6 @@ class InterestModel(nn.Module):
         self.dot_term = config.dot_term
         self.dot_relevance = DotRelevance(config)  # no parameters: scores the u . v term alone
 
-    @property
-    def train_dot_term(self) -> bool:
-        return self.dot_term is not None
-
     def encode(self, items: torch.Tensor, time_buckets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """History (B, L) -> (interest states, enhanced interests), both (B, L, D), zero at padding."""
         valid = items > 0  # (B, L)
@@ -94,8 +90,7 @@ class InterestModel(nn.Module):
     ) -> torch.Tensor:
         if self.loss_kind != "bce":
             loss = self._softmax_loss(self.relevance, self.loss_kind, self.num_negatives, u, tgt)
-            if self.dot_term is not None:
-                dot = self.dot_term
+            if (dot := self.dot_term) is not None:
                 loss = loss + self._softmax_loss(self.dot_relevance, dot.resolved_loss, dot.negatives, u, tgt)
             return loss
         cfg = self.config

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import json
 import os
 import platform
@@ -83,12 +84,10 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"model_quality_{args.dataset}.json"
     # Rows of variants not run this time stay (each row names its own command), so the ablations
-    # can be run one at a time and the report is written after every variant.
-    rows = json.loads(out.read_text())["rows"] if out.exists() else {}
-    if "popularity" not in rows:
-        rows["popularity"] = {**popularity(data), "best_epoch": 0, "seconds": 0, "overrides": {},
-                              "command": f"python -m bench.model_quality --dataset {args.dataset}"}
-    report: dict = {}
+    # can be run one at a time, or side by side, and the report is written after every seed.
+    report = update_report(out, args.dataset, "popularity", lambda old: old or {
+        **popularity(data), "best_epoch": 0, "seconds": 0, "overrides": {},
+        "command": f"python -m bench.model_quality --dataset {args.dataset}"})
     for name in args.variants:
         for seed in args.seeds:
             overrides = {"train.epochs": args.epochs, "train.patience": args.patience, "train.eval_every": args.eval_every,
@@ -101,17 +100,12 @@ def main() -> None:
             run = train_local(data, load_config(None, overrides), log=tagged(tag))
             result = {**{k: run.test[k] for k in KEYS}, "best_epoch": run.best_epoch, "seconds": round(run.seconds),
                       "history": run.history}
-            rows[row] = add_seed(rows.get(row), seed, result, VARIANTS[name],
-                                  f"python -m bench.model_quality --dataset {args.dataset} --epochs {args.epochs} "
-                                  f"--patience {args.patience}" + (f" --eval-every {args.eval_every}" if args.eval_every != 1 else "")
-                                  + f" --variants {name}" + "".join(f" --set {s}" for s in args.set))
+            command = (f"python -m bench.model_quality --dataset {args.dataset} --epochs {args.epochs} "
+                       f"--patience {args.patience}" + (f" --eval-every {args.eval_every}" if args.eval_every != 1 else "")
+                       + f" --variants {name}" + "".join(f" --set {s}" for s in args.set))
+            report = update_report(out, args.dataset, row, functools.partial(
+                add_seed, seed=seed, result=result, overrides=VARIANTS[name], command=command))
             print(f"[{tag}] test {json.dumps({k: v for k, v in result.items() if k != 'history'})}", flush=True)
-            report = {"dataset": args.dataset, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                      "rows": ordered(rows),
-                      "published": PUBLISHED.get(args.dataset, {}),
-                      "total_seconds": sum(x["seconds"] for r in rows.values() for x in r.get("runs", {"0": r}).values()),
-                      "command": f"python -m bench.model_quality --dataset {args.dataset} (one row per variant; see each row's command)"}
-            out.write_text(json.dumps(report, indent=2))
     print(markdown(report))
     print(f"wrote {out}")
 
@@ -129,6 +123,28 @@ def row_name(variant: str, epochs: int, patience: int, eval_every: int = 1, sets
 def tagged(tag: str) -> Callable[[str], None]:
     """A progress printer that prefixes each line with the run it belongs to."""
     return lambda message: print(f"[{tag}] {message}", flush=True)
+
+
+def update_report(out: Path, dataset: str, row: str, make: Callable[[dict | None], dict]) -> dict:
+    """Set ``row`` of the report stored in ``out`` to ``make(its stored value)``, atomically.
+
+    The rows are read again under a lock, so benchmarks run side by side on one data set (each
+    writing after every seed) keep each other's rows instead of the last writer's copy winning.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(out.read_text())["rows"] if out.exists() else {}
+        rows[row] = make(rows.get(row))
+        report = {"dataset": dataset, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                  "rows": ordered(rows),
+                  "published": PUBLISHED.get(dataset, {}),
+                  "total_seconds": sum(x["seconds"] for r in rows.values() for x in r.get("runs", {"0": r}).values()),
+                  "command": f"python -m bench.model_quality --dataset {dataset} (one row per variant; see each row's command)"}
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, out)
+    return report
 
 
 def ordered(rows: dict) -> dict:

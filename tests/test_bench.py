@@ -49,21 +49,59 @@ def test_another_schedule_gets_its_own_rows_and_ratio():
     assert "NDCG@10 (200 epochs, patience 10): **1.020x**" in table
 
 
-def test_the_full_suite_refreshes_the_stored_beauty_rows_of_every_variant():
-    """`python -m bench` trains every variant on Beauty, each into the row the stored results show
-    (the MLP relevance under its own validation schedule), never into a new row beside it."""
+def test_the_full_suite_remakes_every_stored_figure_with_its_own_command():
+    """`python -m bench` runs each stored benchmark's command, and trains every stored quality row
+    of both data sets with the seeds and schedule it shows, into that row, never a new one."""
     import json
     from pathlib import Path
 
     from bench.__main__ import FULL
-    from bench.model_quality import VARIANTS, parse_args
+    from bench.model_quality import parse_args
 
-    made: dict[str, str] = {}
+    results = Path(__file__).parents[1] / "bench" / "results"
+    commands = {" ".join(["python -m", *cmd]) for cmds in FULL.values() for cmd in cmds}
+    for path in results.glob("*.json"):
+        stored = json.loads(path.read_text())
+        if path.name.startswith("model_quality_") or "command" not in stored:
+            continue
+        assert stored["command"].split(" (")[0] in commands, path.name
+
+    made: dict[tuple[str, str], set[int]] = {}
     for cmd in FULL["quality"]:
         args = parse_args(cmd[1:])
-        if args.dataset == "Beauty":
-            made |= {v: row_name(v, args.epochs, args.patience, args.eval_every, args.set) for v in args.variants}
-    assert set(made) == set(VARIANTS)
-    stored = json.loads((Path(__file__).parents[1] / "bench" / "results" / "model_quality_Beauty.json").read_text())["rows"]
-    assert set(made.values()) <= set(stored), set(made.values()) - set(stored)
-    assert made["relevance=mlp"] == "relevance=mlp (60 epochs, validated every 3 epochs, patience 2)"
+        for v in args.variants:
+            made.setdefault((args.dataset, row_name(v, args.epochs, args.patience, args.eval_every, args.set)), set()).update(args.seeds)
+    for dataset in ("Beauty", "Sports_and_Outdoors"):
+        rows = json.loads((results / f"model_quality_{dataset}.json").read_text())["rows"]
+        for row, stored in rows.items():
+            if row != "popularity":
+                assert set(stored["seeds"]) == made.get((dataset, row)), (dataset, row)
+    assert ("Beauty", "relevance=mlp (60 epochs, validated every 3 epochs, patience 2)") in made
+    assert ("Sports_and_Outdoors", "relevance=mlp (60 epochs, validated every 3 epochs, patience 2)") in made
+
+
+def test_rows_written_side_by_side_are_all_kept(tmp_path):
+    """Quality runs started side by side on one data set each write the report after every seed;
+    each write re-reads the stored rows under a lock, so no run drops another's rows."""
+    import multiprocessing
+
+    out = tmp_path / "model_quality_X.json"
+    ctx = multiprocessing.get_context("spawn")
+    writers = [ctx.Process(target=write_rows, args=(out, name)) for name in ("a", "b", "c")]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(60)
+    assert [w.exitcode for w in writers] == [0, 0, 0]
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {f"{name}{i}" for name in "abc" for i in range(30)}
+    assert rows["b7"]["NDCG@10"] == pytest.approx(0.07)
+
+
+def write_rows(out, name: str) -> None:
+    from bench.model_quality import update_report
+
+    for i in range(30):
+        update_report(out, "X", f"{name}{i}", lambda old, i=i: add_seed(old, 0, result(i / 100, 1), {}, "c"))

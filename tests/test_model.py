@@ -131,6 +131,48 @@ def test_save_and_load_give_identical_scores(tmp_path):
     assert len(top[0]) == 5 and not {"i3", "i9", "i27"} & {i for i, _ in top[0]}
 
 
+def test_batches_of_ragged_requests_answer_as_one_at_a_time_and_exclude_every_seen_item(tmp_path):
+    """The Python API and the serving batch pad many histories and candidate lists at once: each
+    row's answer is the one it gets alone, and every seen item is excluded, not only the last
+    history_len the model reads."""
+    import numpy as np
+
+    from ray_rec.model.artifact import load_model, pad_rows, save_model
+    from ray_rec.serve.batching import Job, run_jobs
+    from ray_rec.vocab import Vocabulary
+
+    assert pad_rows([[1, 2], [], [3]], left=True).tolist() == [[1, 2], [0, 0], [0, 3]]
+    assert pad_rows([[1, 2], [], [3]]).tolist() == [[1, 2], [0, 0], [3, 0]]
+    assert pad_rows([]).shape == (0, 1) and pad_rows([[]]).tolist() == [[0]]
+    model = make().eval()
+    vocab = Vocabulary(ids=[f"i{i}" for i in range(1, N + 1)], counts=np.ones(N, dtype=np.int64),
+                       side_values={"cat": list("abcde")}, side_table=model.features.item_side[1:].numpy())
+    save_model(model, vocab, str(tmp_path / "m"))
+    rec = load_model(str(tmp_path / "m"))
+    long = [f"i{i}" for i in range(1, 21)]  # 20 clicks, the model reads the last 8
+    histories = [long, ["i3"], ["i5", "nope", "i7"]]
+    top = rec.recommend(histories, k=N)
+    assert [len(t) for t in top] == [N - 20, N - 1, N - 2]
+    assert not set(long) & {i for i, _ in top[0]}
+    for got, alone in zip(top, (rec.recommend([h], k=N)[0] for h in histories)):  # same to float rounding
+        assert [i for i, _ in got] == [i for i, _ in alone] and [s for _, s in got] == pytest.approx([s for _, s in alone])
+    assert rec.recommend(histories, k=N, exclude_seen=False)[0][0][0] in {*long, *(f"i{i}" for i in range(21, N + 1))}
+    cands = [["i1", "i40"], ["nope"], ["i2", "i3", "i4"]]
+    scored = rec.score(histories, cands)
+    assert [[s is None for s in row] for row in scored] == [[False, False], [True], [False, False, False]]
+    assert scored[2] == pytest.approx(rec.score([histories[2]], [cands[2]])[0])
+    index = [vocab.lookup(h)[0] for h in histories]
+    jobs = [Job(history=index[0], k=N), Job(history=index[1], candidates=[4, 0, 9]), Job(history=index[2], k=3, exclude=False),
+            Job(history=index[0], candidates=[1])]
+    alone = [run_jobs(rec, [j])[0] for j in jobs]
+    together = run_jobs(rec, jobs)
+    assert [i for i, _ in together[0]] == [i for i, _ in alone[0]] and len(together[0]) == N - 20 and not set(range(1, 21)) & {i for i, _ in together[0]}
+    assert together[1] == pytest.approx(alone[1]) and len(together[1]) == 3
+    assert [i for i, _ in together[2]] == [i for i, _ in alone[2]] and len(together[2]) == 3
+    assert together[3] == pytest.approx(alone[3])
+    assert [vocab.raw_id(i) for i, _ in together[0]] == [i for i, _ in top[0]]
+
+
 def test_model_metrics_and_loader_import_without_ray():
     code = (
         "import sys; sys.modules['ray'] = None\n"

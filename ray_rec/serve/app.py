@@ -77,8 +77,7 @@ class RecommenderService:
             raise HTTPException(422, "history is empty: send at least one clicked item id")
         if len(raw) > self.args.max_history:
             raise HTTPException(422, f"history has {len(raw)} items; the limit is {self.args.max_history}")
-        known, unknown = self.rec.vocab.lookup(raw)
-        return known[-self.rec.config.history_len :], unknown
+        return self.rec.vocab.lookup(raw)
 
     @api.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(check_key)])
     async def score(self, body: ScoreRequest) -> dict[str, Any]:

@@ -74,7 +74,7 @@ def measure(data: str, relevance: str, steps: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     model.score_catalog(users["items"])
     return {"step_ms": step * 1000, "catalog_512_users_ms": (time.perf_counter() - t0) * 1000, "items": mcfg.num_items,
-            "loss": mcfg.resolved_loss + (f" + {mcfg.dot_term.resolved_loss} on the dot term" if mcfg.dot_term else "")}
+            "loss": mcfg.losses_text()}
 
 
 def main() -> None:

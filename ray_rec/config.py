@@ -129,12 +129,15 @@ class ModelConfig:
         """The loss actually used, with its negatives: e.g. `ce`, `sampled_softmax (2048 negatives)`."""
         return self.resolved_loss + (f" ({self.negatives} negatives)" if self.resolved_loss != "ce" else "")
 
+    def losses_text(self) -> str:
+        """What training minimises, e.g. ``sampled_softmax (256 negatives) loss + ce on its dot term``."""
+        dot = self.dot_term
+        return f"{self.loss_text()} loss" + (f" + {dot.loss_text()} on its dot term" if dot else "")
+
     def describe(self) -> str:
         """One line naming the networks and the sizes training will use."""
-        dot = self.dot_term
-        loss = f"{self.loss_text()} loss" + (f" + {dot.loss_text()} on its dot term" if dot else "")
         return (f"{self.tracker} tracker, {self.enhancer} enhancer, {self.relevance} relevance, "
-                f"{loss}; {self.num_items:,} items, history length {self.history_len}, "
+                f"{self.losses_text()}; {self.num_items:,} items, history length {self.history_len}, "
                 f"dropout {self.dropout_p:g}")
 
     def fit_to_history(self, clicks_per_user: float) -> ModelConfig:

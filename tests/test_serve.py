@@ -48,12 +48,13 @@ def test_score_and_recommend_match_the_python_api(service, trained):
     assert [g[0] for g in got] == [w[0] for w in want]
     assert [g[1] for g in got] == pytest.approx([w[1] for w in want], rel=1e-4, abs=1e-5)
     # A history longer than the model reads: every seen item is still excluded, as in the Python API.
-    long = [f"i{i}" for i in range(1, 41)]
-    assert rec.config.history_len < len(long)
-    r = post(service, "/v1/recommend", {"history": long, "k": 20})
+    long = [f"i{i}" for i in range(55)]  # of the catalog's 60 items, i0 to i59
+    assert rec.config.history_len < len(long) and len(rec.vocab) == 60
+    r = post(service, "/v1/recommend", {"history": long, "k": 10})
     assert r.status_code == 200, r.text
     got_ids = [i["item_id"] for i in r.json()["items"]]
-    assert not set(long) & set(got_ids) and got_ids == [i for i, _ in rec.recommend([long], k=20)[0]]
+    assert sorted(got_ids) == [f"i{i}" for i in range(55, 60)]  # only the unseen are left
+    assert got_ids == [i for i, _ in rec.recommend([long], k=10)[0]]
 
 
 def test_concurrent_mixed_requests_are_all_answered(service):

@@ -1,9 +1,9 @@
 """The benchmark suite in one command: run the benchmarks, then write BENCHMARKS.md and plots.
 
-    python -m bench                 # the full figures (about 14 hours on a 2-core machine, most
-                                    # of it the 36 quality training runs)
+    python -m bench                 # the full figures: 30 quality training runs (13.5 hours as
+                                    # their rows record it), then the timing benchmarks (~2 hours)
     python -m bench --jobs 2        # the same, training two quality runs at a time with one
-                                    # thread each, as the stored rows were (about 8 hours)
+                                    # thread each, as most stored rows were (about 7 hours + 2)
     python -m bench --quick         # every benchmark at a small size (about 10 minutes), into
                                     # bench/results/quick/ so it never overwrites the full figures
     python -m bench --only serve scale   # some of them; the report is rebuilt from every result on disk

@@ -109,15 +109,22 @@ def test_overfits_a_tiny_data_set(enhancer):
     assert (ids[:, 0] == seqs[:, -1]).float().mean() >= 0.9
 
 
-def test_save_and_load_give_identical_scores(tmp_path):
+def vocabulary_of(model: InterestModel):
+    """Raw ids i1..iN with the model's side features, for artifact tests."""
     import numpy as np
 
-    from ray_rec.model.artifact import load_model, save_model
     from ray_rec.vocab import Vocabulary
 
+    return Vocabulary(ids=[f"i{i}" for i in range(1, N + 1)], counts=np.ones(N, dtype=np.int64),
+                      side_values={"cat": list("abcde")}, side_table=model.features.item_side[1:].numpy())
+
+
+def test_save_and_load_give_identical_scores(tmp_path):
+
+    from ray_rec.model.artifact import load_model, save_model
+
     model = make().eval()
-    vocab = Vocabulary(ids=[f"i{i}" for i in range(1, N + 1)], counts=np.ones(N, dtype=np.int64),
-                       side_values={"cat": list("abcde")}, side_table=model.features.item_side[1:].numpy())
+    vocab = vocabulary_of(model)
     version = save_model(model, vocab, str(tmp_path / "m"))
     rec = load_model(str(tmp_path / "m"))
     assert rec.version == version
@@ -135,18 +142,15 @@ def test_batches_of_ragged_requests_answer_as_one_at_a_time_and_exclude_every_se
     """The Python API and the serving batch pad many histories and candidate lists at once: each
     row's answer is the one it gets alone, and every seen item is excluded, not only the last
     history_len the model reads."""
-    import numpy as np
 
     from ray_rec.model.artifact import load_model, pad_rows, save_model
     from ray_rec.serve.batching import Job, run_jobs
-    from ray_rec.vocab import Vocabulary
 
     assert pad_rows([[1, 2], [], [3]], left=True).tolist() == [[1, 2], [0, 0], [0, 3]]
     assert pad_rows([[1, 2], [], [3]]).tolist() == [[1, 2], [0, 0], [3, 0]]
     assert pad_rows([]).shape == (0, 1) and pad_rows([[]]).tolist() == [[0]]
     model = make().eval()
-    vocab = Vocabulary(ids=[f"i{i}" for i in range(1, N + 1)], counts=np.ones(N, dtype=np.int64),
-                       side_values={"cat": list("abcde")}, side_table=model.features.item_side[1:].numpy())
+    vocab = vocabulary_of(model)
     save_model(model, vocab, str(tmp_path / "m"))
     rec = load_model(str(tmp_path / "m"))
     long = [f"i{i}" for i in range(1, 21)]  # 20 clicks, the model reads the last 8

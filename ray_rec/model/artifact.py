@@ -99,7 +99,11 @@ class Recommender:
         """Raw histories -> left-padded (B, L) indices (the most recent ``max_len`` known items)
         and, per history, the unknown ids that were skipped."""
         known, unknown = self._lookup(histories)
-        return pad_rows([row[-self.config.history_len :] for row in known], left=True), unknown
+        return self.window(known), unknown
+
+    def window(self, known: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Item-index histories -> the left-padded (B, L) last ``history_len`` steps the model reads."""
+        return pad_rows([row[-self.config.history_len :] for row in known], left=True)
 
     def _lookup(self, histories: list[list[RawId]]) -> tuple[list[list[int]], list[list[RawId]]]:
         looked_up = [self.vocab.lookup(history) for history in histories]
@@ -124,8 +128,7 @@ class Recommender:
         if k < 1:
             raise ValueError(f"k={k} must be >= 1")
         known, _ = self._lookup(histories)
-        items = pad_rows([row[-self.config.history_len :] for row in known], left=True)
-        ids, scores = self.model.recommend(items, k, exclude=pad_rows(known) if exclude_seen else None)
+        ids, scores = self.model.recommend(self.window(known), k, exclude=pad_rows(known) if exclude_seen else None)
         return [
             [(self.vocab.raw_id(i), s) for i, s in zip(row_ids, row_scores) if s != float("-inf")]
             for row_ids, row_scores in zip(ids.tolist(), scores.tolist())

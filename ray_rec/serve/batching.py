@@ -23,7 +23,7 @@ def run_jobs(rec: Recommender, jobs: list[Job]) -> list[Any]:
     """Score and recommend jobs in one forward pass, padded to the longest history."""
     model = rec.model
     # Each history's most recent clicks feed the model; all of them are excluded from its top-k.
-    u = model.user_interest(pad_rows([j.history[-model.config.history_len :] for j in jobs], left=True))  # (B, D)
+    u = model.user_interest(rec.window([j.history for j in jobs]))  # (B, D)
     results: list[Any] = [None] * len(jobs)
     score_rows = [r for r, j in enumerate(jobs) if j.candidates is not None]
     if score_rows:

@@ -76,6 +76,10 @@ def test_the_full_suite_remakes_every_stored_figure_with_its_own_command():
         for row, stored in rows.items():
             if row != "popularity":
                 assert set(stored["seeds"]) == made.get((dataset, row)), (dataset, row)
+                # and the command the row names makes that row, with those seeds
+                own = parse_args(stored["command"].split()[3:])
+                assert row in {row_name(v, own.epochs, own.patience, own.eval_every, own.set) for v in own.variants}, row
+                assert own.dataset == dataset and own.seeds == stored["seeds"], (dataset, row)
     assert ("Beauty", "relevance=mlp (60 epochs, validated every 3 epochs, patience 2)") in made
     assert ("Sports_and_Outdoors", "relevance=mlp (60 epochs, validated every 3 epochs, patience 2)") in made
 

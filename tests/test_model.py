@@ -120,7 +120,6 @@ def vocabulary_of(model: InterestModel):
 
 
 def test_save_and_load_give_identical_scores(tmp_path):
-
     from ray_rec.model.artifact import load_model, save_model
 
     model = make().eval()
@@ -142,7 +141,6 @@ def test_batches_of_ragged_requests_answer_as_one_at_a_time_and_exclude_every_se
     """The Python API and the serving batch pad many histories and candidate lists at once: each
     row's answer is the one it gets alone, and every seen item is excluded, not only the last
     history_len the model reads."""
-
     from ray_rec.model.artifact import load_model, pad_rows, save_model
     from ray_rec.serve.batching import Job, run_jobs
 

@@ -1,9 +1,9 @@
 """The benchmark suite in one command: run the benchmarks, then write BENCHMARKS.md and plots.
 
-    python -m bench                 # the full figures: 38 quality training runs (17.8 hours as
+    python -m bench                 # the full figures: 44 quality training runs (21.6 hours as
                                     # their rows record it), then the timing benchmarks (~2 hours)
     python -m bench --jobs 2        # the same, training two quality runs at a time with one
-                                    # thread each, as most stored rows were (about 9 hours + 2)
+                                    # thread each, as most stored rows were (about 11 hours + 2)
     python -m bench --quick         # every benchmark at a small size (about 10 minutes), into
                                     # bench/results/quick/ so it never overwrites the full figures
     python -m bench --only serve scale   # some of them; the report is rebuilt from every result on disk
@@ -46,9 +46,10 @@ FULL = {
         quality("Beauty", "--variants", "enhancer=trend", "tracker=gru", "--seeds", "0", "1"),
         quality("Beauty", "--epochs", "200", "--patience", "10", "--variants", "default", "sasrec", "--seeds", "0", "1", "2"),
         quality("Sports_and_Outdoors", "--variants", "enhancer=trend", "tracker=gru"),
-        # Both models twice as wide as the default (README "Model quality": the width study).
+        # Both models twice and four times as wide as the default (README "Model quality": the width study).
         quality("Beauty", "--variants", "default", "sasrec", "--set", "model.dim=128", "--seeds", "0", "1", "2"),
-        quality("Sports_and_Outdoors", "--variants", "default", "sasrec", "--set", "model.dim=128"),
+        quality("Beauty", "--variants", "default", "sasrec", "--set", "model.dim=256", "--seeds", "0", "1"),
+        quality("Sports_and_Outdoors", "--variants", "default", "sasrec", "--set", "model.dim=128", "--seeds", "0", "1"),
     ],
     "speed": [["bench.train_speed"], ["bench.shared_cores"], ["bench.loss_memory"], ["bench.ray_train_beauty"], ["bench.relevance_cost"]],
     "serve": [["bench.serve_load", "--requests", "300", "--rounds", "3"]],

@@ -52,7 +52,7 @@ FULL = {
         quality("Sports_and_Outdoors", "--variants", "default", "sasrec", "--set", "model.dim=128", "--seeds", "0", "1"),
     ],
     "speed": [["bench.train_speed"], ["bench.shared_cores"], ["bench.loss_memory"], ["bench.ray_train_beauty"], ["bench.relevance_cost"]],
-    "serve": [["bench.serve_load", "--requests", "300", "--rounds", "3"]],
+    "serve": [["bench.serve_load", "--requests", "300", "--rounds", "3"], ["bench.serve_start", "--rounds", "3"]],
     "data": [["bench.data_scale", "--sizes", "2000000", "20000000", "40000000"]],
     "scale": [["bench.topk_scale", "--catalogs", "10000", "100000", "1000000", "--requests", "200"]],
 }
@@ -61,7 +61,7 @@ QUICK = {
     "speed": [["bench.train_speed", "--synthetic", "--epochs", "2", "--rounds", "1"],
               ["bench.shared_cores", "--synthetic", "--epochs", "2", "--rounds", "1"],
               ["bench.loss_memory", "--sizes", "20000x1280"], ["bench.relevance_cost", "--steps", "3"]],
-    "serve": [["bench.serve_load", "--requests", "100"]],
+    "serve": [["bench.serve_load", "--requests", "100"], ["bench.serve_start", "--rounds", "1"]],
     "data": [["bench.data_scale", "--sizes", "200000", "400000"]],
     "scale": [["bench.topk_scale", "--catalogs", "10000", "100000", "--requests", "100", "--repeats", "10"]],
 }

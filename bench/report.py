@@ -217,6 +217,25 @@ def serving(folder: Path, rel: str) -> list[str]:
     return out
 
 
+def serve_start(folder: Path) -> list[str]:
+    out: list[str] = []
+    for r in _load(folder, "serve_start.json"):
+        out += [_source(r), "", f"`ray-rec serve`'s start path in a fresh process, idle cores or {r['busy']} busy-loop processes; "
+                "seconds to the first answered request.", "",
+                "| cores | Serve workers at | answered / starts | median seconds (answered) | failures |", "|---|---|---|---|---|"]
+        for key, row in r["summary"].items():
+            load, workers = key.split(" | ")
+            failed: dict[str, list[float]] = {}
+            for e in r["runs"]:
+                if not e["ok"] and e["load"] == load and e["workers"] == workers:
+                    failed.setdefault(e["error"], []).append(e["seconds"])
+            errors = "; ".join(f"{len(t)}x {msg} (after {min(t):.0f}-{max(t):.0f} s)" for msg, t in failed.items()) or "-"
+            med = f"{row['median_s']:.1f}" if row["median_s"] is not None else "-"
+            out.append(f"| {load} | {workers} | {row['answered']} / {row['starts']} | {med} | {errors} |")
+        out.append("")
+    return out
+
+
 def topk(folder: Path) -> list[str]:
     out: list[str] = []
     for r in _load(folder, "topk_scale.json"):
@@ -238,7 +257,7 @@ def write_report(folder: Path, target: Path, quick: bool = False) -> Path:
              "then `python -m bench --report`.", ""]
     sections = [("Model quality (leave-one-out, full ranking, seen items excluded; test split)", quality(folder, rel)),
                 ("Training speed", speed(folder) + shared_cores(folder) + loss_memory(folder) + ray_runs(folder) + relevance_cost(folder)), ("Data: import and streaming at scale", data(folder)),
-                ("Serving", serving(folder, rel)), ("Top-k latency against catalog size", topk(folder))]
+                ("Serving", serving(folder, rel) + serve_start(folder)), ("Top-k latency against catalog size", topk(folder))]
     for title, body in sections:
         lines += [f"## {title}", ""] + (body or ["Not measured yet: run its command.", ""])
     target.write_text("\n".join(lines))

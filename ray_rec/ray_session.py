@@ -32,6 +32,14 @@ def local_cpus(workers: int) -> int:
 # measured on Beauty with 1 worker on 2 cores: 1,354 -> 1,433 examples/s. Keep them a while.
 WARM_WORKERS = {"idle_worker_killing_time_threshold_ms": 600_000, "num_workers_soft_limit": 32}
 
+# Ray starts its worker processes at niceness 15, so that they never slow its own control plane.
+# A Serve proxy and replica are worker processes: when the cores are busy with work at normal
+# priority in the same container or shell session (a training run, another program), they get a
+# few percent of a core. The proxy then misses Serve's 5 s readiness checks three times, is killed
+# and restarted, and `serve.start` fails after about a minute (measured in README, "Serving":
+# `python -m bench.serve_start`). A local Ray started to serve runs its workers at niceness 0.
+SERVING_WORKERS = {"worker_niceness": 0}
+
 
 def worker_env() -> dict[str, str]:
     """Environment variables for every Ray worker process of the job (a user's own setting wins).
@@ -46,8 +54,21 @@ def worker_env() -> dict[str, str]:
     return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
-def init_ray(workers: int = 2) -> None:
-    """Join the cluster named by ``RAY_ADDRESS`` (or the job's cluster), else start a local Ray."""
+def system_config(serving: bool = False) -> dict[str, int]:
+    """Ray's ``_system_config`` for a local Ray started by ray-rec (`init_ray`)."""
+    serving_config = SERVING_WORKERS if serving and "RAY_worker_niceness" not in os.environ else {}
+    return {**WARM_WORKERS, **serving_config}
+
+
+def init_ray(workers: int = 2, serving: bool = False) -> None:
+    """Join the cluster named by ``RAY_ADDRESS`` (or the job's cluster), else start a local Ray.
+
+    Args:
+        workers: training workers the local Ray must leave room for (see `local_cpus`).
+        serving: the local Ray will host a Serve app: its workers run at niceness 0, not Ray's 15
+            (`SERVING_WORKERS`), unless ``RAY_worker_niceness`` is set. A joined cluster keeps its
+            own setting.
+    """
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
@@ -58,7 +79,7 @@ def init_ray(workers: int = 2) -> None:
             num_cpus=local_cpus(workers),
             logging_level=logging.WARNING,
             runtime_env={"env_vars": worker_env()},
-            _system_config=WARM_WORKERS,
+            _system_config=system_config(serving),
         )
     ray.data.DataContext.get_current().enable_progress_bars = False
     for name in ("ray.data", "ray.train", "ray.serve"):  # our own progress lines say what matters

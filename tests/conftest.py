@@ -98,11 +98,13 @@ def s3() -> Iterator[S3]:
 def ray_cluster(s3: S3) -> Iterator[None]:
     import ray
 
-    from ray_rec.ray_session import worker_env
+    from ray_rec.ray_session import SERVING_WORKERS, worker_env
 
     if ray.is_initialized():  # a CLI test may have started one in this process
         ray.shutdown()
-    ray.init(address="local", num_cpus=6, logging_level="WARNING", runtime_env={"env_vars": worker_env()})
+    # The Serve tests deploy on this Ray: its workers run at normal priority, as `ray-rec serve`'s do.
+    ray.init(address="local", num_cpus=6, logging_level="WARNING", runtime_env={"env_vars": worker_env()},
+             _system_config=SERVING_WORKERS)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     from ray import serve

@@ -130,3 +130,33 @@ def test_api_key_is_required_except_for_health(service, trained):
     assert requests.get(url + "/v1/model", timeout=10).status_code == 401
     assert requests.get(url + "/healthz", timeout=10).status_code == 200
     serve.delete("keyed")
+
+
+NICENESS = """
+import os, ray
+from ray_rec.ray_session import init_ray
+
+@ray.remote
+def niceness():
+    return os.nice(0)
+
+for serving in (True, False):
+    init_ray(1, serving=serving)
+    print(os.nice(0), ray.get(niceness.remote()))
+    ray.shutdown()
+"""
+
+
+def test_a_local_ray_started_to_serve_runs_its_workers_at_the_drivers_priority():
+    """Ray starts its workers at niceness 15; the Ray that `ray-rec serve` and the demo start runs
+    them at the driver's, so busy cores cannot starve the Serve proxy past its start-up deadline
+    (`python -m bench.serve_start`). Other local Rays keep Ray's default."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_worker_niceness")}
+    out = subprocess.run([sys.executable, "-c", NICENESS], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (driver, serving), (driver_again, default) = [[int(n) for n in line.split()] for line in out.stdout.splitlines()[:2]]
+    assert serving == driver and default > driver_again

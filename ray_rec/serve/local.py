@@ -33,7 +33,7 @@ def serve_foreground(model_uri: str, host: str, port: int, max_batch_size: int, 
     from ray_rec.model.artifact import load_model
 
     load_model(model_uri)  # a bad artifact fails here, with a clear message, before Ray starts
-    init_ray(1)
+    init_ray(1, serving=True)
     url = start(model_uri, host, port, max_batch_size=max_batch_size, api_key_env=api_key_env)
     print(f"serving {model_uri} at {url} (OpenAPI docs at {url}/docs); Ctrl-C stops", flush=True)
     try:

@@ -4,7 +4,7 @@
                                     # their rows record it), then the timing benchmarks (~2 hours)
     python -m bench --jobs 2        # the same, training two quality runs at a time with one
                                     # thread each, as most stored rows were (about 11 hours + 2)
-    python -m bench --quick         # every benchmark at a small size (about 10 minutes), into
+    python -m bench --quick         # every benchmark at a small size (about 13 minutes), into
                                     # bench/results/quick/ so it never overwrites the full figures
     python -m bench --only serve scale   # some of them; the report is rebuilt from every result on disk
     python -m bench --report        # only rebuild BENCHMARKS.md and the plots from bench/results/

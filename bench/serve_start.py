@@ -3,7 +3,7 @@
 Ray starts its worker processes, the Serve proxy and replicas among them, at niceness 15. When
 every core is held by work at normal priority (a training run; busy-loop processes here), such a
 process gets a few percent of a core: the proxy cannot answer Serve's 5 s readiness checks while
-it imports, is killed and restarted, and `serve.start` gives up after about a minute. A local Ray
+it imports, is killed and restarted, and `serve.start` fails. A local Ray
 that ray-rec starts to serve (`init_ray(serving=True)`: `ray-rec serve`, the demo) runs its
 workers at niceness 0 instead.
 
@@ -37,6 +37,7 @@ from typing import Any
 from bench.model_quality import RESULTS
 from bench.serve_load import free_port, small_artifact
 from bench.shared_cores import busy
+from ray_rec.ray_session import usable_cores
 
 WORKERS = {"Ray's default (niceness 15)": False, "ray-rec serving (niceness 0)": True}
 
@@ -76,24 +77,25 @@ def one_start(model: str, serving: bool, timeout_s: float) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_worker_niceness")}
     cmd = [sys.executable, "-m", "bench.serve_start", "--child", model, *(["--serving"] if serving else [])]
     # Its own process group (to kill it with its Ray), in this session: the busy loops' autogroup.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             process_group=0)
     try:
-        out, _ = proc.communicate(timeout=timeout_s)
+        out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # with its GCS and raylet (its group); their workers exit with them
         proc.communicate()
         return {"ok": False, "seconds": timeout_s, "error": f"no answer within {timeout_s:.0f} s"}
     lines = [line for line in out.splitlines() if line.startswith("{")]
     if not lines:
-        return {"ok": False, "seconds": float("nan"), "error": f"the start process exited with {proc.returncode}"}
+        last = next((line for line in reversed(err.splitlines()) if line.strip()), "")
+        return {"ok": False, "seconds": float("nan"), "error": f"the start process exited with {proc.returncode}: {last}"}
     return dict(json.loads(lines[-1]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--busy", type=int, default=len(os.sched_getaffinity(0)),
+    parser.add_argument("--busy", type=int, default=usable_cores(),
                         help="busy-loop processes in the busy condition (default: one per usable core)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds before a start counts as hung")
     parser.add_argument("--child", help=argparse.SUPPRESS)

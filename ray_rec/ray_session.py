@@ -36,7 +36,7 @@ WARM_WORKERS = {"idle_worker_killing_time_threshold_ms": 600_000, "num_workers_s
 # A Serve proxy and replica are worker processes: when the cores are busy with work at normal
 # priority in the same container or shell session (a training run, another program), they get a
 # few percent of a core. The proxy then misses Serve's 5 s readiness checks three times, is killed
-# and restarted, and `serve.start` fails after about a minute (measured in README, "Serving":
+# and restarted, and `serve.start` fails after 90-100 s (measured in README, "Serving":
 # `python -m bench.serve_start`). A local Ray started to serve runs its workers at niceness 0.
 SERVING_WORKERS = {"worker_niceness": 0}
 

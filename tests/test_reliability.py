@@ -175,9 +175,11 @@ HEADERS = {"X-API-Key": API_KEY}
 def _replica_pid() -> int:
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+    # Ray's state API keeps the first `limit` (default 100) matches in actor-id order, which is
+    # random: with a hundred actors alive from earlier tests the replica can be cut off the list.
+    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
     pids = [a.pid for a in actors if "RecommenderService" in (a.class_name or "")]
-    assert len(pids) == 1, [a.class_name for a in actors]
+    assert len(pids) == 1, f"{len(pids)} replicas among {len(actors)} alive actors: {sorted({a.class_name for a in actors})}"
     return int(pids[0])
 
 

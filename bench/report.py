@@ -223,15 +223,10 @@ def serve_start(folder: Path) -> list[str]:
         out += [_source(r), "", f"`ray-rec serve`'s start path in a fresh process, idle cores or {r['busy']} busy-loop processes; "
                 "seconds to the first answered request.", "",
                 "| cores | Serve workers at | answered / starts | median seconds (answered) | failures |", "|---|---|---|---|---|"]
-        for key, row in r["summary"].items():
-            load, workers = key.split(" | ")
-            failed: dict[str, list[float]] = {}
-            for e in r["runs"]:
-                if not e["ok"] and e["load"] == load and e["workers"] == workers:
-                    failed.setdefault(e["error"], []).append(e["seconds"])
-            errors = "; ".join(f"{len(t)}x {msg} (after {min(t):.0f}-{max(t):.0f} s)" for msg, t in failed.items()) or "-"
+        for row in r["summary"]:
+            errors = "; ".join(f"{len(t)}x {msg} (after {min(t):.0f}-{max(t):.0f} s)" for msg, t in row["failures"].items())
             med = f"{row['median_s']:.1f}" if row["median_s"] is not None else "-"
-            out.append(f"| {load} | {workers} | {row['answered']} / {row['starts']} | {med} | {errors} |")
+            out.append(f"| {row['load']} | {row['workers']} | {row['answered']} / {row['starts']} | {med} | {errors or '-'} |")
         out.append("")
     return out
 

@@ -23,6 +23,7 @@ same shell session competes with Ray's workers directly, and that is the case me
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -63,7 +64,7 @@ def child(model: str, serving: bool) -> None:
             resp.read()
         result = {"ok": True}
     except Exception as e:  # the failure is the measurement: report it, then clean up
-        result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        result["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
     result["seconds"] = time.perf_counter() - t0
     print(json.dumps(result), flush=True)
     try:
@@ -92,6 +93,22 @@ def one_start(model: str, serving: bool, timeout_s: float) -> dict[str, Any]:
     return dict(json.loads(lines[-1]))
 
 
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per condition: starts answered, their median seconds, and each failure's seconds."""
+    rows = []
+    for load in ("idle", "busy"):
+        for workers in WORKERS:
+            these = [r for r in runs if r["load"] == load and r["workers"] == workers]
+            ok = [r["seconds"] for r in these if r["ok"]]
+            failures: dict[str, list[float]] = {}
+            for r in these:
+                if not r["ok"]:
+                    failures.setdefault(r["error"], []).append(r["seconds"])
+            rows.append({"load": load, "workers": workers, "answered": len(ok), "starts": len(these),
+                         "median_s": median(ok) if ok else None, "failures": failures})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -110,21 +127,12 @@ def main() -> None:
     for rnd in range(1, args.rounds + 1):
         for load in ("idle", "busy"):
             for workers, serving in WORKERS.items():
-                if load == "busy":
-                    with busy(args.busy):
-                        r = one_start(model, serving, args.timeout)
-                else:
+                with busy(args.busy) if load == "busy" else contextlib.nullcontext():
                     r = one_start(model, serving, args.timeout)
                 runs.append({"round": rnd, "load": load, "workers": workers, **r})
                 outcome = f"answered in {r['seconds']:.1f} s" if r["ok"] else f"FAILED after {r['seconds']:.1f} s: {r['error']}"
                 print(f"round {rnd}, {load} cores, workers at {workers}: {outcome}", flush=True)
-    summary = {}
-    for load in ("idle", "busy"):
-        for workers in WORKERS:
-            these = [r for r in runs if r["load"] == load and r["workers"] == workers]
-            ok = [r["seconds"] for r in these if r["ok"]]
-            summary[f"{load} | {workers}"] = {"answered": len(ok), "starts": len(these),
-                                              "median_s": median(ok) if ok else None}
+    summary = summarise(runs)
     print(json.dumps(summary, indent=2))
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "busy": args.busy, "runs": runs,
               "summary": summary, "command": f"python -m bench.serve_start --rounds {args.rounds}"}

@@ -175,6 +175,32 @@ def test_batches_of_ragged_requests_answer_as_one_at_a_time_and_exclude_every_se
     assert [vocab.raw_id(i) for i, _ in together[0]] == [i for i, _ in top[0]]
 
 
+def test_histories_with_no_known_item_get_the_most_clicked_items(tmp_path):
+    """An empty history, or one of ids the model never saw, gives the model nothing to read (its
+    scores would all be 0, its top-k arbitrary): the Python API answers with the most clicked
+    items, as the HTTP API does, and leaves the other rows of the batch to the model."""
+    import numpy as np
+
+    from ray_rec.model.artifact import load_model, save_model
+
+    model = make().eval()
+    vocab = vocabulary_of(model)
+    vocab.counts = np.arange(N, dtype=np.int64) % 7  # most clicked: i7, i14, i21, ... (count 6)
+    save_model(model, vocab, str(tmp_path / "m"))
+    rec = load_model(str(tmp_path / "m"))
+    top = rec.recommend([[], ["nope", "never"], ["i3", "i9"]], k=4)
+    assert top[0] == top[1] == [("i7", 6.0), ("i14", 6.0), ("i21", 6.0), ("i28", 6.0)]
+    assert top[2] == rec.recommend([["i3", "i9"]], k=4)[0] and not {"i3", "i9"} & {i for i, _ in top[2]}
+    assert rec.popular(N + 5)[-1][1] == 0.0 and len(rec.popular(N + 5)) == N
+    for bad in (["i3", "i9"], "i3", [3, 9]):  # a flat list of ids, not one list per user
+        with pytest.raises(TypeError, match=r"histories.*list.* of item ids"):
+            rec.recommend(bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"candidates\[0\] is str"):
+        rec.score([["i3"]], ["i7"])  # type: ignore[list-item]
+    scored = rec.score([["nope"], ["i3", "i9"]], [["i7", "nope", "i8"], ["i7", "i8"]])
+    assert scored[0] == [6.0, None, 0.0] and scored[1] == rec.score([["i3", "i9"]], [["i7", "i8"]])[0]
+
+
 def test_model_metrics_and_loader_import_without_ray():
     code = (
         "import sys; sys.modules['ray'] = None\n"

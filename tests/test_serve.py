@@ -105,6 +105,11 @@ def test_long_histories_keep_the_most_recent_items(service, trained):
 def test_unknown_history_falls_back_to_popularity(service):
     r = post(service, "/v1/recommend", {"history": ["never-seen"], "k": 3})
     assert r.status_code == 200 and r.json()["fallback"] == "popularity" and len(r.json()["items"]) == 3
+    top = r.json()["items"][0]
+    r = post(service, "/v1/score", {"history": ["never-seen"], "candidates": [top["item_id"], "nope"]})
+    assert r.json()["fallback"] == "popularity" and r.json()["scores"] == [top["score"], None]
+    r = post(service, "/v1/score", {"history": [top["item_id"]], "candidates": [top["item_id"]]})
+    assert r.json()["fallback"] is None
 
 
 def test_model_info_health_and_openapi(service, trained):

@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -58,6 +58,19 @@ def save_model(model: InterestModel, vocab: Vocabulary, folder: str, extra: dict
     return version
 
 
+def check_rows(name: str, rows: Sequence[Sequence[RawId]]) -> None:
+    """``rows`` must hold one sequence of ids per user (lists, tuples, arrays): a flat list of ids
+    would otherwise read each id's characters as a history of unknown items."""
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Iterable):
+        raise TypeError(f"{name} must be a list of lists of item ids, got {type(rows).__name__}")
+    for i, row in enumerate(rows):
+        if isinstance(row, (str, bytes)) or not isinstance(row, Iterable):
+            raise TypeError(
+                f"{name}[{i}] is {type(row).__name__} {row!r:.40}, not a list of item ids "
+                f"(pass one list per user: [[id, id, ...], ...])"
+            )
+
+
 def pad_rows(rows: Sequence[Sequence[int]], left: bool = False) -> torch.Tensor:
     """Ragged rows of item indices -> one (len(rows), longest row or 1) LongTensor padded with 0,
     on the left (histories: each row's last click in the last column) or on the right.
@@ -90,6 +103,7 @@ class Recommender:
         self.uri = uri
         self.version: str = meta["version"]
         self.loaded_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self._by_clicks: np.ndarray | None = None  # item positions, most clicked first (on first use)
 
     @property
     def config(self) -> ModelConfig:
@@ -106,33 +120,59 @@ class Recommender:
         return pad_rows([row[-self.config.history_len :] for row in known], left=True)
 
     def _lookup(self, histories: list[list[RawId]]) -> tuple[list[list[int]], list[list[RawId]]]:
+        check_rows("histories", histories)
         looked_up = [self.vocab.lookup(history) for history in histories]
         return [known for known, _ in looked_up], [missing for _, missing in looked_up]
 
     def score(self, histories: list[list[RawId]], candidates: list[list[RawId]]) -> list[list[float | None]]:
         """Relevance of each candidate to each history (higher = more likely the next click).
 
-        Unknown candidates get None. ``histories`` and ``candidates`` are parallel lists.
+        Unknown candidates get None. ``histories`` and ``candidates`` are parallel lists. A history
+        with no known item scores its candidates by their training click counts, as ``recommend``
+        ranks for it.
         """
         if len(histories) != len(candidates):
             raise ValueError(f"{len(histories)} histories but {len(candidates)} candidate lists")
-        items, _ = self.encode_histories(histories)
+        known, _ = self._lookup(histories)
+        check_rows("candidates", candidates)
         index = [[self.vocab.index_of(raw) or 0 for raw in row] for row in candidates]
-        scores = self.model.score(items, pad_rows(index)).tolist()
-        return [[s if i else None for s, i in zip(row_scores, row)] for row_scores, row in zip(scores, index)]
+        scores = self.model.score(self.window(known), pad_rows(index)).tolist()
+        return [
+            [s if i else None for s, i in zip(row_scores if history else self.clicks(row), row)]
+            for row_scores, row, history in zip(scores, index, known)
+        ]
 
     def recommend(
         self, histories: list[list[RawId]], k: int = 10, exclude_seen: bool = True
     ) -> list[list[tuple[RawId, float]]]:
-        """The top-k items of the catalog for each history, as (raw id, score), best first."""
+        """The top-k items of the catalog for each history, as (raw id, score), best first.
+
+        A history with no known item (empty, or only ids the model never saw) tells the model
+        nothing: it gets the most clicked items instead, scored by their training click counts
+        (``popular``; the HTTP API marks such answers ``"fallback": "popularity"``).
+        """
         if k < 1:
             raise ValueError(f"k={k} must be >= 1")
         known, _ = self._lookup(histories)
-        ids, scores = self.model.recommend(self.window(known), k, exclude=pad_rows(known) if exclude_seen else None)
-        return [
-            [(self.vocab.raw_id(i), s) for i, s in zip(row_ids, row_scores) if s != float("-inf")]
-            for row_ids, row_scores in zip(ids.tolist(), scores.tolist())
-        ]
+        rows = [r for r, row in enumerate(known) if row]
+        answers = [self.popular(k) if not row else [] for row in known]
+        if rows:
+            with_history = [known[r] for r in rows]
+            exclude = pad_rows(with_history) if exclude_seen else None
+            ids, scores = self.model.recommend(self.window(with_history), k, exclude=exclude)
+            for r, row_ids, row_scores in zip(rows, ids.tolist(), scores.tolist()):
+                answers[r] = [(self.vocab.raw_id(i), s) for i, s in zip(row_ids, row_scores) if s != float("-inf")]
+        return answers
+
+    def clicks(self, index: Sequence[int]) -> list[float]:
+        """Training click counts of item indices (0 for padding)."""
+        return [float(self.vocab.counts[i - 1]) if i else 0.0 for i in index]
+
+    def popular(self, k: int) -> list[tuple[RawId, float]]:
+        """The k most clicked items of the training data, as (raw id, click count), most clicked first."""
+        if self._by_clicks is None:  # ties keep the vocabulary's order
+            self._by_clicks = np.argsort(-np.asarray(self.vocab.counts, dtype=np.float64), kind="stable")
+        return [(self.vocab.raw_id(int(i) + 1), float(self.vocab.counts[i])) for i in self._by_clicks[:k]]
 
 
 def _read_local(folder: str) -> Recommender:

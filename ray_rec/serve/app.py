@@ -89,12 +89,16 @@ class RecommenderService:
             raise HTTPException(422, f"{len(body.candidates)} candidates; the limit is {self.args.max_candidates}")
         rec = self.rec
         idx = [rec.vocab.index_of(c) or 0 for c in body.candidates]
-        scores = await self._call(Job(history=history, candidates=idx), rec)
+        if history:
+            scores, fallback = await self._call(Job(history=history, candidates=idx), rec), None
+        else:
+            scores, fallback = rec.clicks(idx), "popularity"
         return {
             "model_version": rec.version,
             "scores": [s if i else None for s, i in zip(scores, idx)],
             "unknown_history": unknown,
             "unknown_candidates": [c for c, i in zip(body.candidates, idx) if not i],
+            "fallback": fallback,
         }
 
     @api.post("/v1/recommend", response_model=RecommendResponse, dependencies=[Depends(check_key)])
@@ -105,8 +109,7 @@ class RecommenderService:
             raise HTTPException(422, f"k={body.k} must be between 1 and {self.args.max_k}")
         rec = self.rec
         if not history:
-            top = torch.topk(torch.as_tensor(rec.vocab.counts, dtype=torch.float64), min(body.k, len(rec.vocab)))
-            items = [{"item_id": rec.vocab.raw_id(int(i) + 1), "score": float(s)} for i, s in zip(top.indices, top.values)]
+            items = [{"item_id": i, "score": s} for i, s in rec.popular(body.k)]
             return {"model_version": rec.version, "items": items, "unknown_history": unknown, "fallback": "popularity"}
         pairs = await self._call(Job(history=history, k=body.k, exclude=body.exclude_history), rec)
         items = [{"item_id": rec.vocab.raw_id(i), "score": s} for i, s in pairs]

@@ -29,6 +29,9 @@ class ScoreResponse(BaseModel):
     scores: list[float | None] = Field(..., description="relevance per candidate, in order; null = unknown item")
     unknown_history: list[ItemId]
     unknown_candidates: list[ItemId]
+    fallback: str | None = Field(
+        None, description="'popularity' when no history item was known: scores are training click counts"
+    )
 
 
 class RecommendedItem(BaseModel):

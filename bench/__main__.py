@@ -54,7 +54,8 @@ FULL = {
     "speed": [["bench.train_speed"], ["bench.shared_cores"], ["bench.loss_memory"], ["bench.ray_train_beauty"], ["bench.relevance_cost"]],
     "serve": [["bench.serve_load", "--requests", "300", "--rounds", "3"], ["bench.serve_start", "--rounds", "3"]],
     "data": [["bench.data_scale", "--sizes", "2000000", "20000000", "40000000"]],
-    "scale": [["bench.topk_scale", "--catalogs", "10000", "100000", "1000000", "--requests", "200"]],
+    "scale": [["bench.topk_scale", "--catalogs", "10000", "100000", "1000000", "--requests", "200"],
+              ["bench.recommend_many", "--users", "20000", "--items", "20000", "--rounds", "3"]],
 }
 QUICK = {
     "quality": [["bench.model_quality", "--dataset", "Beauty", "--epochs", "2", "--variants", "default", "sasrec"]],
@@ -63,7 +64,8 @@ QUICK = {
               ["bench.loss_memory", "--sizes", "20000x1280"], ["bench.relevance_cost", "--steps", "3"]],
     "serve": [["bench.serve_load", "--requests", "100"], ["bench.serve_start", "--rounds", "1"]],
     "data": [["bench.data_scale", "--sizes", "200000", "400000"]],
-    "scale": [["bench.topk_scale", "--catalogs", "10000", "100000", "--requests", "100", "--repeats", "10"]],
+    "scale": [["bench.topk_scale", "--catalogs", "10000", "100000", "--requests", "100", "--repeats", "10"],
+              ["bench.recommend_many", "--users", "2000", "--items", "5000", "--rounds", "1"]],
 }
 
 

@@ -244,6 +244,19 @@ def topk(folder: Path) -> list[str]:
     return out
 
 
+def recommend_many(folder: Path) -> list[str]:
+    out: list[str] = []
+    for r in _load(folder, "recommend_many.json"):
+        s = r["summary"]
+        out += [_source(r), "", f"`recommend()` for {r['users']:,} users in one call, {r['items']:,} items; "
+                "each mode in a fresh process, median seconds and the largest peak RSS over the rounds.", "",
+                "| mode | seconds | peak RSS MB |", "|---|---|---|"]
+        out += [f"| {mode} | {s[mode]['median_s']:.2f} | {s[mode]['peak_rss_mb']:,.0f} |" for mode in ("blocks", "one block")]
+        out += ["", f"Blocks: {s['one block']['median_s'] / s['blocks']['median_s']:.2f}x faster; "
+                f"same top-10 items: {r['same_top10']}.", ""]
+    return out
+
+
 def write_report(folder: Path, target: Path, quick: bool = False) -> Path:
     rel = str(folder.relative_to(target.parent)) if folder.is_relative_to(target.parent) else str(folder)
     lines = ["# Benchmarks" + (" (quick sizes: not the reference figures)" if quick else ""), "",
@@ -252,7 +265,7 @@ def write_report(folder: Path, target: Path, quick: bool = False) -> Path:
              "then `python -m bench --report`.", ""]
     sections = [("Model quality (leave-one-out, full ranking, seen items excluded; test split)", quality(folder, rel)),
                 ("Training speed", speed(folder) + shared_cores(folder) + loss_memory(folder) + ray_runs(folder) + relevance_cost(folder)), ("Data: import and streaming at scale", data(folder)),
-                ("Serving", serving(folder, rel) + serve_start(folder)), ("Top-k latency against catalog size", topk(folder))]
+                ("Serving", serving(folder, rel) + serve_start(folder)), ("Top-k latency against catalog size", topk(folder) + recommend_many(folder))]
     for title, body in sections:
         lines += [f"## {title}", ""] + (body or ["Not measured yet: run its command.", ""])
     target.write_text("\n".join(lines))

@@ -201,6 +201,26 @@ def test_histories_with_no_known_item_get_the_most_clicked_items(tmp_path):
     assert scored[0] == [6.0, None, 0.0] and scored[1] == rec.score([["i3", "i9"]], [["i7", "i8"]])[0]
 
 
+def test_many_histories_in_blocks_answer_as_in_one(tmp_path, monkeypatch):
+    """`recommend` and `score` split a long list of histories into blocks (of rows, and of catalog
+    scores): the answers are those of one block."""
+    from ray_rec.model import artifact
+
+    model = make().eval()
+    artifact.save_model(model, vocabulary_of(model), str(tmp_path / "m"))
+    rec = artifact.load_model(str(tmp_path / "m"))
+    histories = [[f"i{(7 * u + j) % N + 1}" for j in range(u % 5)] for u in range(23)]  # some empty
+    cands = [[f"i{(3 * u) % N + 1}", "nope"] for u in range(23)]
+    whole = rec.recommend(histories, k=5), rec.score(histories, cands)
+    monkeypatch.setattr(artifact, "BLOCK_ROWS", 4)
+    monkeypatch.setattr(artifact, "BLOCK_CELLS", 3 * (N + 1))  # 3 histories a block: the catalog bound wins
+    blocks = rec.recommend(histories, k=5), rec.score(histories, cands)
+    assert [[i for i, _ in row] for row in blocks[0]] == [[i for i, _ in row] for row in whole[0]]
+    assert [s for row in blocks[0] for _, s in row] == pytest.approx([s for row in whole[0] for _, s in row], rel=1e-5)
+    assert [row[1] for row in blocks[1]] == [row[1] for row in whole[1]] == [None] * 23
+    assert [row[0] for row in blocks[1]] == pytest.approx([row[0] for row in whole[1]], rel=1e-5, abs=1e-6)
+
+
 def test_model_metrics_and_loader_import_without_ray():
     code = (
         "import sys; sys.modules['ray'] = None\n"

@@ -58,6 +58,13 @@ def save_model(model: InterestModel, vocab: Vocabulary, folder: str, extra: dict
     return version
 
 
+# Histories encoded at once, and catalog scores (histories x items) `recommend` holds at once (32M
+# floats, 128 MB). More go in blocks, so a call with every user of a large data set stays within
+# memory (and runs faster than one block: README "Top-k at catalog scale").
+BLOCK_ROWS = 1024
+BLOCK_CELLS = 1 << 25
+
+
 def check_rows(name: str, rows: Sequence[Sequence[RawId]]) -> None:
     """``rows`` must hold one sequence of ids per user (lists, tuples, arrays): a flat list of ids
     would otherwise read each id's characters as a history of unknown items."""
@@ -136,7 +143,13 @@ class Recommender:
         known, _ = self._lookup(histories)
         check_rows("candidates", candidates)
         index = [[self.vocab.index_of(raw) or 0 for raw in row] for row in candidates]
-        scores = self.model.score(self.window(known), pad_rows(index)).tolist()
+        scores = [
+            row
+            for start in range(0, len(known), BLOCK_ROWS)
+            for row in self.model.score(
+                self.window(known[start : start + BLOCK_ROWS]), pad_rows(index[start : start + BLOCK_ROWS])
+            ).tolist()
+        ]
         return [
             [s if i else None for s, i in zip(row_scores if history else self.clicks(row), row)]
             for row_scores, row, history in zip(scores, index, known)
@@ -156,11 +169,12 @@ class Recommender:
         known, _ = self._lookup(histories)
         rows = [r for r, row in enumerate(known) if row]
         answers = [self.popular(k) if not row else [] for row in known]
-        if rows:
-            with_history = [known[r] for r in rows]
+        block = max(1, min(BLOCK_ROWS, BLOCK_CELLS // (len(self.vocab) + 1)))
+        for start in range(0, len(rows), block):
+            with_history = [known[r] for r in rows[start : start + block]]
             exclude = pad_rows(with_history) if exclude_seen else None
             ids, scores = self.model.recommend(self.window(with_history), k, exclude=exclude)
-            for r, row_ids, row_scores in zip(rows, ids.tolist(), scores.tolist()):
+            for r, row_ids, row_scores in zip(rows[start : start + block], ids.tolist(), scores.tolist()):
                 answers[r] = [(self.vocab.raw_id(i), s) for i, s in zip(row_ids, row_scores) if s != float("-inf")]
         return answers
 

@@ -197,6 +197,7 @@ def test_histories_with_no_known_item_get_the_most_clicked_items(tmp_path):
             rec.recommend(bad)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"candidates\[0\] is str"):
         rec.score([["i3"]], ["i7"])  # type: ignore[list-item]
+    assert rec.recommend(h for h in [["i3", "i9"]]) == rec.recommend([["i3", "i9"]])  # a generator is read once
     scored = rec.score([["nope"], ["i3", "i9"]], [["i7", "nope", "i8"], ["i7", "i8"]])
     assert scored[0] == [6.0, None, 0.0] and scored[1] == rec.score([["i3", "i9"]], [["i7", "i8"]])[0]
 

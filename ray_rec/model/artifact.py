@@ -65,17 +65,19 @@ BLOCK_ROWS = 1024
 BLOCK_CELLS = 1 << 25
 
 
-def check_rows(name: str, rows: Sequence[Sequence[RawId]]) -> None:
-    """``rows`` must hold one sequence of ids per user (lists, tuples, arrays): a flat list of ids
-    would otherwise read each id's characters as a history of unknown items."""
+def check_rows(name: str, rows: Iterable[Iterable[RawId]]) -> list[Iterable[RawId]]:
+    """``rows`` as a list, each row one user's ids (a list, tuple or array). A flat list of ids is
+    refused: it would otherwise read each id's characters as a history of unknown items."""
     if isinstance(rows, (str, bytes)) or not isinstance(rows, Iterable):
         raise TypeError(f"{name} must be a list of lists of item ids, got {type(rows).__name__}")
+    rows = list(rows)  # a generator is read once
     for i, row in enumerate(rows):
         if isinstance(row, (str, bytes)) or not isinstance(row, Iterable):
             raise TypeError(
                 f"{name}[{i}] is {type(row).__name__} {row!r:.40}, not a list of item ids "
                 f"(pass one list per user: [[id, id, ...], ...])"
             )
+    return rows
 
 
 def pad_rows(rows: Sequence[Sequence[int]], left: bool = False) -> torch.Tensor:
@@ -126,9 +128,8 @@ class Recommender:
         """Item-index histories -> the left-padded (B, L) last ``history_len`` steps the model reads."""
         return pad_rows([row[-self.config.history_len :] for row in known], left=True)
 
-    def _lookup(self, histories: list[list[RawId]]) -> tuple[list[list[int]], list[list[RawId]]]:
-        check_rows("histories", histories)
-        looked_up = [self.vocab.lookup(history) for history in histories]
+    def _lookup(self, histories: Iterable[Iterable[RawId]]) -> tuple[list[list[int]], list[list[RawId]]]:
+        looked_up = [self.vocab.lookup(history) for history in check_rows("histories", histories)]
         return [known for known, _ in looked_up], [missing for _, missing in looked_up]
 
     def score(self, histories: list[list[RawId]], candidates: list[list[RawId]]) -> list[list[float | None]]:
@@ -138,11 +139,10 @@ class Recommender:
         with no known item scores its candidates by their training click counts, as ``recommend``
         ranks for it.
         """
-        if len(histories) != len(candidates):
-            raise ValueError(f"{len(histories)} histories but {len(candidates)} candidate lists")
         known, _ = self._lookup(histories)
-        check_rows("candidates", candidates)
-        index = [[self.vocab.index_of(raw) or 0 for raw in row] for row in candidates]
+        index = [[self.vocab.index_of(raw) or 0 for raw in row] for row in check_rows("candidates", candidates)]
+        if len(known) != len(index):
+            raise ValueError(f"{len(known)} histories but {len(index)} candidate lists")
         scores = [
             row
             for start in range(0, len(known), BLOCK_ROWS)

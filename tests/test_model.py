@@ -6,6 +6,7 @@ import itertools
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,13 +166,16 @@ def test_batches_of_ragged_requests_answer_as_one_at_a_time_and_exclude_every_se
     assert scored[2] == pytest.approx(rec.score([histories[2]], [cands[2]])[0])
     index = [vocab.lookup(h)[0] for h in histories]
     jobs = [Job(history=index[0], k=N), Job(history=index[1], candidates=[4, 0, 9]), Job(history=index[2], k=3, exclude=False),
-            Job(history=index[0], candidates=[1])]
+            Job(history=index[0], candidates=[1]), Job(history=index[2], candidates=[4, 9], time_buckets=[1, 7])]
     alone = [run_jobs(rec, [j])[0] for j in jobs]
     together = run_jobs(rec, jobs)
     assert [i for i, _ in together[0]] == [i for i, _ in alone[0]] and len(together[0]) == N - 20 and not set(range(1, 21)) & {i for i, _ in together[0]}
     assert together[1] == pytest.approx(alone[1]) and len(together[1]) == 3
     assert [i for i, _ in together[2]] == [i for i, _ in alone[2]] and len(together[2]) == 3
     assert together[3] == pytest.approx(alone[3])
+    assert together[4] == pytest.approx(alone[4])  # click times, in a batch with requests that sent none
+    assert together[4] != run_jobs(rec, [Job(history=index[2], candidates=[4, 9])])[0]
+    assert together[4] == pytest.approx(rec.score([histories[2]], [["i4", "i9"]], timestamps=[[0, 30, 3600]])[0], rel=1e-5)
     assert [vocab.raw_id(i) for i, _ in together[0]] == [i for i, _ in top[0]]
 
 
@@ -220,6 +224,37 @@ def test_many_histories_in_blocks_answer_as_in_one(tmp_path, monkeypatch):
     assert [s for row in blocks[0] for _, s in row] == pytest.approx([s for row in whole[0] for _, s in row], rel=1e-5)
     assert [row[1] for row in blocks[1]] == [row[1] for row in whole[1]] == [None] * 23
     assert [row[0] for row in blocks[1]] == pytest.approx([row[0] for row in whole[1]], rel=1e-5, abs=1e-6)
+
+
+def test_click_times_reach_the_model_as_training_buckets_them(tmp_path):
+    """`recommend` / `score` take optional click times: each known item gets the bucket training
+    gives it (from the gap to the previous click, unknown items included; the first click: 1)."""
+    from ray_rec.data.examples import time_buckets
+    from ray_rec.model.artifact import load_model, save_model
+
+    model = make().eval()
+    assert model.features.time is not None
+    save_model(model, vocabulary_of(model), str(tmp_path / "m"))
+    rec = load_model(str(tmp_path / "m"))
+    history, stamps = ["i3", "nope", "i9", "i27"], [1_700_000_000, 1_700_000_030, 1_700_003_600, 1_700_090_000]
+    deltas = np.array([-1, 30, 3570, 86400], dtype=np.float64)
+    buckets = [int(b) for i, b in enumerate(time_buckets(deltas, model.config.time_buckets)) if i != 1]
+    assert buckets == [1, 7, 12] and rec.known_time_buckets(history, stamps) == buckets
+    items, tb = torch.tensor([[3, 9, 27]]), torch.tensor([buckets])
+    want_ids, want_scores = model.recommend(items, 5, exclude=items, time_buckets=tb)
+    got = rec.recommend([history], k=5, timestamps=[stamps])[0]
+    assert [i for i, _ in got] == [f"i{i}" for i in want_ids[0].tolist()]
+    assert [s for _, s in got] == pytest.approx(want_scores[0].tolist(), rel=1e-5)
+    assert rec.recommend([history], k=5, timestamps=[[t * 1000 for t in stamps]]) == [got]  # milliseconds
+    assert [s for _, s in rec.recommend([history], k=5)[0]] != [s for _, s in got]  # without: every gap unknown
+    scored = rec.score([history, history], [["i1", "i2"], ["i1", "i2"]], timestamps=[stamps, stamps])
+    assert scored[0] == pytest.approx(model.score(items, torch.tensor([[1, 2]]), tb)[0].tolist(), rel=1e-5)
+    for bad, message in [([stamps[:3]], r"timestamps\[0\] has 3 values for 4 history items"),
+                         ([stamps[::-1]], r"timestamps\[0\] must be oldest first"),
+                         ([[1.0, float("nan"), 2.0, 3.0]], r"timestamps\[0\] holds a value that is not a finite number"),
+                         ([stamps, stamps], r"1 histories but 2 timestamp lists")]:
+        with pytest.raises(ValueError, match=message):
+            rec.recommend([history], timestamps=bad)
 
 
 def test_model_metrics_and_loader_import_without_ray():

@@ -55,6 +55,16 @@ def test_score_and_recommend_match_the_python_api(service, trained):
     got_ids = [i["item_id"] for i in r.json()["items"]]
     assert sorted(got_ids) == [f"i{i}" for i in range(55, 60)]  # only the unseen are left
     assert got_ids == [i for i, _ in rec.recommend([long], k=10)[0]]
+    # Click times reach the model as in the Python API (this model was trained on data with times).
+    stamps = [1_700_000_000, 1_700_000_040, 1_700_007_200, 1_700_007_260]
+    assert rec.model.features.time is not None
+    r = post(service, "/v1/score", {"history": history, "candidates": cands, "timestamps": stamps})
+    timed = rec.score([history], [cands], timestamps=[stamps])[0]
+    assert timed != expected
+    assert [r.json()["scores"][i] for i in (0, 1, 3)] == pytest.approx([timed[i] for i in (0, 1, 3)], rel=1e-4, abs=1e-5)
+    r = post(service, "/v1/recommend", {"history": history, "k": 5, "timestamps": stamps})
+    want = rec.recommend([history], k=5, timestamps=[stamps])[0]
+    assert [(i["item_id"], pytest.approx(i["score"], rel=1e-4, abs=1e-5)) for i in r.json()["items"]] == want
 
 
 def test_concurrent_mixed_requests_are_all_answered(service):
@@ -62,7 +72,8 @@ def test_concurrent_mixed_requests_are_all_answered(service):
 
     def one(i):
         if i % 2:
-            return post(service, "/v1/score", {"history": ["i1", f"i{i % 50}"], "candidates": ["i2", "i3"]}).status_code
+            times = {"timestamps": [1_700_000_000, 1_700_000_000 + 60 * i]} if i % 4 == 1 else {}  # batches mix both
+            return post(service, "/v1/score", {"history": ["i1", f"i{i % 50}"], "candidates": ["i2", "i3"], **times}).status_code
         return post(service, "/v1/recommend", {"history": [f"i{i % 50}"], "k": 3}).status_code
 
     with ThreadPoolExecutor(16) as pool:
@@ -84,6 +95,8 @@ def test_concurrent_mixed_requests_are_all_answered(service):
         ("/v1/recommend", {"history": ["i1"], "k": 21}, 422, "k=21"),
         ("/v1/recommend", {"history": ["i1"], "k": 5, "extra": 1}, 422, ""),
         ("/v1/recommend", {"history": ["i1"] * 3000}, 413, "over 4096 bytes"),
+        ("/v1/recommend", {"history": ["i1", "i2"], "timestamps": [1]}, 422, "timestamps has 1 values for 2 history items"),
+        ("/v1/score", {"history": ["i1", "i2"], "candidates": ["i3"], "timestamps": [5, 1]}, 422, "must be oldest first"),
     ],
 )
 def test_bad_requests_get_a_4xx_with_a_message(service, path, body, code, needle):

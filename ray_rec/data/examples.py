@@ -29,6 +29,9 @@ def browse_width(manifest: dict) -> int:
     return MAX_BROWSE if manifest["has_browse"] else 0
 
 
+MAX_ABS_SECONDS = 1e11  # about year 5138: a larger click time is in milliseconds (or not a click time)
+
+
 def time_buckets(deltas: np.ndarray, num_buckets: int) -> np.ndarray:
     """Bucket seconds since the previous click on a log scale: 1 = first click, 2 = < 1 minute,
     then one bucket per doubling of minutes, capped at ``num_buckets``. Negative = first click."""

@@ -22,6 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ray_rec import storage
+from ray_rec.data.examples import MAX_ABS_SECONDS
 
 FORMATS = ("events", "movielens", "seqtxt")
 BATCH_ROWS = 1 << 18
@@ -71,9 +72,6 @@ def estimate_events(uri: str, fmt: str) -> int:
             size = fs.get_file_info(fpath).size or 0
             total += size * (COMPRESSED_RATIO if path.lower().endswith(".gz") else 1) // TEXT_BYTES_PER_EVENT.get(fmt, 24)
     return total
-
-
-MAX_ABS_SECONDS = 1e11  # about year 5138: anything beyond is not a click time
 
 
 def parse_timestamps(values: pa.Array) -> pa.Array:

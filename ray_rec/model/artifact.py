@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ray_rec import storage
 from ray_rec.config import ModelConfig, build
+from ray_rec.data.examples import MAX_ABS_SECONDS, time_buckets
 from ray_rec.model.interest_model import InterestModel
 from ray_rec.vocab import RawId, Vocabulary
 
@@ -65,19 +66,33 @@ BLOCK_ROWS = 1024
 BLOCK_CELLS = 1 << 25
 
 
-def check_rows(name: str, rows: Iterable[Iterable[RawId]]) -> list[Iterable[RawId]]:
-    """``rows`` as a list, each row one user's ids (a list, tuple or array). A flat list of ids is
+def check_rows(name: str, rows: Iterable[Iterable[Any]], what: str = "item ids") -> list[list[Any]]:
+    """``rows`` as lists, one per user (each a list, tuple or array). A flat list of ids is
     refused: it would otherwise read each id's characters as a history of unknown items."""
     if isinstance(rows, (str, bytes)) or not isinstance(rows, Iterable):
-        raise TypeError(f"{name} must be a list of lists of item ids, got {type(rows).__name__}")
+        raise TypeError(f"{name} must be a list of lists of {what}, got {type(rows).__name__}")
     rows = list(rows)  # a generator is read once
     for i, row in enumerate(rows):
         if isinstance(row, (str, bytes)) or not isinstance(row, Iterable):
             raise TypeError(
-                f"{name}[{i}] is {type(row).__name__} {row!r:.40}, not a list of item ids "
-                f"(pass one list per user: [[id, id, ...], ...])"
+                f"{name}[{i}] is {type(row).__name__} {row!r:.40}, not a list of {what} "
+                f"(pass one list per user: [[{what[:-1]}, ...], ...])"
             )
-    return rows
+    return [list(row) for row in rows]
+
+
+def click_time_buckets(row: int, stamps: Sequence[float], clicks: int, num_buckets: int) -> np.ndarray:
+    """One history's click times (epoch seconds, or milliseconds as `prepare` reads them, oldest
+    first) -> the time bucket of each click, as training buckets them (the first click: 1)."""
+    ts = np.asarray(stamps, dtype=np.float64)
+    if ts.ndim != 1 or len(ts) != clicks:
+        raise ValueError(f"timestamps[{row}] has {ts.size} values for {clicks} history items")
+    if not np.isfinite(ts).all():
+        raise ValueError(f"timestamps[{row}] holds a value that is not a finite number")
+    ts = np.where(np.abs(ts) > MAX_ABS_SECONDS, ts / 1000.0, ts)
+    if (np.diff(ts) < 0).any():
+        raise ValueError(f"timestamps[{row}] must be oldest first, as the history is (they decrease)")
+    return time_buckets(np.concatenate([[-1.0], np.diff(ts)]), num_buckets)
 
 
 def pad_rows(rows: Sequence[Sequence[int]], left: bool = False) -> torch.Tensor:
@@ -132,14 +147,39 @@ class Recommender:
         looked_up = [self.vocab.lookup(history) for history in check_rows("histories", histories)]
         return [known for known, _ in looked_up], [missing for _, missing in looked_up]
 
-    def score(self, histories: list[list[RawId]], candidates: list[list[RawId]]) -> list[list[float | None]]:
+    def known_time_buckets(self, history: Sequence[RawId], stamps: Sequence[float], row: int = 0) -> list[int]:
+        """The time bucket of each known item of one raw history, given its click times."""
+        buckets = click_time_buckets(row, stamps, len(history), self.config.time_buckets)
+        return [int(b) for raw, b in zip(history, buckets) if self.vocab.index_of(raw) is not None]
+
+    def _times(
+        self, histories: Iterable[Iterable[RawId]], timestamps: Iterable[Iterable[float]] | None
+    ) -> list[list[int]] | None:
+        """Per history, its known items' time buckets; None without timestamps or when the model
+        reads no time (the timestamps are still checked)."""
+        if timestamps is None:
+            return None
+        rows, stamps = check_rows("histories", histories), check_rows("timestamps", timestamps, "click times")
+        if len(stamps) != len(rows):
+            raise ValueError(f"{len(rows)} histories but {len(stamps)} timestamp lists")
+        buckets = [self.known_time_buckets(raw, ts, i) for i, (raw, ts) in enumerate(zip(rows, stamps))]
+        return buckets if self.model.features.time is not None else None
+
+    def score(
+        self,
+        histories: list[list[RawId]],
+        candidates: list[list[RawId]],
+        timestamps: list[list[float]] | None = None,
+    ) -> list[list[float | None]]:
         """Relevance of each candidate to each history (higher = more likely the next click).
 
         Unknown candidates get None. ``histories`` and ``candidates`` are parallel lists. A history
         with no known item scores its candidates by their training click counts, as ``recommend``
-        ranks for it.
+        ranks for it. ``timestamps``: optional, as in ``recommend``.
         """
+        histories = check_rows("histories", histories)
         known, _ = self._lookup(histories)
+        times = self._times(histories, timestamps)
         index = [[self.vocab.index_of(raw) or 0 for raw in row] for row in check_rows("candidates", candidates)]
         if len(known) != len(index):
             raise ValueError(f"{len(known)} histories but {len(index)} candidate lists")
@@ -147,7 +187,9 @@ class Recommender:
             row
             for start in range(0, len(known), BLOCK_ROWS)
             for row in self.model.score(
-                self.window(known[start : start + BLOCK_ROWS]), pad_rows(index[start : start + BLOCK_ROWS])
+                self.window(known[start : start + BLOCK_ROWS]),
+                pad_rows(index[start : start + BLOCK_ROWS]),
+                None if times is None else self.window(times[start : start + BLOCK_ROWS]),
             ).tolist()
         ]
         return [
@@ -156,24 +198,35 @@ class Recommender:
         ]
 
     def recommend(
-        self, histories: list[list[RawId]], k: int = 10, exclude_seen: bool = True
+        self,
+        histories: list[list[RawId]],
+        k: int = 10,
+        exclude_seen: bool = True,
+        timestamps: list[list[float]] | None = None,
     ) -> list[list[tuple[RawId, float]]]:
         """The top-k items of the catalog for each history, as (raw id, score), best first.
 
         A history with no known item (empty, or only ids the model never saw) tells the model
         nothing: it gets the most clicked items instead, scored by their training click counts
         (``popular``; the HTTP API marks such answers ``"fallback": "popularity"``).
+
+        ``timestamps``: optional click times, one list per history, one epoch second (or
+        millisecond) per item, oldest first. A model trained on data with times reads the time
+        between clicks as it did in training; without them every gap reads as unknown.
         """
         if k < 1:
             raise ValueError(f"k={k} must be >= 1")
+        histories = check_rows("histories", histories)
         known, _ = self._lookup(histories)
+        times = self._times(histories, timestamps)
         rows = [r for r, row in enumerate(known) if row]
         answers = [self.popular(k) if not row else [] for row in known]
         block = max(1, min(BLOCK_ROWS, BLOCK_CELLS // (len(self.vocab) + 1)))
         for start in range(0, len(rows), block):
             with_history = [known[r] for r in rows[start : start + block]]
             exclude = pad_rows(with_history) if exclude_seen else None
-            ids, scores = self.model.recommend(self.window(with_history), k, exclude=exclude)
+            buckets = None if times is None else self.window([times[r] for r in rows[start : start + block]])
+            ids, scores = self.model.recommend(self.window(with_history), k, exclude=exclude, time_buckets=buckets)
             for r, row_ids, row_scores in zip(rows[start : start + block], ids.tolist(), scores.tolist()):
                 answers[r] = [(self.vocab.raw_id(i), s) for i, s in zip(row_ids, row_scores) if s != float("-inf")]
         return answers

@@ -72,17 +72,25 @@ class RecommenderService:
         self.rec, self.reload_error = new, None
         logger.info("model reloaded: now serving %s from %s", new.version, uri)
 
-    def _history(self, raw: list[Any]) -> tuple[list[int], list[Any]]:
+    def _history(self, raw: list[Any], stamps: list[float] | None) -> tuple[list[int], list[Any], list[int] | None]:
+        """Known item indices, unknown ids, and the known items' time buckets (None without times)."""
         if not raw:
             raise HTTPException(422, "history is empty: send at least one clicked item id")
         if len(raw) > self.args.max_history:
             raise HTTPException(422, f"history has {len(raw)} items; the limit is {self.args.max_history}")
-        return self.rec.vocab.lookup(raw)
+        known, unknown = self.rec.vocab.lookup(raw)
+        if stamps is None:
+            return known, unknown, None
+        try:
+            buckets = self.rec.known_time_buckets(raw, stamps)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc).replace("timestamps[0]", "timestamps")) from None
+        return known, unknown, buckets if self.rec.model.features.time is not None else None
 
     @api.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(check_key)])
     async def score(self, body: ScoreRequest) -> dict[str, Any]:
         """Relevance of each candidate to the history, in order (null for unknown candidates)."""
-        history, unknown = self._history(body.history)
+        history, unknown, times = self._history(body.history, body.timestamps)
         if not body.candidates:
             raise HTTPException(422, "candidates is empty")
         if len(body.candidates) > self.args.max_candidates:
@@ -90,7 +98,7 @@ class RecommenderService:
         rec = self.rec
         idx = [rec.vocab.index_of(c) or 0 for c in body.candidates]
         if history:
-            scores, fallback = await self._call(Job(history=history, candidates=idx), rec), None
+            scores, fallback = await self._call(Job(history=history, candidates=idx, time_buckets=times), rec), None
         else:
             scores, fallback = rec.clicks(idx), "popularity"
         return {
@@ -104,14 +112,14 @@ class RecommenderService:
     @api.post("/v1/recommend", response_model=RecommendResponse, dependencies=[Depends(check_key)])
     async def recommend(self, body: RecommendRequest) -> dict[str, Any]:
         """The top-k items of the catalog for the history."""
-        history, unknown = self._history(body.history)
+        history, unknown, times = self._history(body.history, body.timestamps)
         if not 1 <= body.k <= self.args.max_k:
             raise HTTPException(422, f"k={body.k} must be between 1 and {self.args.max_k}")
         rec = self.rec
         if not history:
             items = [{"item_id": i, "score": s} for i, s in rec.popular(body.k)]
             return {"model_version": rec.version, "items": items, "unknown_history": unknown, "fallback": "popularity"}
-        pairs = await self._call(Job(history=history, k=body.k, exclude=body.exclude_history), rec)
+        pairs = await self._call(Job(history=history, k=body.k, exclude=body.exclude_history, time_buckets=times), rec)
         items = [{"item_id": rec.vocab.raw_id(i), "score": s} for i, s in pairs]
         return {"model_version": rec.version, "items": items, "unknown_history": unknown, "fallback": None}
 

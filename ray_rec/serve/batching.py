@@ -16,6 +16,7 @@ class Job:
     candidates: list[int] | None = None
     k: int = 0
     exclude: bool = True
+    time_buckets: list[int] | None = None  # one per history click, when the request sent click times
 
 
 @torch.inference_mode()
@@ -23,7 +24,9 @@ def run_jobs(rec: Recommender, jobs: list[Job]) -> list[Any]:
     """Score and recommend jobs in one forward pass, padded to the longest history."""
     model = rec.model
     # Each history's most recent clicks feed the model; all of them are excluded from its top-k.
-    u = model.user_interest(rec.window([j.history for j in jobs]))  # (B, D)
+    # Requests without click times read every gap as unknown (bucket 0), as in a batch of none.
+    times = [j.time_buckets or [0] * len(j.history) for j in jobs] if any(j.time_buckets for j in jobs) else None
+    u = model.user_interest(rec.window([j.history for j in jobs]), None if times is None else rec.window(times))  # (B, D)
     results: list[Any] = [None] * len(jobs)
     score_rows = [r for r, j in enumerate(jobs) if j.candidates is not None]
     if score_rows:

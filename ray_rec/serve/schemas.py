@@ -13,6 +13,9 @@ class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     history: list[ItemId] = Field(..., description="clicked item ids, oldest first (raw ids)")
     candidates: list[ItemId] = Field(..., description="item ids to score, in the order to return")
+    timestamps: list[float] | None = Field(
+        None, description="optional click time of each history item (epoch seconds or milliseconds), oldest first"
+    )
 
 
 class RecommendRequest(BaseModel):
@@ -22,6 +25,9 @@ class RecommendRequest(BaseModel):
     history: list[ItemId] = Field(..., description="clicked item ids, oldest first (raw ids)")
     k: StrictInt = Field(10, description="how many items to return")
     exclude_history: bool = Field(True, description="never recommend an item of the history")
+    timestamps: list[float] | None = Field(
+        None, description="optional click time of each history item (epoch seconds or milliseconds), oldest first"
+    )
 
 
 class ScoreResponse(BaseModel):

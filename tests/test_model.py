@@ -252,7 +252,8 @@ def test_click_times_reach_the_model_as_training_buckets_them(tmp_path):
     for bad, message in [([stamps[:3]], r"timestamps\[0\] has 3 values for 4 history items"),
                          ([stamps[::-1]], r"timestamps\[0\] must be oldest first"),
                          ([[1.0, float("nan"), 2.0, 3.0]], r"timestamps\[0\] holds a value that is not a finite number"),
-                         ([stamps, stamps], r"1 histories but 2 timestamp lists")]:
+                         ([stamps, stamps], r"1 histories but 2 timestamp lists"),
+                         ([["2024-01-01", 1.0, 2.0, 3.0]], r"timestamps\[0\] must be numbers")]:
         with pytest.raises(ValueError, match=message):
             rec.recommend([history], timestamps=bad)
 

@@ -84,7 +84,10 @@ def check_rows(name: str, rows: Iterable[Iterable[Any]], what: str = "item ids")
 def click_time_buckets(row: int, stamps: Sequence[float], clicks: int, num_buckets: int) -> np.ndarray:
     """One history's click times (epoch seconds, or milliseconds as `prepare` reads them, oldest
     first) -> the time bucket of each click, as training buckets them (the first click: 1)."""
-    ts = np.asarray(stamps, dtype=np.float64)
+    try:
+        ts = np.asarray(stamps, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"timestamps[{row}] must be numbers (epoch seconds or milliseconds)") from None
     if ts.ndim != 1 or len(ts) != clicks:
         raise ValueError(f"timestamps[{row}] has {ts.size} values for {clicks} history items")
     if not np.isfinite(ts).all():

@@ -60,16 +60,15 @@ class Vocabulary:
         raw = self.ids[index - 1]
         return int(raw) if self.id_type == "int" else raw
 
+    def indices(self, raws: Iterable[RawId]) -> list[int | None]:
+        """The index of each raw id, None for unknown ids."""
+        return [self._index.get(str(raw)) for raw in raws]
+
     def lookup(self, raws: Iterable[RawId]) -> tuple[list[int], list[RawId]]:
         """Indices of the known ids, in order, and the unknown ids."""
-        known, unknown = [], []
-        for raw in raws:
-            idx = self._index.get(str(raw))
-            if idx is None:
-                unknown.append(raw)
-            else:
-                known.append(idx)
-        return known, unknown
+        raws = list(raws)
+        index = self.indices(raws)
+        return [i for i in index if i is not None], [raw for raw, i in zip(raws, index) if i is None]
 
     def side_matrix(self) -> np.ndarray:
         """(N + 1, S) side-feature value indices with a zero row for padding."""

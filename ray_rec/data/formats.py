@@ -84,7 +84,7 @@ def parse_timestamps(values: pa.Array) -> pa.Array:
         return pc.cast(pc.cast(values, pa.timestamp("s"), safe=False), pa.int64())
     if pa.types.is_integer(values.type) or pa.types.is_floating(values.type):
         secs = pc.cast(values, pa.float64(), safe=False)  # huge ints lose precision, then fail the range check
-        secs = pc.if_else(pc.greater(pc.abs(secs), 1e11), pc.divide(secs, 1000.0), secs)
+        secs = pc.if_else(pc.greater(pc.abs(secs), MAX_ABS_SECONDS), pc.divide(secs, 1000.0), secs)
         plausible = pc.fill_null(pc.less(pc.abs(secs), MAX_ABS_SECONDS), False)  # also drops NaN and inf
         return pc.cast(pc.floor(pc.if_else(plausible, secs, None)), pa.int64())
     strings = pc.cast(values, pa.string())

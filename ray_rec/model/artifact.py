@@ -81,20 +81,21 @@ def check_rows(name: str, rows: Iterable[Iterable[Any]], what: str = "item ids")
     return [list(row) for row in rows]
 
 
-def click_time_buckets(row: int, stamps: Sequence[float], clicks: int, num_buckets: int) -> np.ndarray:
+def click_time_buckets(stamps: Sequence[float], clicks: int, num_buckets: int, name: str = "timestamps") -> np.ndarray:
     """One history's click times (epoch seconds, or milliseconds as `prepare` reads them, oldest
-    first) -> the time bucket of each click, as training buckets them (the first click: 1)."""
+    first) -> the time bucket of each click, as training buckets them (the first click: 1).
+    Errors name the times ``name``."""
     try:
         ts = np.asarray(stamps, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ValueError(f"timestamps[{row}] must be numbers (epoch seconds or milliseconds)") from None
+        raise ValueError(f"{name} must be numbers (epoch seconds or milliseconds)") from None
     if ts.ndim != 1 or len(ts) != clicks:
-        raise ValueError(f"timestamps[{row}] has {ts.size} values for {clicks} history items")
+        raise ValueError(f"{name} has {ts.size} values for {clicks} history items")
     if not np.isfinite(ts).all():
-        raise ValueError(f"timestamps[{row}] holds a value that is not a finite number")
+        raise ValueError(f"{name} holds a value that is not a finite number")
     ts = np.where(np.abs(ts) > MAX_ABS_SECONDS, ts / 1000.0, ts)
     if (np.diff(ts) < 0).any():
-        raise ValueError(f"timestamps[{row}] must be oldest first, as the history is (they decrease)")
+        raise ValueError(f"{name} must be oldest first, as the history is (they decrease)")
     return time_buckets(np.concatenate([[-1.0], np.diff(ts)]), num_buckets)
 
 
@@ -139,34 +140,42 @@ class Recommender:
     def encode_histories(self, histories: list[list[RawId]]) -> tuple[torch.Tensor, list[list[RawId]]]:
         """Raw histories -> left-padded (B, L) indices (the most recent ``max_len`` known items)
         and, per history, the unknown ids that were skipped."""
-        known, unknown = self._lookup(histories)
+        known, unknown, _ = self._lookup(histories)
         return self.window(known), unknown
 
     def window(self, known: Sequence[Sequence[int]]) -> torch.Tensor:
         """Item-index histories -> the left-padded (B, L) last ``history_len`` steps the model reads."""
         return pad_rows([row[-self.config.history_len :] for row in known], left=True)
 
-    def _lookup(self, histories: Iterable[Iterable[RawId]]) -> tuple[list[list[int]], list[list[RawId]]]:
-        looked_up = [self.vocab.lookup(history) for history in check_rows("histories", histories)]
-        return [known for known, _ in looked_up], [missing for _, missing in looked_up]
+    def lookup(
+        self, history: Sequence[RawId], stamps: Sequence[float] | None = None, name: str = "timestamps"
+    ) -> tuple[list[int], list[RawId], list[int] | None]:
+        """One raw history -> the indices of its known items, its unknown ids, and, given its
+        click times (checked; errors name them ``name``), the known items' time buckets: None
+        without times or for a model that reads no time."""
+        index = self.vocab.indices(history)
+        known = [i for i in index if i is not None]
+        unknown = [raw for raw, i in zip(history, index) if i is None]
+        if stamps is None:
+            return known, unknown, None
+        buckets = click_time_buckets(stamps, len(history), self.config.time_buckets, name)
+        if self.model.features.time is None:
+            return known, unknown, None
+        return known, unknown, [int(b) for b, i in zip(buckets, index) if i is not None]
 
-    def known_time_buckets(self, history: Sequence[RawId], stamps: Sequence[float], row: int = 0) -> list[int]:
-        """The time bucket of each known item of one raw history, given its click times."""
-        buckets = click_time_buckets(row, stamps, len(history), self.config.time_buckets)
-        return [int(b) for raw, b in zip(history, buckets) if self.vocab.index_of(raw) is not None]
-
-    def _times(
-        self, histories: Iterable[Iterable[RawId]], timestamps: Iterable[Iterable[float]] | None
-    ) -> list[list[int]] | None:
-        """Per history, its known items' time buckets; None without timestamps or when the model
-        reads no time (the timestamps are still checked)."""
-        if timestamps is None:
-            return None
-        rows, stamps = check_rows("histories", histories), check_rows("timestamps", timestamps, "click times")
-        if len(stamps) != len(rows):
+    def _lookup(
+        self, histories: Iterable[Iterable[RawId]], timestamps: Iterable[Iterable[float]] | None = None
+    ) -> tuple[list[list[int]], list[list[RawId]], list[list[int]] | None]:
+        """``lookup`` for a list of histories (checked once): known indices, unknown ids, and the
+        time buckets (None without timestamps or for a model that reads no time)."""
+        rows = check_rows("histories", histories)
+        stamps = None if timestamps is None else check_rows("timestamps", timestamps, "click times")
+        if stamps is not None and len(stamps) != len(rows):
             raise ValueError(f"{len(rows)} histories but {len(stamps)} timestamp lists")
-        buckets = [self.known_time_buckets(raw, ts, i) for i, (raw, ts) in enumerate(zip(rows, stamps))]
-        return buckets if self.model.features.time is not None else None
+        looked_up = [self.lookup(raw, None if stamps is None else stamps[i], f"timestamps[{i}]") for i, raw in enumerate(rows)]
+        times = [b for _, _, b in looked_up if b is not None]
+        known, unknown = [k for k, _, _ in looked_up], [u for _, u, _ in looked_up]
+        return known, unknown, times if stamps is not None and len(times) == len(rows) else None
 
     def score(
         self,
@@ -180,9 +189,7 @@ class Recommender:
         with no known item scores its candidates by their training click counts, as ``recommend``
         ranks for it. ``timestamps``: optional, as in ``recommend``.
         """
-        histories = check_rows("histories", histories)
-        known, _ = self._lookup(histories)
-        times = self._times(histories, timestamps)
+        known, _, times = self._lookup(histories, timestamps)
         index = [[self.vocab.index_of(raw) or 0 for raw in row] for row in check_rows("candidates", candidates)]
         if len(known) != len(index):
             raise ValueError(f"{len(known)} histories but {len(index)} candidate lists")
@@ -219,11 +226,10 @@ class Recommender:
         """
         if k < 1:
             raise ValueError(f"k={k} must be >= 1")
-        histories = check_rows("histories", histories)
-        known, _ = self._lookup(histories)
-        times = self._times(histories, timestamps)
+        known, _, times = self._lookup(histories, timestamps)
         rows = [r for r, row in enumerate(known) if row]
-        answers = [self.popular(k) if not row else [] for row in known]
+        fallback = self.popular(k) if len(rows) < len(known) else []
+        answers: list[list[tuple[RawId, float]]] = [[] if row else list(fallback) for row in known]
         block = max(1, min(BLOCK_ROWS, BLOCK_CELLS // (len(self.vocab) + 1)))
         for start in range(0, len(rows), block):
             with_history = [known[r] for r in rows[start : start + block]]

@@ -78,14 +78,10 @@ class RecommenderService:
             raise HTTPException(422, "history is empty: send at least one clicked item id")
         if len(raw) > self.args.max_history:
             raise HTTPException(422, f"history has {len(raw)} items; the limit is {self.args.max_history}")
-        known, unknown = self.rec.vocab.lookup(raw)
-        if stamps is None:
-            return known, unknown, None
         try:
-            buckets = self.rec.known_time_buckets(raw, stamps)
-        except ValueError as exc:
-            raise HTTPException(422, str(exc).replace("timestamps[0]", "timestamps")) from None
-        return known, unknown, buckets if self.rec.model.features.time is not None else None
+            return self.rec.lookup(raw, stamps)
+        except ValueError as exc:  # the click times do not fit the history
+            raise HTTPException(422, str(exc)) from None
 
     @api.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(check_key)])
     async def score(self, body: ScoreRequest) -> dict[str, Any]:

@@ -21,7 +21,7 @@ demo: $(VENV)/.installed
 	$(BIN)/ray-rec demo
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rfEs
 
 test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m 'not slow'

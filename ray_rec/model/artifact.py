@@ -193,19 +193,18 @@ class Recommender:
         index = [[self.vocab.index_of(raw) or 0 for raw in row] for row in check_rows("candidates", candidates)]
         if len(known) != len(index):
             raise ValueError(f"{len(known)} histories but {len(index)} candidate lists")
-        scores = [
-            row
-            for start in range(0, len(known), BLOCK_ROWS)
-            for row in self.model.score(
-                self.window(known[start : start + BLOCK_ROWS]),
-                pad_rows(index[start : start + BLOCK_ROWS]),
-                None if times is None else self.window(times[start : start + BLOCK_ROWS]),
+        rows = [r for r, row in enumerate(known) if row]  # the others score by click counts
+        scores = [self.clicks(row) for row in index]
+        for start in range(0, len(rows), BLOCK_ROWS):
+            block = rows[start : start + BLOCK_ROWS]
+            model_scores = self.model.score(
+                self.window([known[r] for r in block]),
+                pad_rows([index[r] for r in block]),
+                None if times is None else self.window([times[r] for r in block]),
             ).tolist()
-        ]
-        return [
-            [s if i else None for s, i in zip(row_scores if history else self.clicks(row), row)]
-            for row_scores, row, history in zip(scores, index, known)
-        ]
+            for r, row_scores in zip(block, model_scores):
+                scores[r] = row_scores
+        return [[s if i else None for s, i in zip(row_scores, row)] for row_scores, row in zip(scores, index)]
 
     def recommend(
         self,

@@ -173,9 +173,9 @@ class Recommender:
         if stamps is not None and len(stamps) != len(rows):
             raise ValueError(f"{len(rows)} histories but {len(stamps)} timestamp lists")
         looked_up = [self.lookup(raw, None if stamps is None else stamps[i], f"timestamps[{i}]") for i, raw in enumerate(rows)]
-        times = [b for _, _, b in looked_up if b is not None]
         known, unknown = [k for k, _, _ in looked_up], [u for _, u, _ in looked_up]
-        return known, unknown, times if stamps is not None and len(times) == len(rows) else None
+        reads_time = stamps is not None and self.model.features.time is not None
+        return known, unknown, [b or [] for _, _, b in looked_up] if reads_time else None
 
     def score(
         self,
@@ -194,7 +194,7 @@ class Recommender:
         if len(known) != len(index):
             raise ValueError(f"{len(known)} histories but {len(index)} candidate lists")
         rows = [r for r, row in enumerate(known) if row]  # the others score by click counts
-        scores = [self.clicks(row) for row in index]
+        scores = [[] if history else self.clicks(row) for history, row in zip(known, index)]
         for start in range(0, len(rows), BLOCK_ROWS):
             block = rows[start : start + BLOCK_ROWS]
             model_scores = self.model.score(

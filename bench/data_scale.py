@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench.model_quality import RESULTS
+from bench.output import machine, write_result
 
 OBJECT_STORE_MB = 2048  # the streaming run's Ray object store: whatever the data size, it must fit
 # The generated users average about 40 clicks, right at the line where the history length would
@@ -228,7 +227,7 @@ def main() -> None:
               f"pipeline / training = {ratio:.1f}x", flush=True)
     sizes = sorted(rows, key=int)
     report = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
         "command": "python -m bench.data_scale --sizes " + " ".join(sizes),
         "sizes": rows,
         "train_step": train,
@@ -238,8 +237,7 @@ def main() -> None:
     }
     print(f"peak memory, {int(sizes[-1]):,} vs {int(sizes[-2]):,} events: import {report['import_peak_growth']:.2f}x, "
           f"stream {report['stream_peak_growth']:.2f}x (flat = about 1x)")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "data_scale.json").write_text(json.dumps(report, indent=2))
+    write_result("data_scale.json", report)
 
 
 if __name__ == "__main__":

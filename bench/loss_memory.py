@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from statistics import median
 
 from bench.data_scale import vm_hwm_mb
-from bench.model_quality import RESULTS
+from bench.output import machine, write_result
 
 MODES = ("whole", "chunked", "chunked, checkpointed")
 # Beauty's batches (128 users of about 9 clicks: about 750 positions over 12,101 items), then a
@@ -87,10 +86,9 @@ def main() -> None:
             r = rows[-1]
             print(f"{items:,} items x {positions:,} positions, {mode}: peak +{r['peak_mb']:,.0f} MB, "
                   f"step {r['step_s'] * 1000:,.0f} ms, loss {r['loss']:.4f}", flush=True)
-    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "rows": rows,
+    report = {"machine": machine(), "rows": rows,
               "command": " ".join(["python -m bench.loss_memory", *sys.argv[1:]])}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "loss_memory.json").write_text(json.dumps(report, indent=1))
+    write_result("loss_memory.json", report, indent=1)
 
 
 if __name__ == "__main__":

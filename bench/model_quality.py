@@ -14,18 +14,15 @@ import argparse
 import fcntl
 import functools
 import json
-import os
-import platform
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from bench.output import RESULTS, machine, write_json
 from ray_rec.config import load_config
 from ray_rec.data.prepare import PrepareOptions, prepare, read_manifest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon"
-# Where results go: bench/results, or RAY_REC_BENCH_RESULTS (`python -m bench --quick` points it
-# elsewhere so quick figures never overwrite the full ones). Prepared data sets are cached apart.
-RESULTS = Path(os.environ.get("RAY_REC_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
+# Prepared data sets are cached apart from the results (bench.output.RESULTS).
 CACHE = Path(__file__).resolve().parent / "results" / "cache"
 
 # Each variant changes only what its name says against the default model.
@@ -81,7 +78,6 @@ def main() -> None:
 
     args = parse_args()
     data = prepared(args.dataset)
-    RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"model_quality_{args.dataset}.json"
     # Rows of variants not run this time stay (each row names its own command), so the ablations
     # can be run one at a time, or side by side, and the report is written after every seed.
@@ -138,14 +134,12 @@ def update_report(out: Path, dataset: str, row: str, make: Callable[[dict | None
         fcntl.flock(lock, fcntl.LOCK_EX)
         rows = json.loads(out.read_text())["rows"] if out.exists() else {}
         rows[row] = make(rows.get(row))
-        report = {"dataset": dataset, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        report = {"dataset": dataset, "machine": machine(),
                   "rows": ordered(rows),
                   "published": PUBLISHED.get(dataset, {}),
                   "total_seconds": sum(x["seconds"] for r in rows.values() for x in r.get("runs", {"0": r}).values()),
                   "command": f"python -m bench.model_quality --dataset {dataset} (one row per variant; see each row's command)"}
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, out)
+        write_json(out, report)
     return report
 
 

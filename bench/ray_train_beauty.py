@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.model_quality import RESULTS, prepared
+from bench.model_quality import prepared
+from bench.output import RESULTS, machine, write_json
 
 CLI = [sys.executable, "-m", "ray_rec.cli"]
 
@@ -70,10 +69,9 @@ def main() -> None:
         print(f"[{w} worker(s)] {r['wall_s']:.0f} s wall, {r['epochs']} epochs (best {r['best_epoch']}), "
               f"{r['examples_per_s']:,.0f} examples/s; test {json.dumps({k: full[k] for k in ('HR@10', 'NDCG@10') if k in full})}",
               flush=True)
-        report = {"dataset": "Beauty", "machine": f"{platform.machine()}, {os.cpu_count()} cores", "runs": runs,
+        report = {"dataset": "Beauty", "machine": machine(), "runs": runs,
                   "command": "python -m bench.ray_train_beauty (one row per --workers value; see each run's command)"}
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        out_file.write_text(json.dumps(report, indent=2))  # after every run, so a later failure loses nothing
+        write_json(out_file, report)  # after every run, so a later failure loses nothing
 
 
 if __name__ == "__main__":

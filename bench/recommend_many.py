@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import statistics
@@ -27,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.model_quality import RESULTS
+from bench.output import machine, write_result
 from bench.topk_scale import artifact
 
 MODES = ("blocks", "one block")
@@ -88,11 +87,10 @@ def main() -> None:
           f"({summary['one block']['peak_rss_mb']:,.0f} MB): {ratio:.2f}x faster in blocks; same top-10: {same}")
     if not same:
         raise SystemExit("blocks and one block returned different top-10 items")
-    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "users": args.users, "items": args.items,
+    report = {"machine": machine(), "users": args.users, "items": args.items,
               "runs": runs, "summary": summary, "same_top10": same,
               "command": f"python -m bench.recommend_many --users {args.users} --items {args.items} --rounds {args.rounds}"}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "recommend_many.json").write_text(json.dumps(report, indent=2))
+    write_result("recommend_many.json", report)
 
 
 if __name__ == "__main__":

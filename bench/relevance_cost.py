@@ -13,9 +13,6 @@ the two layers, dropout per pair): ``MLPRelevance`` factorises the first layer i
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +20,8 @@ from typing import Any
 
 import torch
 
-from bench.model_quality import RESULTS, prepared
+from bench.model_quality import prepared
+from bench.output import machine, write_result
 from ray_rec.config import for_data, load_config
 from ray_rec.data.local import InMemoryExamples
 from ray_rec.data.prepare import read_manifest
@@ -91,10 +89,9 @@ def main() -> None:
     base, mlp = rows["mlp, plain pair MLP (baseline)"], rows["mlp"]
     print(f"factorised / plain MLP: step {base['step_ms'] / mlp['step_ms']:.2f}x faster, "
           f"catalog {base['catalog_512_users_ms'] / mlp['catalog_512_users_ms']:.2f}x faster", flush=True)
-    report = {"dataset": "Beauty", "machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads": torch.get_num_threads(),
+    report = {"dataset": "Beauty", "machine": machine(), "threads": torch.get_num_threads(),
               "rows": rows, "command": "python -m bench.relevance_cost"}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "relevance_cost.json").write_text(json.dumps(report, indent=2))
+    write_result("relevance_cost.json", report)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import asyncio
 import json
 import logging
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -30,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.model_quality import RESULTS
+from bench.output import machine, write_result
 
 LEVELS = (1, 8, 32, 128)
 
@@ -217,11 +216,10 @@ def main() -> None:
         "model_only_rps": model_only,
     }
     print(json.dumps(summary, indent=2))
-    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "requests_per_level": args.requests,
+    report = {"machine": machine(), "requests_per_level": args.requests,
               "rows": rows, "alternating_c32": alternating, "summary": summary,
               "command": f"python -m bench.serve_load --requests {args.requests} --rounds {args.rounds}"}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serve_load.json").write_text(json.dumps(report, indent=2))
+    write_result("serve_load.json", report)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import time
 from statistics import median
 from typing import Any
 
-from bench.model_quality import RESULTS
+from bench.output import machine, write_result
 from bench.serve_load import free_port, small_artifact
 from bench.shared_cores import busy
 from ray_rec.ray_session import usable_cores
@@ -134,10 +133,9 @@ def main() -> None:
                 print(f"round {rnd}, {load} cores, workers at {workers}: {outcome}", flush=True)
     summary = summarise(runs)
     print(json.dumps(summary, indent=2))
-    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "busy": args.busy, "runs": runs,
+    report = {"machine": machine(), "busy": args.busy, "runs": runs,
               "summary": summary, "command": f"python -m bench.serve_start --rounds {args.rounds}"}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serve_start.json").write_text(json.dumps(report, indent=2))
+    write_result("serve_start.json", report)
 
 
 if __name__ == "__main__":

@@ -16,16 +16,15 @@ drifts between rounds), and ratios are taken within the round, then the median o
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from statistics import median
 
-from bench.model_quality import RESULTS, prepared
+from bench.model_quality import prepared
+from bench.output import machine, write_result
 
 SPIN = [sys.executable, "-c", "while True: pass"]
 
@@ -95,13 +94,12 @@ def main() -> None:
     idle = ratio("idle cores, PASSIVE", "idle cores, policy unset")
     busy_ratio = ratio(f"{shared}, PASSIVE", f"{shared}, policy unset")
     print(f"PASSIVE / unset: idle cores {idle:.2f}x, {shared} {busy_ratio:.2f}x", flush=True)
-    report = {"dataset": name, "machine": f"{platform.machine()}, {n} cores", "threads": n, "busy": args.busy,
+    report = {"dataset": name, "machine": machine(n), "threads": n, "busy": args.busy,
               "rows": [{"label": c[0], "threads": c[2], "examples_per_s": median(rates[c[0]]), "runs": rates[c[0]]}
                        for c in conditions],
               "passive_vs_unset_idle": idle, "passive_vs_unset_shared": busy_ratio,
               "command": " ".join(["python -m bench.shared_cores", *sys.argv[1:]])}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"shared_cores_{name}.json").write_text(json.dumps(report, indent=1))
+    write_result(f"shared_cores_{name}.json", report, indent=1)
 
 
 if __name__ == "__main__":

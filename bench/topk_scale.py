@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
-import platform
 import tempfile
 import time
 from typing import Any
 
 import numpy as np
 
-from bench.model_quality import RESULTS
+from bench.output import machine, write_result
 from bench.serve_load import free_port, load
 
 
@@ -94,11 +92,10 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "rows": rows,
+    report = {"machine": machine(), "rows": rows,
               "command": "python -m bench.topk_scale --catalogs " + " ".join(map(str, args.catalogs))
               + f" --requests {args.requests}"}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "topk_scale.json").write_text(json.dumps(report, indent=2))
+    write_result("topk_scale.json", report)
 
 
 if __name__ == "__main__":

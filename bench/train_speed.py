@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 from statistics import median
 
-from bench.model_quality import RESULTS, prepared
+from bench.model_quality import prepared
+from bench.output import machine, write_result
 from ray_rec.config import for_data, load_config
 from ray_rec.data.examples import browse_width
 from ray_rec.data.local import InMemoryExamples
@@ -136,14 +135,13 @@ def main() -> None:
     one = {**one_runs[middle], "round": middle + 1, "rounds": one_runs}
     print(f"1 worker / bracketing plain runs: {', '.join(f'{x:.2f}x' for x in ratios)} (median {median(ratios):.2f}x); "
           f"streaming {streaming['vs_plain']:.2f}x; 2 workers {two['vs_plain']:.2f}x", flush=True)
-    report = {"dataset": name, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    report = {"dataset": name, "machine": machine(),
               "plain_examples_per_s": median(plain_runs), "plain_runs": plain_runs,
               "ray_1_worker": one, "ray_1_worker_streaming": streaming, "ray_2_workers": two,
               "ratio_1_worker": median(ratios), "ratios_1_worker": ratios,
               "command": "python -m bench.train_speed" + (" --synthetic" if args.synthetic else "")
                          + (f" --rounds {args.rounds}" if args.rounds != 3 else "")}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"train_speed_{name}.json").write_text(json.dumps(report, indent=2))
+    write_result(f"train_speed_{name}.json", report)
 
 
 if __name__ == "__main__":

@@ -109,3 +109,17 @@ def write_rows(out, name: str) -> None:
 
     for i in range(30):
         update_report(out, "X", f"{name}{i}", lambda old, i=i: add_seed(old, 0, result(i / 100, 1), {}, "c"))
+
+
+def test_a_result_is_written_whole_or_not_at_all(tmp_path):
+    """A report that fails to serialise leaves the earlier result as it was, and no temporary file."""
+    import json
+
+    from bench.output import write_json
+
+    out = tmp_path / "new folder" / "r.json"
+    write_json(out, {"rows": [1, 2]})
+    with pytest.raises(TypeError):
+        write_json(out, {"rows": [object()]})
+    assert json.loads(out.read_text()) == {"rows": [1, 2]}
+    assert [p.name for p in out.parent.iterdir()] == ["r.json"]

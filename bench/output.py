@@ -1,0 +1,32 @@
+"""Where benchmarks write their results, and how: one JSON report per benchmark under RESULTS."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+# bench/results, or RAY_REC_BENCH_RESULTS (`python -m bench --quick` points it elsewhere so quick
+# figures never overwrite the full ones).
+RESULTS = Path(os.environ.get("RAY_REC_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
+
+
+def machine(cores: int | None = None) -> str:
+    """The machine a report was measured on, e.g. 'x86_64, 2 cores' (``cores``: those the run could use)."""
+    return f"{platform.machine()}, {cores or os.cpu_count()} cores"
+
+
+def write_json(path: Path, report: dict, indent: int = 2) -> Path:
+    """Write ``report`` to ``path`` whole or not at all: a temporary file beside it, then a rename, so
+    a benchmark stopped mid-write leaves its previous result, never half of a new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(report, indent=indent))
+    os.replace(tmp, path)
+    return path
+
+
+def write_result(name: str, report: dict, indent: int = 2) -> Path:
+    """Write a benchmark's report as RESULTS/``name`` (see `write_json`)."""
+    return write_json(RESULTS / name, report, indent)

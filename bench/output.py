@@ -22,8 +22,11 @@ def write_json(path: Path, report: dict, indent: int = 2) -> Path:
     a benchmark stopped mid-write leaves its previous result, never half of a new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report, indent=indent))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(report, indent=indent))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when the write failed (e.g. a full disk)
     return path
 
 

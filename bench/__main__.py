@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench.output import STORED
 from bench.report import write_reliability, write_report
 
 ROOT = Path(__file__).resolve().parent
@@ -87,7 +88,7 @@ def main() -> None:
                         help="run this many quality commands at a time, the cores shared out among them "
                              "(timing benchmarks always run alone)")
     args = parser.parse_args()
-    results = ROOT / "results" / ("quick" if args.quick else "")
+    results = STORED / ("quick" if args.quick else "")
     results.mkdir(parents=True, exist_ok=True)
     plan = QUICK if args.quick else FULL
     failed: list[str] = []

@@ -17,13 +17,13 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench.output import RESULTS, machine, write_json
+from bench.output import RESULTS, STORED, machine, write_json
 from ray_rec.config import load_config
 from ray_rec.data.prepare import PrepareOptions, prepare, read_manifest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon"
 # Prepared data sets are cached apart from the results (bench.output.RESULTS).
-CACHE = Path(__file__).resolve().parent / "results" / "cache"
+CACHE = STORED / "cache"
 
 # Each variant changes only what its name says against the default model.
 VARIANTS: dict[str, dict[str, object]] = {

@@ -7,9 +7,11 @@ import os
 import platform
 from pathlib import Path
 
-# bench/results, or RAY_REC_BENCH_RESULTS (`python -m bench --quick` points it elsewhere so quick
-# figures never overwrite the full ones).
-RESULTS = Path(os.environ.get("RAY_REC_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
+# The committed results (bench/results), and where this process writes: there, or
+# RAY_REC_BENCH_RESULTS (`python -m bench --quick` points it elsewhere so quick figures never
+# overwrite the full ones).
+STORED = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("RAY_REC_BENCH_RESULTS") or STORED)
 
 
 def machine(cores: int | None = None) -> str:

@@ -129,7 +129,7 @@ def test_save_and_load_give_identical_scores(tmp_path):
     rec = load_model(str(tmp_path / "m"))
     assert rec.version == version
     history, cands = [["i3", "i9", "i27"]], [["i1", "i2", "nope", "i40"]]
-    items, _ = rec.encode_histories(history)
+    items = rec.window([rec.lookup(h)[0] for h in history])
     expected = model.score(items, torch.tensor([[1, 2, 0, 40]]))
     got = rec.score(history, cands)
     assert got[0][2] is None

@@ -137,12 +137,6 @@ class Recommender:
     def config(self) -> ModelConfig:
         return self.model.config
 
-    def encode_histories(self, histories: list[list[RawId]]) -> tuple[torch.Tensor, list[list[RawId]]]:
-        """Raw histories -> left-padded (B, L) indices (the most recent ``max_len`` known items)
-        and, per history, the unknown ids that were skipped."""
-        known, unknown, _ = self._lookup(histories)
-        return self.window(known), unknown
-
     def window(self, known: Sequence[Sequence[int]]) -> torch.Tensor:
         """Item-index histories -> the left-padded (B, L) last ``history_len`` steps the model reads."""
         return pad_rows([row[-self.config.history_len :] for row in known], left=True)

@@ -43,20 +43,25 @@ KEYS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")
 PUBLISHED = {"Beauty": {"ICLRec (released model)": {"HR@10": 0.0744, "NDCG@10": 0.0403, "HR@20": 0.1058, "NDCG@20": 0.0483}}}
 
 
-def prepared(dataset: str) -> str:
-    src = SHARED / f"{dataset}.txt"
-    if not src.exists():
-        raise SystemExit(f"{src} not found: this benchmark reads the shared data sets beside the checkout")
-    out = CACHE / dataset
+def cached(name: str, make: Callable[[str], object]) -> str:
+    """The dataset folder CACHE/``name``, made by ``make(folder)`` unless a complete one is there.
+    Benchmarks started side by side share the cache: one prepares, the others wait for it."""
+    out = CACHE / name
     CACHE.mkdir(parents=True, exist_ok=True)
-    # Benchmarks started side by side share the cache: one prepares, the others wait for it.
-    with open(CACHE / f".{dataset}.lock", "w") as lock:
+    with open(CACHE / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             read_manifest(str(out))
         except ValueError:
-            prepare(PrepareOptions(input=str(src), output=str(out), format="seqtxt", num_shards=4))
+            make(str(out))
     return str(out)
+
+
+def prepared(dataset: str) -> str:
+    src = SHARED / f"{dataset}.txt"
+    if not src.exists():
+        raise SystemExit(f"{src} not found: this benchmark reads the shared data sets beside the checkout")
+    return cached(dataset, lambda out: prepare(PrepareOptions(input=str(src), output=out, format="seqtxt", num_shards=4)))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -93,6 +93,23 @@ def relevance_cost(folder: Path) -> list[str]:
     return out
 
 
+def enhancer_cost(folder: Path) -> list[str]:
+    out: list[str] = []
+    for r in _load(folder, "enhancer_cost.json"):
+        out += ["### Enhancement network cost", "", _source(r) + f" Torch threads: {r['threads']}; medians over the rounds, "
+                "ratios against `none` (the SASRec-shaped model) taken within each round.", "",
+                "| data | history length | enhancer | training step ms (batch 128) | top-10, 1 user, ms | top-10, 512 users, ms |",
+                "|---|---|---|---|---|---|"]
+        for name, shape in r["shapes"].items():
+            for e, row in shape["rows"].items():
+                ratio = row["ratio_to_none"]
+                cells = [f"{row[k]:,.{1 if '1_user' in k else 0}f} ({ratio[k]:.2f}x)"
+                         for k in ("step_ms", "recommend_1_user_ms", "recommend_512_users_ms")]
+                out.append(f"| {name} | {shape['history_len']} | {e} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
 def speed(folder: Path) -> list[str]:
     out: list[str] = []
     for r in _load(folder, "train_speed_*.json"):
@@ -264,7 +281,8 @@ def write_report(folder: Path, target: Path, quick: bool = False) -> Path:
              f"`{rel}/`; each section names the command and machine that produced it. Rerun a section with its command, "
              "then `python -m bench --report`.", ""]
     sections = [("Model quality (leave-one-out, full ranking, seen items excluded; test split)", quality(folder, rel)),
-                ("Training speed", speed(folder) + shared_cores(folder) + loss_memory(folder) + ray_runs(folder) + relevance_cost(folder)), ("Data: import and streaming at scale", data(folder)),
+                ("Training speed", speed(folder) + shared_cores(folder) + loss_memory(folder) + ray_runs(folder) + relevance_cost(folder)
+                 + enhancer_cost(folder)), ("Data: import and streaming at scale", data(folder)),
                 ("Serving", serving(folder, rel) + serve_start(folder)), ("Top-k latency against catalog size", topk(folder) + recommend_many(folder))]
     for title, body in sections:
         lines += [f"## {title}", ""] + (body or ["Not measured yet: run its command.", ""])

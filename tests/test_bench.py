@@ -123,3 +123,34 @@ def test_a_result_is_written_whole_or_not_at_all(tmp_path):
         write_json(out, {"rows": [object()]})
     assert json.loads(out.read_text()) == {"rows": [1, 2]}
     assert [p.name for p in out.parent.iterdir()] == ["r.json"]
+
+
+def test_the_enhancer_cost_benchmark_times_every_enhancer_and_reports_it(tmp_path):
+    """`bench.enhancer_cost` on a small generated log: every enhancer timed on the same batches,
+    ratios against `none`, and the report's table shows every row."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bench.enhancer_cost import ENHANCERS, run_shape
+    from bench.report import enhancer_cost
+    from ray_rec.data.prepare import PrepareOptions, prepare
+    from ray_rec.data.synthetic import bulk_log
+
+    src, data = tmp_path / "events.parquet", tmp_path / "ds"
+    pq.write_table(pa.concat_tables(bulk_log(20_000, items=300, mean_clicks=60, seed=0)), src)
+    prepare(PrepareOptions(input=str(src), output=str(data), num_shards=1))
+    shape = run_shape("small", str(data), steps=2, rounds=2)
+    assert shape["history_len"] == 200  # users average over 40 clicks: the product reads 200 steps
+    assert set(shape["rows"]) == set(ENHANCERS)
+    none = shape["rows"]["none"]["runs"]
+    for row in shape["rows"].values():
+        assert len(row["runs"]) == 2 and all(v > 0 for run in row["runs"] for v in run.values())
+        within = [a["step_ms"] / b["step_ms"] for a, b in zip(row["runs"], none)]  # per round
+        assert row["ratio_to_none"]["step_ms"] == pytest.approx(sum(within) / 2)  # their median
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "enhancer_cost.json").write_text(json.dumps(
+        {"machine": "m", "threads": 2, "command": "c", "shapes": {"small": shape}}))
+    table = [line for line in enhancer_cost(tmp_path / "r") if line.startswith("| small | 200 |")]
+    assert [line.split(" | ")[2] for line in table] == list(ENHANCERS)

@@ -65,11 +65,11 @@ class Case:
     """One enhancer on one data shape: its model, optimiser and the batches it is timed on."""
 
     def __init__(self, enhancer: str, mcfg: ModelConfig, data: dict[str, Any]) -> None:
-        cfg = load_config(None, {"model.enhancer": enhancer})
+        train = load_config(None).train
         torch.manual_seed(0)
         self.model = InterestModel(dataclasses.replace(mcfg, enhancer=enhancer))
-        self.opt = make_optimizer(self.model, cfg.train)
-        self.grad_clip = cfg.train.grad_clip
+        self.opt = make_optimizer(self.model, train)
+        self.grad_clip = train.grad_clip
         self.data = data
 
     def train_ms(self) -> float:

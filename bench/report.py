@@ -93,20 +93,25 @@ def relevance_cost(folder: Path) -> list[str]:
     return out
 
 
+def enhancer_cost_table(r: dict[str, Any]) -> list[str]:
+    """One `bench.enhancer_cost` result as a table: every data shape and enhancer, ratios to `none`."""
+    out = ["| data | history length | enhancer | training step ms (batch 128) | top-10, 1 user, ms | top-10, 512 users, ms |",
+           "|---|---|---|---|---|---|"]
+    for name, shape in r["shapes"].items():
+        for e, row in shape["rows"].items():
+            ratio = row["ratio_to_none"]
+            cells = [f"{row[k]:,.{1 if '1_user' in k else 0}f} ({ratio[k]:.2f}x)"
+                     for k in ("step_ms", "recommend_1_user_ms", "recommend_512_users_ms")]
+            out.append(f"| {name} | {shape['history_len']} | {e} | " + " | ".join(cells) + " |")
+    return out
+
+
 def enhancer_cost(folder: Path) -> list[str]:
     out: list[str] = []
     for r in _load(folder, "enhancer_cost.json"):
         out += ["### Enhancement network cost", "", _source(r) + f" Torch threads: {r['threads']}; medians over the rounds, "
                 "ratios against `none` (the SASRec-shaped model) taken within each round.", "",
-                "| data | history length | enhancer | training step ms (batch 128) | top-10, 1 user, ms | top-10, 512 users, ms |",
-                "|---|---|---|---|---|---|"]
-        for name, shape in r["shapes"].items():
-            for e, row in shape["rows"].items():
-                ratio = row["ratio_to_none"]
-                cells = [f"{row[k]:,.{1 if '1_user' in k else 0}f} ({ratio[k]:.2f}x)"
-                         for k in ("step_ms", "recommend_1_user_ms", "recommend_512_users_ms")]
-                out.append(f"| {name} | {shape['history_len']} | {e} | " + " | ".join(cells) + " |")
-        out.append("")
+                *enhancer_cost_table(r), ""]
     return out
 
 

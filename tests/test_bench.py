@@ -128,13 +128,11 @@ def test_a_result_is_written_whole_or_not_at_all(tmp_path):
 def test_the_enhancer_cost_benchmark_times_every_enhancer_and_reports_it(tmp_path):
     """`bench.enhancer_cost` on a small generated log: every enhancer timed on the same batches,
     ratios against `none`, and the report's table shows every row."""
-    import json
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from bench.enhancer_cost import ENHANCERS, run_shape
-    from bench.report import enhancer_cost
+    from bench.report import enhancer_cost_table
     from ray_rec.data.prepare import PrepareOptions, prepare
     from ray_rec.data.synthetic import bulk_log
 
@@ -149,8 +147,5 @@ def test_the_enhancer_cost_benchmark_times_every_enhancer_and_reports_it(tmp_pat
         assert len(row["runs"]) == 2 and all(v > 0 for run in row["runs"] for v in run.values())
         within = [a["step_ms"] / b["step_ms"] for a, b in zip(row["runs"], none)]  # per round
         assert row["ratio_to_none"]["step_ms"] == pytest.approx(sum(within) / 2)  # their median
-    (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "enhancer_cost.json").write_text(json.dumps(
-        {"machine": "m", "threads": 2, "command": "c", "shapes": {"small": shape}}))
-    table = [line for line in enhancer_cost(tmp_path / "r") if line.startswith("| small | 200 |")]
+    table = [line for line in enhancer_cost_table({"shapes": {"small": shape}}) if line.startswith("| small | 200 |")]
     assert [line.split(" | ")[2] for line in table] == list(ENHANCERS)

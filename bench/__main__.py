@@ -57,7 +57,8 @@ FULL = {
     "serve": [["bench.serve_load", "--requests", "300", "--rounds", "3"], ["bench.serve_start", "--rounds", "3"]],
     "data": [["bench.data_scale", "--sizes", "2000000", "20000000", "40000000"]],
     "scale": [["bench.topk_scale", "--catalogs", "10000", "100000", "1000000", "--requests", "200"],
-              ["bench.recommend_many", "--users", "20000", "--items", "20000", "--rounds", "3"]],
+              ["bench.recommend_many", "--users", "20000", "--items", "20000", "--rounds", "3"],
+              ["bench.recommend_many", "--call", "evaluate", "--users", "2048", "--items", "1000000", "--rounds", "3"]],
 }
 QUICK = {
     "quality": [["bench.model_quality", "--dataset", "Beauty", "--epochs", "2", "--variants", "default", "sasrec"]],
@@ -68,7 +69,8 @@ QUICK = {
     "serve": [["bench.serve_load", "--requests", "100"], ["bench.serve_start", "--rounds", "1"]],
     "data": [["bench.data_scale", "--sizes", "200000", "400000"]],
     "scale": [["bench.topk_scale", "--catalogs", "10000", "100000", "--requests", "100", "--repeats", "10"],
-              ["bench.recommend_many", "--users", "2000", "--items", "5000", "--rounds", "1"]],
+              ["bench.recommend_many", "--users", "2000", "--items", "5000", "--rounds", "1"],
+              ["bench.recommend_many", "--call", "evaluate", "--users", "1024", "--items", "100000", "--rounds", "1"]],
 }
 
 

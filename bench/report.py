@@ -268,14 +268,17 @@ def topk(folder: Path) -> list[str]:
 
 def recommend_many(folder: Path) -> list[str]:
     out: list[str] = []
-    for r in _load(folder, "recommend_many.json"):
-        s = r["summary"]
-        out += [_source(r), "", f"`recommend()` for {r['users']:,} users in one call, {r['items']:,} items; "
-                "each mode in a fresh process, median seconds and the largest peak RSS over the rounds.", "",
-                "| mode | seconds | peak RSS MB |", "|---|---|---|"]
-        out += [f"| {mode} | {s[mode]['median_s']:.2f} | {s[mode]['peak_rss_mb']:,.0f} |" for mode in ("blocks", "one block")]
-        out += ["", f"Blocks: {s['one block']['median_s'] / s['blocks']['median_s']:.2f}x faster; "
-                f"same top-10 items: {r['same_top10']}.", ""]
+    for name, call in (("recommend_many.json", "`recommend()`"), ("evaluate_many.json", "Full-ranking evaluation")):
+        for r in _load(folder, name):
+            s = r["summary"]
+            what = "top-10 items" if name.startswith("recommend") else "full-ranking metrics"
+            batches = "in one call" if name.startswith("recommend") else "in batches of 512, with 100 sampled negatives"
+            out += [_source(r), "", f"{call} for {r['users']:,} users {batches}, {r['items']:,} items; "
+                    "each mode in a fresh process, median seconds and the largest peak RSS over the rounds.", "",
+                    "| mode | seconds | peak RSS MB |", "|---|---|---|"]
+            out += [f"| {mode} | {s[mode]['median_s']:.2f} | {s[mode]['peak_rss_mb']:,.0f} |" for mode in ("blocks", "one block")]
+            out += ["", f"Blocks: {s['one block']['median_s'] / s['blocks']['median_s']:.2f}x faster; "
+                    f"same {what}: {r['same_result']}.", ""]
     return out
 
 

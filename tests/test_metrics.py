@@ -44,3 +44,30 @@ def test_sampled_negatives_avoid_target_and_seen():
     assert not (neg == targets.unsqueeze(1)).any()
     assert not (neg[0].unsqueeze(1) == seen[0]).any()
     assert sampled_ranks(torch.tensor([0.5]), torch.tensor([[0.1, 0.9, 0.5]])).tolist() == [2]
+
+
+def test_evaluation_in_blocks_ranks_every_user_as_one_block_does(monkeypatch):
+    """Validation and `ray-rec evaluate` score users in blocks of at most BLOCK_CELLS catalog
+    scores; the ranks must not depend on where the blocks fall."""
+    from ray_rec.config import ModelConfig
+    from ray_rec.model.interest_model import InterestModel
+    from ray_rec.train import loop
+
+    torch.manual_seed(0)
+    model = InterestModel(ModelConfig(num_items=40, dim=8, max_len=6)).eval()
+    lengths = torch.tensor([1, 2, 3, 4, 5, 6, 3])
+    items = torch.randint(1, 41, (7, 6)) * (torch.arange(6) >= 6 - lengths.unsqueeze(1))  # left-padded
+    targets = torch.randint(1, 41, (7,))
+    batch = {"items": items, "targets": targets, "seen": items}
+    whole = full_ranks(model.score_catalog(items), targets, items)
+
+    monkeypatch.setattr(loop, "BLOCK_CELLS", 3 * 41)  # three users' catalog scores
+    assert [(s.start, s.stop) for s in loop.catalog_blocks(7, 40)] == [(0, 3), (3, 6), (6, 9)]
+    ranks, negative_ranks = loop.rank_targets(model, batch, 5, torch.Generator().manual_seed(0))
+    assert torch.equal(ranks, whole)
+    assert negative_ranks is not None and negative_ranks.shape == (7,) and bool((negative_ranks <= 5).all())
+
+    monkeypatch.setattr(loop, "BLOCK_CELLS", 1)  # not even one user's scores: one user a block
+    assert len(list(loop.catalog_blocks(7, 40))) == 7
+    ranks, negative_ranks = loop.rank_targets(model, batch)
+    assert torch.equal(ranks, whole) and negative_ranks is None

@@ -20,8 +20,9 @@ from ray_rec import storage
 from ray_rec.data.examples import CLICK, evaluation_examples
 from ray_rec.data.pipeline import read_sequences
 from ray_rec.data.prepare import read_manifest
-from ray_rec.metrics import DEFAULT_KS, RankingMetrics, full_ranks, sample_negatives, sampled_ranks
+from ray_rec.metrics import DEFAULT_KS, RankingMetrics, full_ranks
 from ray_rec.model.artifact import load_model
+from ray_rec.train.loop import catalog_blocks, rank_targets
 from ray_rec.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -46,15 +47,13 @@ class RankUsers:
         ex = {k: torch.as_tensor(v) for k, v in evaluation_examples(table, cfg.history_len, cfg.time_buckets).items()}
         if not len(ex["targets"]):
             return {"full": np.zeros(0, np.int64), "sampled": np.zeros(0, np.int64), "popularity": np.zeros(0, np.int64)}
-        scores = self.rec.model.score_catalog(ex["items"], ex["time_buckets"])
-        neg = sample_negatives(cfg.num_items, ex["targets"], ex["seen"], SAMPLED_NEGATIVES, self.generator)
-        target_scores = scores.gather(1, ex["targets"].unsqueeze(1)).squeeze(1)
-        pop = self.popularity.unsqueeze(0).expand(len(ex["targets"]), -1)
-        return {
-            "full": full_ranks(scores, ex["targets"], ex["seen"]).numpy(),
-            "sampled": sampled_ranks(target_scores, scores.gather(1, neg)).numpy(),
-            "popularity": full_ranks(pop, ex["targets"], ex["seen"]).numpy(),
-        }
+        full, sampled = rank_targets(self.rec.model, ex, SAMPLED_NEGATIVES, self.generator)
+        assert sampled is not None
+        popularity = [
+            full_ranks(self.popularity.expand(len(ex["targets"][rows]), -1), ex["targets"][rows], ex["seen"][rows])
+            for rows in catalog_blocks(len(ex["targets"]), cfg.num_items)
+        ]
+        return {"full": full.numpy(), "sampled": sampled.numpy(), "popularity": torch.cat(popularity).numpy()}
 
 
 def count_clicks(table: pa.Table) -> dict[str, np.ndarray]:

@@ -178,6 +178,9 @@ class TrainConfig:
     eval_every: int = 1
     keep_checkpoints: int = 2  # best K by validation NDCG@10
     eval_batch_size: int = 512
+    # Validation users per evaluation: the first shards of the valid split (users are spread over
+    # shards by a hash, so these are a fixed random sample) holding about this many; 0 = all.
+    eval_users: int = 50_000
     max_failures: int = 2  # worker crashes Ray Train recovers from by itself
     seed: int = 0
 
@@ -191,6 +194,7 @@ class TrainConfig:
         _check_range("train.eval_every", self.eval_every, 1)
         _check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
         _check_range("train.eval_batch_size", self.eval_batch_size, 1)
+        _check_range("train.eval_users", self.eval_users, 0)
         _check_range("train.max_failures", self.max_failures, 0)
 
 

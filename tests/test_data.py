@@ -200,3 +200,14 @@ def test_implausible_timestamps_become_null_not_a_crash():
     assert parse_timestamps(pa.array([9.2e21, float("nan"), float("inf"), None])).to_pylist() == [None] * 4
     assert parse_timestamps(pa.array(["9223372036854775283712", "1700000000", "2024-01-01T00:00:00Z"])).to_pylist() == [
         None, 1_700_000_000, 1_704_067_200]
+
+
+def test_validation_sample_keeps_the_first_shards_holding_about_the_users_asked_for():
+    from ray_rec.data.pipeline import validation_sample
+
+    files = {"train": [f"train/{i}" for i in range(8)], "valid": [f"valid/{i}" for i in range(8)], "test": ["test/0"]}
+    manifest = {"counts": {"users": 1000}, "files": files}
+    assert validation_sample(manifest, 300)["files"] == {**files, "valid": ["valid/0", "valid/1", "valid/2"]}
+    assert validation_sample(manifest, 1)["files"]["valid"] == ["valid/0"]
+    assert validation_sample(manifest, 0) == validation_sample(manifest, 1000) == manifest  # 0 = all
+    assert manifest["files"]["valid"] == files["valid"] and len(files["valid"]) == 8  # not changed in place

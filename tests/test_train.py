@@ -17,8 +17,18 @@ def history(output: str) -> list[dict]:
     return [json.loads(line) for line in storage.read_bytes(storage.join(output, "metrics.jsonl")).decode().splitlines()]
 
 
+def valid_users(data: str) -> list[int]:
+    """Users in each shard of the valid split, in the manifest's order."""
+    import pyarrow.parquet as pq
+
+    from ray_rec.data.pipeline import split_paths
+
+    paths, fs = split_paths(data, "valid")
+    return [pq.ParquetFile(fs.open_input_file(p)).metadata.num_rows for p in paths]
+
+
 @pytest.mark.slow
-def test_two_workers_write_checkpoints_and_a_loadable_artifact_to_s3(trained, s3):
+def test_two_workers_write_checkpoints_and_a_loadable_artifact_to_s3(trained, s3_data, s3):
     keys = [o["Key"] for o in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix="runs/main/")["Contents"]]
     checkpoints = {k.split("/")[3] for k in keys if k.startswith("runs/main/run/checkpoint_2")}
     assert 1 <= len(checkpoints) <= 2  # best 2 kept
@@ -26,6 +36,7 @@ def test_two_workers_write_checkpoints_and_a_loadable_artifact_to_s3(trained, s3
     rows = history(trained.output)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert all(r["val_NDCG@10"] > 0 for r in rows)
+    assert [r["eval_users"] for r in rows] == [sum(valid_users(s3_data))] * 3  # fewer than train.eval_users: all
     rec = load_model(trained.model_uri)
     assert rec.config.num_items > 0 and rec.config.side_features == {"category": 6}
     assert len(rec.recommend([["i1", "i2"]], k=5)[0]) == 5
@@ -36,7 +47,9 @@ def test_resume_continues_a_stopped_run(ray_cluster, s3_data, s3, tmp_path):
     from ray_rec.train.trainer import train
 
     out = s3.uri("runs/stopped")
-    config = load_config(None, {"model.dim": 16, "train.epochs": 3, "train.batch_size": 64, "train.max_failures": 0})
+    # Validation on about 1 user: the first of the valid split's two shards (every epoch the same).
+    config = load_config(None, {"model.dim": 16, "train.epochs": 3, "train.batch_size": 64, "train.max_failures": 0,
+                                "train.eval_users": 1})
     with pytest.raises(TrainingError, match="training failed"):
         train(s3_data, out, config, workers=2, fail_once={"epoch": 2, "step": 1, "marker": str(tmp_path / "m")})
     with pytest.raises(TrainingError, match="already holds a training run"):
@@ -46,6 +59,8 @@ def test_resume_continues_a_stopped_run(ray_cluster, s3_data, s3, tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert [r["resumes"] for r in rows] == [0, 1, 1]
     assert result.epochs_run == 3
+    first, second = valid_users(s3_data)
+    assert first and second and [r["eval_users"] for r in rows] == [first] * 3
 
 
 def test_resume_without_a_run_is_a_clear_error(ray_cluster, tiny_data, tmp_path):

@@ -8,6 +8,7 @@ regroups each chunk by history length and collates it with the plain `collate` f
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any
 
@@ -54,6 +55,17 @@ def read_sequences(
     paths, fs = split_paths(data, split, manifest)
     shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True) if shuffle_seed is not None else None
     return ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle)
+
+
+def validation_sample(manifest: dict[str, Any], max_users: int) -> dict[str, Any]:
+    """The manifest with its valid split cut to its first shards, holding about ``max_users``
+    users (0 = all). `ray-rec prepare` spreads users over shards by a hash of their id, so the
+    first shards are a fixed random sample: every evaluation compares epochs on the same users."""
+    files, users = manifest["files"]["valid"], manifest["counts"]["users"]
+    if max_users <= 0 or users <= max_users:
+        return manifest
+    keep = max(1, math.ceil(len(files) * max_users / users))
+    return {**manifest, "files": {**manifest["files"], "valid": files[:keep]}}
 
 
 def limit_memory(object_store_mb: int) -> None:

@@ -29,7 +29,7 @@ from ray.train.torch import TorchTrainer
 from ray_rec import storage
 from ray_rec.config import Config, config_from_dict, for_data
 from ray_rec.data.examples import BUCKET_WINDOW, browse_width, collate, evaluation_examples
-from ray_rec.data.pipeline import limit_memory, read_sequences, training_dataset
+from ray_rec.data.pipeline import limit_memory, read_sequences, training_dataset, validation_sample
 from ray_rec.data.prepare import read_manifest
 from ray_rec.errors import TrainingError
 from ray_rec.metrics import RankingMetrics
@@ -187,8 +187,10 @@ def _epochs(loop_config: dict[str, Any], cfg: Config, state: dict[str, Any], mod
                                    "examples_per_s": examples * ray.train.get_context().get_world_size() / max(train_s, 1e-9)}
         evaluated = epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs
         if evaluated:
+            t_val = time.monotonic()
             val = _evaluate_shard(model, valid_shard, cfg, valid_cache)
-            metrics.update({"val_HR@10": val["HR@10"], SCORE: val["NDCG@10"]})
+            metrics.update({"val_HR@10": val["HR@10"], SCORE: val["NDCG@10"], "eval_users": int(val["count"]),
+                            "eval_s": time.monotonic() - t_val})
             if val["NDCG@10"] > state["best"]:
                 state.update(best=val["NDCG@10"], best_epoch=epoch, bad=0)
             else:
@@ -199,7 +201,8 @@ def _epochs(loop_config: dict[str, Any], cfg: Config, state: dict[str, Any], mod
         stop = state["bad"] >= tcfg.patience
         _log(
             f"epoch {epoch}/{tcfg.epochs} loss {metrics['loss']:.4f} "
-            + (f"val HR@10 {metrics['val_HR@10']:.4f} NDCG@10 {metrics[SCORE]:.4f} " if evaluated else "")
+            + (f"val HR@10 {metrics['val_HR@10']:.4f} NDCG@10 {metrics[SCORE]:.4f} "
+               f"on {metrics['eval_users']:,} users in {metrics['eval_s']:.1f} s " if evaluated else "")
             + f"({metrics['examples_per_s']:,.0f} examples/s)"
         )
         with tempfile.TemporaryDirectory() as folder:
@@ -260,6 +263,12 @@ def train(
         raise TrainingError(f"--resume: {output} holds no training run to continue")
     mcfg = for_data(config.model, manifest)
     logger.info("model: %s", mcfg.describe())
+    sample = validation_sample(manifest, config.train.eval_users)
+    kept, shards = len(sample["files"]["valid"]), len(manifest["files"]["valid"])
+    if kept < shards:
+        logger.info("validation: about %s of %s users (%d of %d shards of the valid split; train.eval_users=%d, 0 = all)",
+                    f"{round(manifest['counts']['users'] * kept / shards):,}", f"{manifest['counts']['users']:,}",
+                    kept, shards, config.train.eval_users)
     started = time.monotonic()
     storage_path, fs = _storage(output)
     limit_memory(config.data.pipeline_memory_mb)
@@ -276,7 +285,7 @@ def train(
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         datasets={
             "train": training_dataset(data, mcfg, browse_width(manifest), config.data.seed, manifest),
-            "valid": read_sequences(data, "valid", manifest),
+            "valid": read_sequences(data, "valid", sample),
         },
         run_config=RunConfig(
             name=RUN_NAME,

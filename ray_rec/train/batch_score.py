@@ -12,6 +12,7 @@ from ray_rec import storage
 from ray_rec.data.examples import evaluation_examples
 from ray_rec.data.pipeline import read_sequences
 from ray_rec.model.artifact import load_model
+from ray_rec.train.loop import catalog_blocks
 
 
 class TopK:
@@ -23,12 +24,13 @@ class TopK:
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
         cfg = self.rec.config
-        ex = evaluation_examples(table, cfg.history_len, cfg.time_buckets, with_target=False)
-        ids, scores = self.rec.model.recommend(
-            torch.as_tensor(ex["items"]), self.k, exclude=torch.as_tensor(ex["seen"]),
-            time_buckets=torch.as_tensor(ex["time_buckets"]),
-        )
-        users = table.column("user_id").take(pa.array(ex["row"])).to_numpy(zero_copy_only=False)
+        ex = {name: torch.as_tensor(v) for name, v in evaluation_examples(table, cfg.history_len, cfg.time_buckets, with_target=False).items()}
+        tops = [  # users in blocks: a 512-user batch's catalog scores at 1M items would be 2 GB at once
+            self.rec.model.recommend(ex["items"][rows], self.k, exclude=ex["seen"][rows], time_buckets=ex["time_buckets"][rows])
+            for rows in list(catalog_blocks(len(ex["items"]), cfg.num_items)) or [slice(0, 0)]
+        ]
+        ids, scores = torch.cat([i for i, _ in tops]), torch.cat([s for _, s in tops])
+        users = table.column("user_id").take(pa.array(ex["row"].numpy())).to_numpy(zero_copy_only=False)
         raw = np.array([[str(self.rec.vocab.raw_id(int(i))) for i in row] for row in ids.tolist()], dtype=object)
         return {"user_id": users, "items": raw, "scores": scores.numpy().astype(np.float32)}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import ray
 
@@ -39,6 +40,25 @@ WARM_WORKERS = {"idle_worker_killing_time_threshold_ms": 600_000, "num_workers_s
 # and restarted, and `serve.start` fails after 90-100 s (measured in README, "Serving":
 # `python -m bench.serve_start`). A local Ray started to serve runs its workers at niceness 0.
 SERVING_WORKERS = {"worker_niceness": 0}
+
+
+def scoring_pool(nodes: list[dict[str, Any]] | None = None) -> ray.data.ActorPoolStrategy:
+    """The actors that score users with a model (`ray-rec evaluate`, `ray-rec batch-score`): from one
+    up to one per live node with CPUs (``nodes``: as `ray.nodes()` lists them), as the queue of
+    batches asks for them. Ray Data spreads its actors over the nodes, and each uses its node's
+    cores (`use_node_cores`)."""
+    alive = [n for n in (ray.nodes() if nodes is None else nodes) if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= 1]
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, len(alive)))
+
+
+def use_node_cores() -> int:
+    """In a scoring actor: intra-op threads for torch on every core this process may use; returns
+    how many. Ray sets ``OMP_NUM_THREADS=1`` in a 1-CPU actor, so torch would use one core of the node."""
+    import torch
+
+    threads = usable_cores()
+    torch.set_num_threads(threads)
+    return threads
 
 
 def worker_env() -> dict[str, str]:

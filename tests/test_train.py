@@ -70,6 +70,32 @@ def test_resume_without_a_run_is_a_clear_error(ray_cluster, tiny_data, tmp_path)
         train(tiny_data, str(tmp_path / "empty"), load_config(None), resume=True)
 
 
+def test_scoring_actors_use_their_nodes_cores_and_one_per_node(ray_cluster):
+    """Ray sets OMP_NUM_THREADS=1 in a 1-CPU actor; evaluate's and batch-score's actors take their
+    node's cores back, and the pool grows up to one actor per live node with CPUs."""
+    import ray
+
+    from ray_rec.ray_session import scoring_pool, usable_cores, use_node_cores
+
+    @ray.remote(num_cpus=1)
+    def threads() -> tuple[int, int, str | None]:
+        import os
+
+        import torch
+
+        before = torch.get_num_threads()
+        use_node_cores()
+        return before, torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+
+    before, after, omp = ray.get(threads.remote())
+    assert (before, omp) == (1, "1") and after == usable_cores()
+    assert (scoring_pool().min_size, scoring_pool().max_size) == (1, 1)  # this one-node Ray
+    cpu, gpu_only, dead = ({"Alive": True, "Resources": {"CPU": 8.0}}, {"Alive": True, "Resources": {"GPU": 1.0}},
+                           {"Alive": False, "Resources": {"CPU": 8.0}})
+    assert scoring_pool([cpu, cpu, cpu, gpu_only, dead]).max_size == 3
+    assert scoring_pool([gpu_only]).max_size == 1  # waits for a node with CPUs (an autoscaler adds one)
+
+
 @pytest.mark.slow
 def test_evaluate_reports_full_sampled_and_popularity(trained, s3_data):
     from ray_rec.train.evaluate import evaluate_model

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 import torch
 
 from ray_rec import storage
 from ray_rec.data.examples import evaluation_examples
 from ray_rec.data.pipeline import read_sequences
 from ray_rec.model.artifact import load_model
+from ray_rec.ray_session import scoring_pool, use_node_cores
 from ray_rec.train.loop import catalog_blocks
 
 
@@ -19,6 +19,7 @@ class TopK:
     """``map_batches`` actor: loads the artifact once; each row's every click is its history."""
 
     def __init__(self, model_uri: str, k: int) -> None:
+        use_node_cores()
         self.rec = load_model(model_uri)
         self.k = k
 
@@ -47,7 +48,7 @@ def batch_score(data: str, model_uri: str, output: str, split: str = "test", k: 
     fs, staging_path = storage.resolve(staging)
     ds = read_sequences(data, split).map_batches(
         TopK, fn_constructor_args=(model_uri, k), batch_format="pyarrow", batch_size=512,
-        compute=ray.data.ActorPoolStrategy(size=1),
+        compute=scoring_pool(),
     )
     ds.write_parquet(staging_path, filesystem=fs)
     storage.delete_dir(output)

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import ray
 import torch
 
 from ray_rec import storage
@@ -22,6 +21,7 @@ from ray_rec.data.pipeline import read_sequences
 from ray_rec.data.prepare import read_manifest
 from ray_rec.metrics import DEFAULT_KS, RankingMetrics, full_ranks
 from ray_rec.model.artifact import load_model
+from ray_rec.ray_session import scoring_pool, use_node_cores
 from ray_rec.train.loop import catalog_blocks, rank_targets
 from ray_rec.vocab import Vocabulary
 
@@ -38,6 +38,7 @@ class RankUsers:
     """``map_batches`` actor: loads the artifact once, returns each user's target ranks."""
 
     def __init__(self, model_uri: str, popularity: np.ndarray, seed: int) -> None:
+        use_node_cores()
         self.rec = load_model(model_uri)
         self.popularity = torch.tensor(popularity, dtype=torch.float64)
         self.generator = torch.Generator().manual_seed(seed)
@@ -95,7 +96,7 @@ def evaluate_model(data: str, model_uri: str, split: str = "test", output: str |
         fn_constructor_args=(model_uri, popularity, seed),
         batch_format="pyarrow",
         batch_size=512,
-        compute=ray.data.ActorPoolStrategy(size=1),
+        compute=scoring_pool(),
     )
     acc = {name: RankingMetrics(DEFAULT_KS) for name in ("full", "sampled", "popularity")}
     for batch in ranks.iter_batches(batch_format="numpy", batch_size=4096):

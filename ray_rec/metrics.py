@@ -7,8 +7,9 @@ model that scores everything alike gets no credit.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 
 DEFAULT_KS = (5, 10, 20)
@@ -53,6 +54,45 @@ def sample_negatives(
             return out
         out[bad] = torch.randint(1, num_items + 1, (int(bad.sum()),), generator=generator)
     return out
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function on uint64 counters: a fixed, well-mixed pseudo-random value each."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def user_negatives(
+    num_items: int, targets: torch.Tensor, exclude: torch.Tensor | None, n: int, keys: Sequence[int], seed: int = 0
+) -> torch.Tensor:
+    """`sample_negatives` drawn from each row's own counter-based stream, keyed by ``seed`` and the
+    row's key (a stable hash of its user, < 2**32): a user gets the same negatives whichever batch,
+    actor or order evaluates it, so sampled metrics repeat from run to run: (B, n).
+
+    Draw j of a row is SplitMix64((seed * 2**32 + key) * 2**20 + j) mod num_items + 1; draws that hit
+    the target or an excluded item are skipped, as `sample_negatives` redraws them.
+    """
+    b, per_round = len(keys), 2 * n
+    base = (np.uint64(seed) << np.uint64(32)) + np.asarray(keys, dtype=np.uint64)  # (B,)
+    bad = targets.numpy()[:, None] if exclude is None else torch.cat([targets.unsqueeze(1), exclude], 1).numpy()
+    out = np.zeros((b, n), dtype=np.int64)
+    filled = np.zeros(b, dtype=np.int64)
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
+        for r in range(100):
+            need = np.flatnonzero(filled < n)
+            if not len(need):
+                break
+            j = np.arange(r * per_round, (r + 1) * per_round, dtype=np.uint64)
+            draws = (_splitmix64((base[need, None] << np.uint64(20)) + j) % np.uint64(num_items)).astype(np.int64) + 1
+            ok = ~(draws[:, :, None] == bad[need, None, :]).any(2)  # (R, per_round)
+            slot = np.cumsum(ok, 1) + filled[need, None] - 1  # where each valid draw goes in its row
+            take = ok & (slot < n)
+            rows, cols = np.nonzero(take)
+            out[need[rows], slot[rows, cols]] = draws[rows, cols]
+            filled[need] = np.minimum(n, filled[need] + ok.sum(1))
+    return torch.from_numpy(out)  # a catalog too small to fill a row leaves its last slots at 0
 
 
 def sampled_ranks(target_scores: torch.Tensor, negative_scores: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ray_rec.metrics import RankingMetrics, full_ranks, sample_negatives, sampled_ranks
+from ray_rec.metrics import RankingMetrics, full_ranks, sample_negatives, sampled_ranks, user_negatives
 
 
 def test_full_ranks_exclude_seen_items_and_padding():
@@ -46,6 +46,19 @@ def test_sampled_negatives_avoid_target_and_seen():
     assert sampled_ranks(torch.tensor([0.5]), torch.tensor([[0.1, 0.9, 0.5]])).tolist() == [2]
 
 
+def test_user_negatives_depend_on_the_user_alone_and_avoid_target_and_seen():
+    targets, seen = torch.tensor([1, 2, 3]), torch.tensor([[3, 4], [5, 0], [6, 7]])
+    neg = user_negatives(10, targets, seen, 50, keys=[11, 22, 33], seed=0)
+    assert neg.shape == (3, 50) and bool(((neg >= 1) & (neg <= 10)).all())
+    for row in range(3):
+        assert not set(neg[row].tolist()) & ({int(targets[row])} | set(seen[row].tolist()))
+    # the same user in another batch, at another place, gets the same negatives; another seed others
+    alone = user_negatives(10, targets[2:], seen[2:], 50, keys=[33], seed=0)
+    assert torch.equal(alone[0], neg[2])
+    assert not torch.equal(user_negatives(10, targets[2:], seen[2:], 50, keys=[33], seed=1)[0], neg[2])
+    assert not torch.equal(neg[0], user_negatives(10, targets[:1], seen[:1], 50, keys=[12], seed=0)[0])
+
+
 def test_evaluation_in_blocks_ranks_every_user_as_one_block_does(monkeypatch):
     """Validation and `ray-rec evaluate` score users in blocks of at most BLOCK_CELLS catalog
     scores; the ranks must not depend on where the blocks fall."""
@@ -63,9 +76,12 @@ def test_evaluation_in_blocks_ranks_every_user_as_one_block_does(monkeypatch):
 
     monkeypatch.setattr(loop, "BLOCK_CELLS", 3 * 41)  # three users' catalog scores
     assert [(s.start, s.stop) for s in loop.catalog_blocks(7, 40)] == [(0, 3), (3, 6), (6, 9)]
-    ranks, negative_ranks = loop.rank_targets(model, batch, 5, torch.Generator().manual_seed(0))
+    negatives = torch.randint(1, 41, (7, 5))
+    ranks, negative_ranks = loop.rank_targets(model, batch, negatives)
+    scores = model.score_catalog(items)
     assert torch.equal(ranks, whole)
-    assert negative_ranks is not None and negative_ranks.shape == (7,) and bool((negative_ranks <= 5).all())
+    assert negative_ranks is not None
+    assert torch.equal(negative_ranks, sampled_ranks(scores.gather(1, targets.unsqueeze(1)).squeeze(1), scores.gather(1, negatives)))
 
     monkeypatch.setattr(loop, "BLOCK_CELLS", 1)  # not even one user's scores: one user a block
     assert len(list(loop.catalog_blocks(7, 40))) == 7

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zlib
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from ray_rec import storage
 from ray_rec.data.examples import CLICK, evaluation_examples
 from ray_rec.data.pipeline import read_sequences
 from ray_rec.data.prepare import read_manifest
-from ray_rec.metrics import DEFAULT_KS, RankingMetrics, full_ranks
+from ray_rec.metrics import DEFAULT_KS, RankingMetrics, full_ranks, user_negatives
 from ray_rec.model.artifact import load_model
 from ray_rec.ray_session import scoring_pool, use_node_cores
 from ray_rec.train.loop import catalog_blocks, rank_targets
@@ -41,14 +42,17 @@ class RankUsers:
         use_node_cores()
         self.rec = load_model(model_uri)
         self.popularity = torch.tensor(popularity, dtype=torch.float64)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
         cfg = self.rec.config
         ex = {k: torch.as_tensor(v) for k, v in evaluation_examples(table, cfg.history_len, cfg.time_buckets).items()}
         if not len(ex["targets"]):
             return {"full": np.zeros(0, np.int64), "sampled": np.zeros(0, np.int64), "popularity": np.zeros(0, np.int64)}
-        full, sampled = rank_targets(self.rec.model, ex, SAMPLED_NEGATIVES, self.generator)
+        users = table.column("user_id").take(pa.array(ex["row"].numpy())).to_pylist()
+        keys = [zlib.crc32(str(user).encode()) for user in users]
+        negatives = user_negatives(cfg.num_items, ex["targets"], ex["seen"], SAMPLED_NEGATIVES, keys, self.seed)
+        full, sampled = rank_targets(self.rec.model, ex, negatives)
         assert sampled is not None
         popularity = [
             full_ranks(self.popularity.expand(len(ex["targets"][rows]), -1), ex["targets"][rows], ex["seen"][rows])

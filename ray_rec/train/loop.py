@@ -46,13 +46,10 @@ def catalog_blocks(rows: int, num_items: int) -> Iterator[slice]:
 
 @torch.inference_mode()
 def rank_targets(
-    model: InterestModel,
-    batch: dict[str, torch.Tensor],
-    sampled_negatives: int = 0,
-    generator: torch.Generator | None = None,
+    model: InterestModel, batch: dict[str, torch.Tensor], negatives: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Each user's target rank over the full catalog (seen items excluded) and, with
-    ``sampled_negatives`` > 0, among that many sampled negatives: (B,) each, 0 = best.
+    """Each user's target rank over the full catalog (seen items excluded) and, given ``negatives``
+    (B, n), among those: (B,) each, 0 = best.
 
     Users are scored in `catalog_blocks`, so memory stays flat however large the catalog: one
     block of 512 users over 1M items held 2 GB of scores and peaked at 8.9 GB (README "Top-k at
@@ -64,11 +61,10 @@ def rank_targets(
         buckets = batch.get("time_buckets")
         scores = model.score_catalog(items, None if buckets is None else buckets[rows])  # (b, N + 1)
         full.append(full_ranks(scores, targets, seen))
-        if sampled_negatives:
-            neg = sample_negatives(model.config.num_items, targets, seen, sampled_negatives, generator or torch.Generator())
+        if negatives is not None:
             target_scores = scores.gather(1, targets.unsqueeze(1)).squeeze(1)
-            sampled.append(sampled_ranks(target_scores, scores.gather(1, neg)))
-    return torch.cat(full), torch.cat(sampled) if sampled_negatives else None
+            sampled.append(sampled_ranks(target_scores, scores.gather(1, negatives[rows])))
+    return torch.cat(full), None if negatives is None else torch.cat(sampled)
 
 
 def evaluate(
@@ -92,7 +88,10 @@ def evaluate(
     sampled = RankingMetrics(ks) if sampled_negatives else None
     generator = torch.Generator().manual_seed(seed)
     for batch in batches:
-        ranks, negative_ranks = rank_targets(model, batch, sampled_negatives, generator)
+        negatives = None
+        if sampled_negatives:
+            negatives = sample_negatives(model.config.num_items, batch["targets"], batch["seen"], sampled_negatives, generator)
+        ranks, negative_ranks = rank_targets(model, batch, negatives)
         full.add(ranks)
         if sampled is not None and negative_ranks is not None:
             sampled.add(negative_ranks)

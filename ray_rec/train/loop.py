@@ -51,9 +51,9 @@ def rank_targets(
     """Each user's target rank over the full catalog (seen items excluded) and, given ``negatives``
     (B, n), among those: (B,) each, 0 = best.
 
-    Users are scored in `catalog_blocks`, so memory stays flat however large the catalog: one
-    block of 512 users over 1M items held 2 GB of scores and peaked at 8.9 GB (README "Top-k at
-    catalog scale").
+    Users are scored in `catalog_blocks`, so memory stays flat however large the catalog: at 1M
+    items a batch of 512 users in one block held 2 GB of scores, and the process peaked at about
+    9 GB (README "Top-k at catalog scale": `python -m bench.recommend_many --call evaluate`).
     """
     full, sampled = [], []
     for rows in catalog_blocks(len(batch["targets"]), model.config.num_items):

@@ -43,8 +43,12 @@ def test_two_workers_write_checkpoints_and_a_loadable_artifact_to_s3(trained, s3
 
 
 @pytest.mark.slow
-def test_resume_continues_a_stopped_run(ray_cluster, s3_data, s3, tmp_path):
+def test_resume_continues_a_stopped_run(ray_cluster, s3_data, s3, tmp_path, caplog):
+    import logging
+
     from ray_rec.train.trainer import train
+
+    caplog.set_level(logging.INFO, logger="ray_rec.train.trainer")
 
     out = s3.uri("runs/stopped")
     # Validation on about 1 user: the first of the valid split's two shards (every epoch the same).
@@ -61,6 +65,9 @@ def test_resume_continues_a_stopped_run(ray_cluster, s3_data, s3, tmp_path):
     assert result.epochs_run == 3
     first, second = valid_users(s3_data)
     assert first and second and [r["eval_users"] for r in rows] == [first] * 3
+    said = caplog.text  # the first lines: what validation reads, and that the log's browses go unused
+    assert f"validation: about {round((first + second) / 2):,} of" in said and "(1 of 2 shards of the valid split" in said
+    assert "browse events are not used: the ce loss" in said
 
 
 def test_resume_without_a_run_is_a_clear_error(ray_cluster, tiny_data, tmp_path):

@@ -263,6 +263,9 @@ def train(
         raise TrainingError(f"--resume: {output} holds no training run to continue")
     mcfg = for_data(config.model, manifest)
     logger.info("model: %s", mcfg.describe())
+    if manifest["has_browse"] and mcfg.resolved_loss != "bce":
+        logger.info("the log's browse events are not used: the %s loss contrasts the next click with the catalog "
+                    "(model.loss=bce trains on browsed items as negatives)", mcfg.resolved_loss)
     sample = validation_sample(manifest, config.train.eval_users)
     kept, shards = len(sample["files"]["valid"]), len(manifest["files"]["valid"])
     if kept < shards:

@@ -97,6 +97,9 @@ def test_concurrent_mixed_requests_are_all_answered(service):
         ("/v1/recommend", {"history": ["i1"] * 3000}, 413, "over 4096 bytes"),
         ("/v1/recommend", {"history": ["i1", "i2"], "timestamps": [1]}, 422, "timestamps has 1 values for 2 history items"),
         ("/v1/score", {"history": ["i1", "i2"], "candidates": ["i3"], "timestamps": [5, 1]}, 422, "must be oldest first"),
+        # Python's JSON parser reads Infinity and NaN (JSON has neither); the 422 echoes them as strings
+        ("/v1/score", b'{"timestamps": [Infinity]}', 422, '"input":{"timestamps":["inf"]}'),
+        ("/v1/recommend", b'{"history": ["i1"], "timestamps": [NaN]}', 422, "finite number"),
     ],
 )
 def test_bad_requests_get_a_4xx_with_a_message(service, path, body, code, needle):

@@ -12,13 +12,14 @@ from typing import Any
 
 import torch
 from fastapi import Depends, FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
 from ray import serve
 from ray.serve import Application
 
 from ray_rec.model.artifact import Recommender, load_model
 from ray_rec.serve import http as replica_http
 from ray_rec.serve.batching import Job, run_jobs
-from ray_rec.serve.http import BodyLimit, check_key
+from ray_rec.serve.http import BodyLimit, check_key, validation_error
 from ray_rec.serve.schemas import (
     ModelInfo,
     RecommendRequest,
@@ -36,6 +37,7 @@ api = FastAPI(
     version="1",
 )
 api.add_middleware(BodyLimit)
+api.add_exception_handler(RequestValidationError, validation_error)
 
 
 @serve.deployment

@@ -5,9 +5,12 @@ value; helpers in an importable module are shared by reference, with the replica
 """
 
 import hmac
+import math
 from typing import Any
 
 from fastapi import HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 API_KEY_HEADER = "X-API-Key"
@@ -62,3 +65,24 @@ async def check_key(request: Request) -> None:
     given = request.headers.get(API_KEY_HEADER, "")
     if not hmac.compare_digest(given.encode(), expected.encode()):
         raise HTTPException(401, f"missing or wrong {API_KEY_HEADER} header")
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float (inf, -inf, nan) as its string: JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """422 with FastAPI's list of what is wrong, as its own handler sends, but rendered safely.
+
+    The list echoes the input, and Python's JSON parser accepts ``Infinity`` and ``NaN``, which
+    JSON itself has not: FastAPI's handler then fails to render its answer and the client gets a 500
+    (``{"timestamps": [Infinity]}`` did, in the generated-requests test)."""
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))}, status_code=422)

@@ -50,7 +50,7 @@ def child(uri: str, users: int, mode: str, call: str, out: str) -> None:
 
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     if mode == "one block":
-        art.BLOCK_ROWS = art.BLOCK_CELLS = loop.BLOCK_CELLS = 1 << 62
+        art.BLOCK_ROWS = art.BLOCK_CELLS = 1 << 62
     rec = load_model(uri)
     rng = random.Random(0)
     n = len(rec.vocab)

@@ -268,11 +268,12 @@ def topk(folder: Path) -> list[str]:
 
 def recommend_many(folder: Path) -> list[str]:
     out: list[str] = []
-    for name, call in (("recommend_many.json", "`recommend()`"), ("evaluate_many.json", "Full-ranking evaluation")):
+    for name, call, batches, what in (
+        ("recommend_many.json", "`recommend()`", "in one call", "top-10 items"),
+        ("evaluate_many.json", "Full-ranking evaluation", "in batches of 512, with 100 sampled negatives", "full-ranking metrics"),
+    ):
         for r in _load(folder, name):
             s = r["summary"]
-            what = "top-10 items" if name.startswith("recommend") else "full-ranking metrics"
-            batches = "in one call" if name.startswith("recommend") else "in batches of 512, with 100 sampled negatives"
             out += [_source(r), "", f"{call} for {r['users']:,} users {batches}, {r['items']:,} items; "
                     "each mode in a fresh process, median seconds and the largest peak RSS over the rounds.", "",
                     "| mode | seconds | peak RSS MB |", "|---|---|---|"]

@@ -51,14 +51,12 @@ def scoring_pool(nodes: list[dict[str, Any]] | None = None) -> ray.data.ActorPoo
     return ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, len(alive)))
 
 
-def use_node_cores() -> int:
-    """In a scoring actor: intra-op threads for torch on every core this process may use; returns
-    how many. Ray sets ``OMP_NUM_THREADS=1`` in a 1-CPU actor, so torch would use one core of the node."""
+def use_node_cores() -> None:
+    """In a scoring actor: intra-op threads for torch on every core this process may use. Ray sets
+    ``OMP_NUM_THREADS=1`` in a 1-CPU actor, so torch would use one core of the node."""
     import torch
 
-    threads = usable_cores()
-    torch.set_num_threads(threads)
-    return threads
+    torch.set_num_threads(usable_cores())
 
 
 def worker_env() -> dict[str, str]:

@@ -63,6 +63,7 @@ def test_evaluation_in_blocks_ranks_every_user_as_one_block_does(monkeypatch):
     """Validation and `ray-rec evaluate` score users in blocks of at most BLOCK_CELLS catalog
     scores; the ranks must not depend on where the blocks fall."""
     from ray_rec.config import ModelConfig
+    from ray_rec.model import artifact
     from ray_rec.model.interest_model import InterestModel
     from ray_rec.train import loop
 
@@ -74,8 +75,8 @@ def test_evaluation_in_blocks_ranks_every_user_as_one_block_does(monkeypatch):
     batch = {"items": items, "targets": targets, "seen": items}
     whole = full_ranks(model.score_catalog(items), targets, items)
 
-    monkeypatch.setattr(loop, "BLOCK_CELLS", 3 * 41)  # three users' catalog scores
-    assert [(s.start, s.stop) for s in loop.catalog_blocks(7, 40)] == [(0, 3), (3, 6), (6, 9)]
+    monkeypatch.setattr(artifact, "BLOCK_CELLS", 3 * 41)  # three users' catalog scores
+    assert [(s.start, s.stop) for s in artifact.catalog_blocks(7, 40)] == [(0, 3), (3, 6), (6, 9)]
     negatives = torch.randint(1, 41, (7, 5))
     ranks, negative_ranks = loop.rank_targets(model, batch, negatives)
     scores = model.score_catalog(items)
@@ -83,7 +84,7 @@ def test_evaluation_in_blocks_ranks_every_user_as_one_block_does(monkeypatch):
     assert negative_ranks is not None
     assert torch.equal(negative_ranks, sampled_ranks(scores.gather(1, targets.unsqueeze(1)).squeeze(1), scores.gather(1, negatives)))
 
-    monkeypatch.setattr(loop, "BLOCK_CELLS", 1)  # not even one user's scores: one user a block
-    assert len(list(loop.catalog_blocks(7, 40))) == 7
+    monkeypatch.setattr(artifact, "BLOCK_CELLS", 1)  # not even one user's scores: one user a block
+    assert len(list(artifact.catalog_blocks(7, 40))) == 7
     ranks, negative_ranks = loop.rank_targets(model, batch)
     assert torch.equal(ranks, whole) and negative_ranks is None

@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -64,6 +64,16 @@ def save_model(model: InterestModel, vocab: Vocabulary, folder: str, extra: dict
 # memory (and runs faster than one block: README "Top-k at catalog scale").
 BLOCK_ROWS = 1024
 BLOCK_CELLS = 1 << 25
+
+
+def catalog_blocks(rows: int, num_items: int, max_rows: int | None = None) -> Iterator[slice]:
+    """Slices of ``rows`` users whose catalog scores (users x (num_items + 1)) stay within
+    ``BLOCK_CELLS``, at most ``max_rows`` users and at least one each. `recommend` and full-ranking
+    evaluation (``ray_rec.train.loop.rank_targets``) score in these blocks."""
+    step = max(1, BLOCK_CELLS // (num_items + 1))
+    step = step if max_rows is None else min(step, max_rows)
+    for start in range(0, rows, step):
+        yield slice(start, start + step)
 
 
 def check_rows(name: str, rows: Iterable[Iterable[Any]], what: str = "item ids") -> list[list[Any]]:
@@ -223,13 +233,12 @@ class Recommender:
         rows = [r for r, row in enumerate(known) if row]
         fallback = self.popular(k) if len(rows) < len(known) else []
         answers: list[list[tuple[RawId, float]]] = [[] if row else list(fallback) for row in known]
-        block = max(1, min(BLOCK_ROWS, BLOCK_CELLS // (len(self.vocab) + 1)))
-        for start in range(0, len(rows), block):
-            with_history = [known[r] for r in rows[start : start + block]]
+        for block in catalog_blocks(len(rows), len(self.vocab), BLOCK_ROWS):
+            with_history = [known[r] for r in rows[block]]
             exclude = pad_rows(with_history) if exclude_seen else None
-            buckets = None if times is None else self.window([times[r] for r in rows[start : start + block]])
+            buckets = None if times is None else self.window([times[r] for r in rows[block]])
             ids, scores = self.model.recommend(self.window(with_history), k, exclude=exclude, time_buckets=buckets)
-            for r, row_ids, row_scores in zip(rows[start : start + block], ids.tolist(), scores.tolist()):
+            for r, row_ids, row_scores in zip(rows[block], ids.tolist(), scores.tolist()):
                 answers[r] = [(self.vocab.raw_id(i), s) for i, s in zip(row_ids, row_scores) if s != float("-inf")]
         return answers
 

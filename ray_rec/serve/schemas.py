@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 ItemId = StrictInt | StrictStr
-ClickTime = Annotated[float, Field(allow_inf_nan=False)]  # JSON has no Infinity or NaN; Python's parser accepts them
 
 
 class ScoreRequest(BaseModel):
@@ -16,7 +13,7 @@ class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     history: list[ItemId] = Field(..., description="clicked item ids, oldest first (raw ids)")
     candidates: list[ItemId] = Field(..., description="item ids to score, in the order to return")
-    timestamps: list[ClickTime] | None = Field(
+    timestamps: list[float] | None = Field(
         None, description="optional click time of each history item (epoch seconds or milliseconds), oldest first"
     )
 
@@ -28,7 +25,7 @@ class RecommendRequest(BaseModel):
     history: list[ItemId] = Field(..., description="clicked item ids, oldest first (raw ids)")
     k: StrictInt = Field(10, description="how many items to return")
     exclude_history: bool = Field(True, description="never recommend an item of the history")
-    timestamps: list[ClickTime] | None = Field(
+    timestamps: list[float] | None = Field(
         None, description="optional click time of each history item (epoch seconds or milliseconds), oldest first"
     )
 

@@ -10,9 +10,8 @@ import torch
 from ray_rec import storage
 from ray_rec.data.examples import evaluation_examples
 from ray_rec.data.pipeline import read_sequences
-from ray_rec.model.artifact import load_model
+from ray_rec.model.artifact import catalog_blocks, load_model
 from ray_rec.ray_session import scoring_pool, use_node_cores
-from ray_rec.train.loop import catalog_blocks
 
 
 class TopK:
@@ -25,13 +24,14 @@ class TopK:
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
         cfg = self.rec.config
-        ex = {name: torch.as_tensor(v) for name, v in evaluation_examples(table, cfg.history_len, cfg.time_buckets, with_target=False).items()}
+        arrays = evaluation_examples(table, cfg.history_len, cfg.time_buckets, with_target=False)
+        ex = {name: torch.as_tensor(v) for name, v in arrays.items()}
         tops = [  # users in blocks: a 512-user batch's catalog scores at 1M items would be 2 GB at once
             self.rec.model.recommend(ex["items"][rows], self.k, exclude=ex["seen"][rows], time_buckets=ex["time_buckets"][rows])
-            for rows in list(catalog_blocks(len(ex["items"]), cfg.num_items)) or [slice(0, 0)]
+            for rows in list(catalog_blocks(len(ex["items"]), cfg.num_items)) or [slice(0, 0)]  # an empty batch: once, as before
         ]
         ids, scores = torch.cat([i for i, _ in tops]), torch.cat([s for _, s in tops])
-        users = table.column("user_id").take(pa.array(ex["row"].numpy())).to_numpy(zero_copy_only=False)
+        users = table.column("user_id").take(pa.array(arrays["row"])).to_numpy(zero_copy_only=False)
         raw = np.array([[str(self.rec.vocab.raw_id(int(i))) for i in row] for row in ids.tolist()], dtype=object)
         return {"user_id": users, "items": raw, "scores": scores.numpy().astype(np.float32)}
 

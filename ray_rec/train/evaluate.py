@@ -21,9 +21,9 @@ from ray_rec.data.examples import CLICK, evaluation_examples
 from ray_rec.data.pipeline import read_sequences
 from ray_rec.data.prepare import read_manifest
 from ray_rec.metrics import DEFAULT_KS, RankingMetrics, full_ranks, user_negatives
-from ray_rec.model.artifact import load_model
+from ray_rec.model.artifact import catalog_blocks, load_model
 from ray_rec.ray_session import scoring_pool, use_node_cores
-from ray_rec.train.loop import catalog_blocks, rank_targets
+from ray_rec.train.loop import rank_targets
 from ray_rec.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -46,10 +46,11 @@ class RankUsers:
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
         cfg = self.rec.config
-        ex = {k: torch.as_tensor(v) for k, v in evaluation_examples(table, cfg.history_len, cfg.time_buckets).items()}
+        arrays = evaluation_examples(table, cfg.history_len, cfg.time_buckets)
+        ex = {k: torch.as_tensor(v) for k, v in arrays.items()}
         if not len(ex["targets"]):
             return {"full": np.zeros(0, np.int64), "sampled": np.zeros(0, np.int64), "popularity": np.zeros(0, np.int64)}
-        users = table.column("user_id").take(pa.array(ex["row"].numpy())).to_pylist()
+        users = table.column("user_id").take(pa.array(arrays["row"])).to_pylist()
         keys = [zlib.crc32(str(user).encode()) for user in users]
         negatives = user_negatives(cfg.num_items, ex["targets"], ex["seen"], SAMPLED_NEGATIVES, keys, self.seed)
         full, sampled = rank_targets(self.rec.model, ex, negatives)

@@ -3,14 +3,14 @@ loop and the single-process baseline both call these."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from ray_rec.config import TrainConfig
 from ray_rec.metrics import DEFAULT_KS, RankingMetrics, full_ranks, sample_negatives, sampled_ranks
-from ray_rec.model.artifact import BLOCK_CELLS
+from ray_rec.model.artifact import catalog_blocks
 from ray_rec.model.interest_model import InterestModel
 
 
@@ -34,14 +34,6 @@ def train_step(
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     return {k: float(v.detach()) for k, v in losses.items()}
-
-
-def catalog_blocks(rows: int, num_items: int) -> Iterator[slice]:
-    """Slices of ``rows`` users whose catalog scores (users x (num_items + 1)) stay within
-    ``BLOCK_CELLS`` (128 MB of float32), at least one user each."""
-    step = max(1, BLOCK_CELLS // (num_items + 1))
-    for start in range(0, rows, step):
-        yield slice(start, start + step)
 
 
 @torch.inference_mode()

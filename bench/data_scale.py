@@ -5,7 +5,8 @@ catalog), then in fresh processes:
 - `ray-rec prepare`'s code imports it to ``s3://`` on a local ``moto_server``: seconds, events/s,
   peak RSS of the importing process;
 - the Ray Data pipeline streams the training split back from S3 into training tensors exactly as a
-  training worker does (`iter_batches` -> `shuffle_chunks` -> `length_buckets` -> `collate`), on a
+  training worker does (`iter_batches` -> `shuffle_chunks` -> `length_buckets` -> `collate`; with
+  the browsed negatives a `bce` model reads, the heaviest examples), on a
   local Ray whose object store is capped at `OBJECT_STORE_MB`: examples/s, the peak memory (PSS)
   of the driver and every Ray process together, and apart from it the object-store pages.
 Next to the pipeline's throughput it prints the training step rate of the default model on the
@@ -36,6 +37,9 @@ OBJECT_STORE_MB = 2048  # the streaming run's Ray object store: whatever the dat
 # switch from 50 to 200 (`ray_rec.config.LONG_HISTORY_CLICKS`): pinned, so every size streams the
 # same windows and the figures compare across runs.
 PINNED = {"model.max_len": 50}
+# Examples as a `bce` model reads them, with up to 8 browsed negatives per step: the pipeline at its
+# heaviest (the default loss does not read browses, and training then builds none).
+HEAVIEST_LOSS = "bce"
 
 
 def _pss_mb(pids: list[int]) -> tuple[float, float]:
@@ -127,7 +131,7 @@ def child_stream(data: str) -> dict[str, Any]:
     m = read_manifest(data)
     mcfg = for_data(cfg.model, m)
     limit_memory(cfg.data.pipeline_memory_mb)  # as `ray-rec train` does
-    ds = training_dataset(data, mcfg, browse_width(m), 0, m)
+    ds = training_dataset(data, mcfg, browse_width(m, HEAVIEST_LOSS), 0, m)
     size = BUCKET_WINDOW * cfg.train.batch_size
     rng = np.random.default_rng(0)
     with PeakMemory(_ray_pids) as peak:
@@ -157,7 +161,7 @@ def child_train_rate(data: str, steps: int) -> dict[str, Any]:
     m = read_manifest(data)
     mcfg = for_data(cfg.model, m)
     table = read_split(data, "train").slice(0, 40_000)
-    examples = training_examples(table, mcfg.history_len, mcfg.time_buckets, browse_width(m))
+    examples = training_examples(table, mcfg.history_len, mcfg.time_buckets, browse_width(m, HEAVIEST_LOSS))
     rng = np.random.default_rng(0)
     rows = rng.permutation(len(examples["items"]))[: BUCKET_WINDOW * cfg.train.batch_size]
     batches = [collate(b) for b in length_buckets({k: v[rows] for k, v in examples.items()}, cfg.train.batch_size, rng)]

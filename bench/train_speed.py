@@ -43,7 +43,7 @@ def plain_loop(data: str, overrides: dict, epochs: int) -> float:
     torch.manual_seed(0)
     model = InterestModel(mcfg)
     opt = make_optimizer(model, cfg.train)
-    ex = InMemoryExamples.training(data, "train", mcfg.history_len, mcfg.time_buckets, browse_width(m))
+    ex = InMemoryExamples.training(data, "train", mcfg.history_len, mcfg.time_buckets, browse_width(m, mcfg.resolved_loss))
     seconds, n = 0.0, 0
     for epoch in range(epochs):
         t0 = time.monotonic()

@@ -174,6 +174,13 @@ def test_training_examples_slide_window_and_browsed_negatives():
     assert ex["targets"].tolist() == [[4, 5, 6, 7], [0, 0, 2, 3], [0, 0, 0, 11]]
     assert ex["negatives"][2, 3].tolist() == [10, 9]  # latest browse first
     assert ex["time_buckets"][1].tolist() == [0, 0, 1, 2]
+    # Only the loss that reads browsed items gets them built; the others, and logs without browses, none.
+    from ray_rec.data.examples import MAX_BROWSE, browse_width
+
+    assert browse_width({"has_browse": True}, "bce") == MAX_BROWSE
+    assert browse_width({"has_browse": True}, "ce") == browse_width({"has_browse": True}, "sampled_softmax") == 0
+    assert browse_width({"has_browse": False}, "bce") == 0
+    assert "negatives" not in training_examples(table, max_len=4, num_time_buckets=10, max_browse=0)
 
 
 def test_evaluation_examples_and_collate_trim_padding():

@@ -24,9 +24,11 @@ BUCKET_WINDOW = 64  # batches per chunk that `length_buckets` regroups by length
 MAX_BROWSE = 8  # browsed negatives kept per step when the log has impressions
 
 
-def browse_width(manifest: dict) -> int:
-    """Browsed negatives per step for a dataset: `MAX_BROWSE` if its log has browses, else 0."""
-    return MAX_BROWSE if manifest["has_browse"] else 0
+def browse_width(manifest: dict, loss: str) -> int:
+    """Browsed negatives per step: `MAX_BROWSE` if the data set's log has browses and the loss
+    (`ModelConfig.resolved_loss`) reads them (only `bce` does), else 0: with them, building a
+    generated log's examples took about twice as long (0.27 s against 0.14 s for 31,570 users)."""
+    return MAX_BROWSE if manifest["has_browse"] and loss == "bce" else 0
 
 
 MAX_ABS_SECONDS = 1e11  # about year 5138: a larger click time is in milliseconds (or not a click time)

@@ -45,7 +45,7 @@ def train_local(
     torch.manual_seed(config.train.seed)
     model = InterestModel(mcfg)
     tcfg = config.train
-    train = InMemoryExamples.training(data, "train", mcfg.history_len, mcfg.time_buckets, browse_width(manifest))
+    train = InMemoryExamples.training(data, "train", mcfg.history_len, mcfg.time_buckets, browse_width(manifest, mcfg.resolved_loss))
     valid = InMemoryExamples.evaluation(data, "valid", mcfg.history_len, mcfg.time_buckets)
     optimizer = make_optimizer(model, tcfg)
     run = LocalRun(model=model)

@@ -287,7 +287,7 @@ def train(
         },
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         datasets={
-            "train": training_dataset(data, mcfg, browse_width(manifest), config.data.seed, manifest),
+            "train": training_dataset(data, mcfg, browse_width(manifest, mcfg.resolved_loss), config.data.seed, manifest),
             "valid": read_sequences(data, "valid", sample),
         },
         run_config=RunConfig(

@@ -79,6 +79,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main() -> None:
+    from ray_rec.cli import _parse_value  # YAML scalars, as `ray-rec train --set`: 128, 0.5, false, gru
     from ray_rec.train.local import train_local  # torch: not imported by `python -m bench --report`
 
     args = parse_args()
@@ -97,7 +98,7 @@ def main() -> None:
                          "train.seed": seed, "data.seed": seed, **VARIANTS[name]}
             for pair in args.set:
                 key, _, value = pair.partition("=")
-                overrides[key] = json.loads(value) if value[:1].isdigit() else value
+                overrides[key] = _parse_value(value)
             row = row_name(name, args.epochs, args.patience, args.eval_every, args.set)
             tag = row if seed == 0 else f"{row} seed {seed}"
             run = train_local(data, load_config(None, overrides), log=tagged(tag))

@@ -172,6 +172,25 @@ def loss_memory(folder: Path) -> list[str]:
     return out
 
 
+def sparse_items(folder: Path) -> list[str]:
+    out: list[str] = []
+    for r in _load(folder, "sparse_items.json"):
+        out += ["### Large catalogs: the item table's gradients sparse or dense", "", _source(r), "",
+                f"One training step of {r['batch']} windows x 50 steps per worker, sampled softmax over 2048 negatives; "
+                f"median of {r['steps'] - 1} steps after the first.", "",
+                "| catalog items | workers | item gradients | step | peak memory (rank 0) | loss after the steps |",
+                "|---|---|---|---|---|---|"]
+        rows = {(x["items"], x["workers"], x["mode"]): x for x in r["rows"]}
+        for (items, workers, mode), x in rows.items():
+            ratio = ""
+            if mode == "sparse" and (items, workers, "dense") in rows:
+                dense = rows[items, workers, "dense"]
+                ratio = f" ({dense['step_s'] / x['step_s']:.2f}x faster)"
+            out.append(f"| {items:,} | {workers} | {mode} | {x['step_s']:.3f} s{ratio} | {x['peak_mb']:,.0f} MB | {x['loss']:.4f} |")
+        out.append("")
+    return out
+
+
 def ray_runs(folder: Path) -> list[str]:
     out: list[str] = []
     for r in _load(folder, "ray_train_*.json"):
@@ -290,8 +309,8 @@ def write_report(folder: Path, target: Path, quick: bool = False) -> Path:
              f"`{rel}/`; each section names the command and machine that produced it. Rerun a section with its command, "
              "then `python -m bench --report`.", ""]
     sections = [("Model quality (leave-one-out, full ranking, seen items excluded; test split)", quality(folder, rel)),
-                ("Training speed", speed(folder) + shared_cores(folder) + loss_memory(folder) + ray_runs(folder) + relevance_cost(folder)
-                 + enhancer_cost(folder)), ("Data: import and streaming at scale", data(folder)),
+                ("Training speed", speed(folder) + shared_cores(folder) + loss_memory(folder) + sparse_items(folder) + ray_runs(folder)
+                 + relevance_cost(folder) + enhancer_cost(folder)), ("Data: import and streaming at scale", data(folder)),
                 ("Serving", serving(folder, rel) + serve_start(folder)), ("Top-k latency against catalog size", topk(folder) + recommend_many(folder))]
     for title, body in sections:
         lines += [f"## {title}", ""] + (body or ["Not measured yet: run its command.", ""])

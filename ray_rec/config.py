@@ -125,6 +125,13 @@ class ModelConfig:
             return None
         return dataclasses.replace(self, relevance="dot", loss="auto", num_negatives=None)
 
+    @property
+    def reads_item_sample(self) -> bool:
+        """Whether every training loss reads only some items a step (sampled softmax, `bce`: the
+        batch's items and the negatives drawn), never the whole catalog as the full softmax does."""
+        dot = self.dot_term
+        return self.resolved_loss != "ce" and (dot is None or dot.resolved_loss != "ce")
+
     def loss_text(self) -> str:
         """The loss actually used, with its negatives: e.g. `ce`, `sampled_softmax (2048 negatives)`."""
         return self.resolved_loss + (f" ({self.negatives} negatives)" if self.resolved_loss != "ce" else "")
@@ -183,6 +190,10 @@ class TrainConfig:
     eval_users: int = 50_000
     max_failures: int = 2  # worker crashes Ray Train recovers from by itself
     seed: int = 0
+    # On CPU, when the loss reads only some items a step (sampled softmax, bce: the catalogs too
+    # large for the full softmax), the item table gets sparse gradients and Adam updates only the
+    # rows a step read (lazy Adam); false: dense gradients and updates over the whole table.
+    sparse_items: bool = True
 
     def __post_init__(self) -> None:
         _check_range("train.epochs", self.epochs, 1)
@@ -196,6 +207,8 @@ class TrainConfig:
         _check_range("train.eval_batch_size", self.eval_batch_size, 1)
         _check_range("train.eval_users", self.eval_users, 0)
         _check_range("train.max_failures", self.max_failures, 0)
+        if not isinstance(self.sparse_items, bool):
+            raise ValueError(f"train.sparse_items={self.sparse_items!r} must be true or false")
 
 
 @dataclass(frozen=True)

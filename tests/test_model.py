@@ -92,6 +92,77 @@ def test_a_seeded_step_lowers_the_loss():
     assert model(data)["main"].item() < before
 
 
+def test_a_sparse_gradient_moves_its_row_at_once_as_far_as_adam_does_over_the_next_steps():
+    """Row 1 gets a gradient at steps 1001 and 1061, none otherwise (row 2 gets one every step):
+    dense Adam spreads each move over the following steps (momentum); `LazyAdam` makes it at once,
+    with the second moment decayed over the 59 idle steps in between as Adam decays it. Rows
+    without a gradient do not move; clipping reads sparse gradients."""
+    from ray_rec.train.loop import LazyAdam, clip_gradients
+
+    torch.manual_seed(0)
+    dense = torch.nn.Embedding(10, 4)
+    sparse = torch.nn.Embedding(10, 4, sparse=True)
+    sparse.load_state_dict(dense.state_dict())
+    adam = torch.optim.Adam(dense.parameters(), lr=0.01, betas=(0.9, 0.98))
+    lazy = LazyAdam(sparse.parameters(), lr=0.01, betas=(0.9, 0.98))
+    w = torch.randn(2, 4)
+    touches = {1001, 1061}
+    for emb, opt in ((dense, adam), (sparse, lazy)):
+        for step in range(1, 1430 if emb is dense else 1062):  # dense Adam: 370 more steps, for its momentum
+            opt.zero_grad()
+            rows = torch.tensor([1, 2] if step in touches else [2])
+            (emb(rows) * w[2 - len(rows):]).sum().backward()
+            if emb is sparse:
+                assert emb.weight.grad.is_sparse
+                clip_gradients(emb.parameters(), 1e6)
+            if step == 1000:
+                start = emb.weight.detach().clone()
+            opt.step()
+        moved = emb.weight.detach() - start
+        if emb is dense:
+            expected = moved
+    torch.testing.assert_close(moved[1], expected[1], rtol=1e-2, atol=0)
+    assert float(moved[1].abs().min()) > 0.1  # each gradient: about 7.8 lr per unit of g
+    assert torch.equal(moved[3:], torch.zeros_like(moved[3:]))
+    clipped = torch.nn.Embedding(10, 4, sparse=True)
+    (clipped(torch.tensor([1, 1, 2])).sum() * 10).backward()  # row 1 twice: clip by the summed rows' norm
+    clip_gradients(clipped.parameters(), 1.0)
+    assert abs(float(torch.linalg.vector_norm(clipped.weight.grad.coalesce().values())) - 1.0) < 1e-5
+
+
+def test_sparse_item_gradients_update_only_the_rows_a_step_reads():
+    from ray_rec.config import TrainConfig
+    from ray_rec.train.loop import make_optimizer, sparse_item_gradients, train_step
+
+    sampled = make(loss="sampled_softmax").config
+    assert sparse_item_gradients(sampled, TrainConfig(), on_gpu=False)
+    assert sparse_item_gradients(make(loss="bce").config, TrainConfig(), on_gpu=False)
+    assert not sparse_item_gradients(sampled, TrainConfig(sparse_items=False), on_gpu=False)
+    assert not sparse_item_gradients(sampled, TrainConfig(), on_gpu=True)
+    assert not sparse_item_gradients(make().config, TrainConfig(), on_gpu=False)  # the full softmax reads every item
+    assert not sparse_item_gradients(make(relevance="mlp", loss="sampled_softmax").config, TrainConfig(), on_gpu=False)  # its dot term's does
+    with pytest.raises(ValueError, match="train.sparse_items='no' must be true or false"):
+        TrainConfig(sparse_items="no")  # type: ignore[arg-type]
+
+    models = {"dense": make(loss="sampled_softmax"), "sparse": make(loss="sampled_softmax")}
+    models["sparse"].features.item.sparse = True
+    optimizers = {k: make_optimizer(m, TrainConfig(lr=0.01)) for k, m in models.items()}
+    weights = []
+    for step in range(2):
+        data = batch(length=8 - 4 * step, negatives=False)  # the second step reads fewer items
+        for key, model in models.items():
+            torch.manual_seed(step)  # the same negatives and dropout for both
+            train_step(model, data, optimizers[key], grad_clip=0.1)  # small enough to clip
+        weights.append({k: m.features.item.weight.detach().clone() for k, m in models.items()})
+    read = models["sparse"].features.item.weight.grad.coalesce().indices()[0]
+    unread = torch.ones(N + 1, dtype=torch.bool)
+    unread[read] = False
+    assert 0 < int(unread.sum()) < N + 1
+    assert torch.equal(weights[1]["sparse"][unread], weights[0]["sparse"][unread])  # lazy: rows not read stay
+    assert not torch.equal(weights[1]["dense"][unread], weights[0]["dense"][unread])  # dense Adam's momentum moves them
+    assert not torch.equal(weights[1]["sparse"][read], weights[0]["sparse"][read])
+
+
 @pytest.mark.parametrize("enhancer", ENHANCERS.names())
 def test_overfits_a_tiny_data_set(enhancer):
     """Eight fixed sequences: after training, each next item is the top recommendation."""

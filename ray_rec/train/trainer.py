@@ -38,7 +38,7 @@ from ray_rec.model.interest_model import InterestModel
 from ray_rec.ray_session import usable_cores
 from ray_rec.train.checkpoint import newest_complete_checkpoint, read_checkpoint, write_checkpoint
 from ray_rec.train.feed import EpochPrefetcher, ExampleCache, epoch_chunks, training_batches
-from ray_rec.train.loop import evaluate, make_optimizer, train_step
+from ray_rec.train.loop import evaluate, make_optimizer, sparse_item_gradients, train_step
 from ray_rec.train.report import write_metrics_files
 from ray_rec.vocab import Vocabulary
 
@@ -134,6 +134,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     vocab = Vocabulary.load(loop_config["data"])
     model = InterestModel(mcfg)
     model.features.set_item_side(torch.as_tensor(vocab.side_matrix()))
+    model.features.item.sparse = sparse_item_gradients(mcfg, cfg.train, loop_config["use_gpu"])
     optimizer = make_optimizer(model, cfg.train)
     state: dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad": 0, "resumes": 0, "history": []}
     checkpoint = ray.train.get_checkpoint()
@@ -266,6 +267,9 @@ def train(
     if manifest["has_browse"] and mcfg.resolved_loss != "bce":
         logger.info("the log's browse events are not used: the %s loss contrasts the next click with the catalog "
                     "(model.loss=bce trains on browsed items as negatives)", mcfg.resolved_loss)
+    if sparse_item_gradients(mcfg, config.train, use_gpu):
+        logger.info("item table: sparse gradients, Adam updating only the rows a step reads (the %s loss reads "
+                    "a sample of the catalog; train.sparse_items=false for dense updates)", mcfg.loss_text())
     sample = validation_sample(manifest, config.train.eval_users)
     kept, shards = len(sample["files"]["valid"]), len(manifest["files"]["valid"])
     if kept < shards:

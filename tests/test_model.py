@@ -124,6 +124,15 @@ def test_a_sparse_gradient_moves_its_row_at_once_as_far_as_adam_does_over_the_ne
     torch.testing.assert_close(moved[1], expected[1], rtol=1e-2, atol=0)
     assert float(moved[1].abs().min()) > 0.1  # each gradient: about 7.8 lr per unit of g
     assert torch.equal(moved[3:], torch.zeros_like(moved[3:]))
+    # A checkpoint of dense Adam resumed with sparse gradients: its moments carry over, its momentum is dropped.
+    resumed = LazyAdam(sparse.parameters(), lr=0.01, betas=(0.9, 0.98))
+    resumed.load_state_dict(adam.state_dict())
+    lazy.zero_grad()
+    sparse(torch.tensor([1])).sum().backward()
+    resumed.step()
+    state = resumed.state[sparse.weight]
+    assert "exp_avg" not in state and int(state["step"]) == 1430 and float(state["last_step"][1]) == 1430.0
+    torch.testing.assert_close(state["exp_avg_sq"][3], adam.state[dense.weight]["exp_avg_sq"][3])
     clipped = torch.nn.Embedding(10, 4, sparse=True)
     (clipped(torch.tensor([1, 1, 2])).sum() * 10).backward()  # row 1 twice: clip by the summed rows' norm
     clip_gradients(clipped.parameters(), 1.0)

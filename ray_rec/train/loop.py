@@ -60,6 +60,7 @@ class LazyAdam(torch.optim.Adam):
             values = values + group["weight_decay"] * p[rows]
         state = self.state[p]
         if "last_step" not in state:  # new, or dense Adam's state from a checkpoint: every row current
+            state.pop("exp_avg", None)  # folded into the update from here on (N x D numbers freed)
             state.setdefault("step", torch.tensor(0.0))
             state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
             state["last_step"] = torch.full((p.shape[0],), float(state["step"]), dtype=p.dtype)  # as a checkpoint reloads it

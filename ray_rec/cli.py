@@ -139,7 +139,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     read_manifest(args.data)  # fail fast, before Ray starts
     load_model(args.model)
     init_ray(1)
-    result = evaluate_model(args.data, args.model, split=args.split, output=args.output)
+    result = evaluate_model(args.data, args.model, split=args.split, output=args.output,
+                            progress=lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True))
     print(format_table(result))
     print(json.dumps(result))
     return 0

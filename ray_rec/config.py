@@ -194,6 +194,7 @@ class TrainConfig:
     # large for the full softmax), the item table gets sparse gradients and Adam updates only the
     # rows a step read (lazy Adam); false: dense gradients and updates over the whole table.
     sparse_items: bool = True
+    progress_s: float = 60.0  # seconds between progress lines inside an epoch or a validation (0 = every step)
 
     def __post_init__(self) -> None:
         _check_range("train.epochs", self.epochs, 1)
@@ -207,6 +208,7 @@ class TrainConfig:
         _check_range("train.eval_batch_size", self.eval_batch_size, 1)
         _check_range("train.eval_users", self.eval_users, 0)
         _check_range("train.max_failures", self.max_failures, 0)
+        _check_range("train.progress_s", self.progress_s, 0.0)
         if not isinstance(self.sparse_items, bool):
             raise ValueError(f"train.sparse_items={self.sparse_items!r} must be true or false")
 

@@ -55,7 +55,8 @@ def test_resume_continues_a_stopped_run(ray_cluster, s3_data, s3, tmp_path, capl
     # Sampled softmax: the item table's gradients are sparse (DDP's sparse all-reduce, lazy Adam's
     # state in the checkpoint resumed from); the `trained` fixture covers the dense ones.
     config = load_config(None, {"model.dim": 16, "train.epochs": 3, "train.batch_size": 64, "train.max_failures": 0,
-                                "train.eval_users": 1, "model.loss": "sampled_softmax"})
+                                "train.eval_users": 1, "model.loss": "sampled_softmax",
+                                "train.progress_s": 0})  # a progress line after every step and validation batch
     with pytest.raises(TrainingError, match="training failed"):
         train(s3_data, out, config, workers=2, fail_once={"epoch": 2, "step": 1, "marker": str(tmp_path / "m")})
     with pytest.raises(TrainingError, match="already holds a training run"):
@@ -71,6 +72,21 @@ def test_resume_continues_a_stopped_run(ray_cluster, s3_data, s3, tmp_path, capl
     assert f"validation: about {round((first + second) / 2):,} of" in said and "(1 of 2 shards of the valid split" in said
     assert "browse events are not used: the sampled_softmax loss" in said
     assert "item table: sparse gradients" in said
+
+
+def test_progress_lines_come_at_most_every_interval_and_count_users_over_workers():
+    import torch
+
+    from ray_rec.train.loop import Progress
+
+    pace = Progress(60.0, iter([0.0, 20.0, 61.0, 70.0, 125.0, 130.0]).__next__)  # starts at 0
+    assert [pace.due() for _ in range(5)] == [None, 61.0, None, 125.0, None]
+    said: list[str] = []
+    batches = [{"targets": torch.zeros(n)} for n in (3, 5)]
+    assert list(Progress(0.0, iter([0.0, 2.0, 4.0]).__next__).users(batches, said.append, "validation", 2)) == batches
+    assert said == ["validation: 6 users ranked in 2 s (3/s)", "validation: 16 users ranked in 4 s (4/s)"]
+    with pytest.raises(ValueError, match="train.progress_s=-1"):
+        load_config(None, {"train.progress_s": -1})
 
 
 def test_resume_without_a_run_is_a_clear_error(ray_cluster, tiny_data, tmp_path):
@@ -110,7 +126,12 @@ def test_scoring_actors_use_their_nodes_cores_and_one_per_node(ray_cluster):
 def test_evaluate_reports_full_sampled_and_popularity(trained, s3_data):
     from ray_rec.train.evaluate import evaluate_model
 
-    result = evaluate_model(s3_data, trained.model_uri, split="test")
+    said: list[str] = []
+    result = evaluate_model(s3_data, trained.model_uri, split="test", progress=said.append, progress_s=0)
+    num_items = load_model(trained.model_uri).config.num_items
+    assert said[:2] == ["counting the train split's clicks (the popularity baseline)",
+                        f"ranking the test split's users over {num_items:,} items"]
+    assert said[-1].startswith("240 users ranked in ")  # with progress_s=0, a line after every batch
     full = result["full_ranking"]
     assert set(full) >= {"HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR"}
     assert full["count"] == 240

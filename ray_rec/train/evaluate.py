@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ from ray_rec.data.prepare import read_manifest
 from ray_rec.metrics import DEFAULT_KS, RankingMetrics, full_ranks, user_negatives
 from ray_rec.model.artifact import catalog_blocks, load_model
 from ray_rec.ray_session import scoring_pool, use_node_cores
-from ray_rec.train.loop import rank_targets
+from ray_rec.train.loop import Progress, rank_targets
 from ray_rec.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -83,8 +84,11 @@ def popularity_scores(counts: np.ndarray) -> np.ndarray:
     return counts + np.linspace(0.5, 0.0, len(counts))
 
 
-def evaluate_model(data: str, model_uri: str, split: str = "test", output: str | None = None, seed: int = 0) -> dict[str, Any]:
-    """Metrics of the artifact at ``model_uri`` on ``split`` of the prepared dataset ``data``."""
+def evaluate_model(data: str, model_uri: str, split: str = "test", output: str | None = None, seed: int = 0,
+                   progress: Callable[[str], None] | None = None, progress_s: float = 60.0) -> dict[str, Any]:
+    """Metrics of the artifact at ``model_uri`` on ``split`` of the prepared dataset ``data``;
+    ``progress`` gets a line on each stage and, every ``progress_s`` seconds, the users ranked so far."""
+    say = progress or (lambda msg: logger.info(msg))
     manifest = read_manifest(data)
     if split not in manifest["files"]:
         raise EvaluationError(f"split {split!r} is not one of {', '.join(manifest['files'])}")
@@ -95,7 +99,9 @@ def evaluate_model(data: str, model_uri: str, split: str = "test", output: str |
             f"the model at {model_uri} was trained on another item vocabulary than {data} "
             f"({len(rec.vocab)} vs {len(data_vocab)} items): evaluate it on the dataset it was trained on"
         )
+    say("counting the train split's clicks (the popularity baseline)")
     popularity = train_popularity(data, rec.config.num_items, manifest)
+    say(f"ranking the {split} split's users over {rec.config.num_items:,} items")
     ranks = read_sequences(data, split, manifest).map_batches(
         RankUsers,
         fn_constructor_args=(model_uri, popularity, seed),
@@ -104,9 +110,13 @@ def evaluate_model(data: str, model_uri: str, split: str = "test", output: str |
         compute=scoring_pool(),
     )
     acc = {name: RankingMetrics(DEFAULT_KS) for name in ("full", "sampled", "popularity")}
+    pace, done = Progress(progress_s), 0
     for batch in ranks.iter_batches(batch_format="numpy", batch_size=4096):
         for name, metric in acc.items():
             metric.add(torch.tensor(batch[name]))
+        done += len(batch["full"])
+        if (seconds := pace.due()) is not None:
+            say(f"{done:,} users ranked in {seconds:,.0f} s ({done / seconds:,.0f}/s)")
     result = {
         "split": split,
         "model": model_uri,

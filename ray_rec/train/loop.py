@@ -4,7 +4,8 @@ loop and the single-process baseline both call these."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -14,6 +15,41 @@ from ray_rec.config import ModelConfig, TrainConfig
 from ray_rec.metrics import DEFAULT_KS, RankingMetrics, full_ranks, sample_negatives, sampled_ranks
 from ray_rec.model.artifact import catalog_blocks
 from ray_rec.model.interest_model import InterestModel
+
+
+class Progress:
+    """Paces progress lines inside long work: ``due`` says when one is due, at most one every
+    ``every_s`` seconds and the first ``every_s`` after the start (work shorter than that says
+    nothing; 0 = every call).
+
+    Example:
+        >>> p = Progress(60.0, iter([0.0, 30.0, 61.0, 62.0]).__next__)
+        >>> [p.due() for _ in range(3)]
+        [None, 61.0, None]
+    """
+
+    def __init__(self, every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s, self.clock = every_s, clock
+        self.start = self.last = clock()
+
+    def due(self) -> float | None:
+        """Seconds since the start if a line is due now (the next is then ``every_s`` away), else None."""
+        now = self.clock()
+        if now - self.last < self.every_s:
+            return None
+        self.last = now
+        return max(now - self.start, 1e-9)
+
+    def users(self, batches: Iterable[dict[str, torch.Tensor]], emit: Callable[[str], None], what: str,
+              scale: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+        """``batches`` of evaluation examples, passed through; when due, ``emit`` gets a line on the
+        users done so far (times ``scale``: this worker's count times the workers, for the whole)."""
+        done = 0
+        for batch in batches:
+            yield batch
+            done += len(batch["targets"]) * scale
+            if (seconds := self.due()) is not None:
+                emit(f"{what}: {done:,} users ranked in {seconds:,.0f} s ({done / seconds:,.0f}/s)")
 
 
 class LazyAdam(torch.optim.Adam):

@@ -38,7 +38,7 @@ from ray_rec.model.interest_model import InterestModel
 from ray_rec.ray_session import usable_cores
 from ray_rec.train.checkpoint import newest_complete_checkpoint, read_checkpoint, write_checkpoint
 from ray_rec.train.feed import EpochPrefetcher, ExampleCache, epoch_chunks, training_batches
-from ray_rec.train.loop import evaluate, make_optimizer, sparse_item_gradients, train_step
+from ray_rec.train.loop import Progress, evaluate, make_optimizer, sparse_item_gradients, train_step
 from ray_rec.train.report import write_metrics_files
 from ray_rec.vocab import Vocabulary
 
@@ -78,7 +78,7 @@ def _threads_per_worker(use_gpu: bool) -> int:
     return max(1, usable_cores() // ray.train.get_context().get_local_world_size())
 
 
-def _evaluate_shard(model: InterestModel, shard: Any, cfg: Config, cache: ExampleCache) -> dict[str, float]:
+def _evaluate_shard(model: InterestModel, shard: Any, cfg: Config, cache: ExampleCache, epoch: int) -> dict[str, float]:
     """Full-ranking validation on this worker's users, summed over all workers."""
     def stream() -> Iterator[dict[str, np.ndarray]]:
         for table in shard.iter_batches(batch_size=cfg.train.eval_batch_size, batch_format="pyarrow"):
@@ -86,7 +86,10 @@ def _evaluate_shard(model: InterestModel, shard: Any, cfg: Config, cache: Exampl
             if len(examples["targets"]):
                 yield examples
 
-    full, _ = evaluate(model, (collate(examples) for examples in cache.chunks(stream)))
+    batches = (collate(examples) for examples in cache.chunks(stream))
+    paced = Progress(cfg.train.progress_s).users(batches, _log, f"epoch {epoch} validation",
+                                                 ray.train.get_context().get_world_size())
+    full, _ = evaluate(model, paced)
     sums = full.sums.clone()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
@@ -172,6 +175,7 @@ def _epochs(loop_config: dict[str, Any], cfg: Config, state: dict[str, Any], mod
         t0 = time.monotonic()
         total, steps, examples, wait = 0.0, 0, 0, 0.0
         batches = training_batches(prefetcher.epoch(), cfg, epoch, rank)
+        pace, world = Progress(tcfg.progress_s), ray.train.get_context().get_world_size()
         while True:
             t_wait = time.monotonic()
             batch = next(batches, None)
@@ -182,6 +186,9 @@ def _epochs(loop_config: dict[str, Any], cfg: Config, state: dict[str, Any], mod
             _maybe_fail(loop_config.get("fail_once"), epoch, steps)
             total += train_step(ddp_model, batch, optimizer, tcfg.grad_clip)["loss"]
             examples += int(batch["items"].shape[0])
+            if (seconds := pace.due()) is not None:
+                _log(f"epoch {epoch}/{tcfg.epochs}: {steps:,} steps, about {examples * world:,} windows in {seconds:,.0f} s "
+                     f"({examples * world / seconds:,.0f}/s), loss {total / steps:.4f} so far")
         train_s = time.monotonic() - t0
         metrics: dict[str, Any] = {"epoch": epoch, "resumes": state["resumes"], "loss": total / max(steps, 1), "train_s": train_s,
                                    "data_wait_s": wait,
@@ -189,7 +196,7 @@ def _epochs(loop_config: dict[str, Any], cfg: Config, state: dict[str, Any], mod
         evaluated = epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs
         if evaluated:
             t_val = time.monotonic()
-            val = _evaluate_shard(model, valid_shard, cfg, valid_cache)
+            val = _evaluate_shard(model, valid_shard, cfg, valid_cache, epoch)
             metrics.update({"val_HR@10": val["HR@10"], SCORE: val["NDCG@10"], "eval_users": int(val["count"]),
                             "eval_s": time.monotonic() - t_val})
             if val["NDCG@10"] > state["best"]:

@@ -110,13 +110,9 @@ def evaluate_model(data: str, model_uri: str, split: str = "test", output: str |
         compute=scoring_pool(),
     )
     acc = {name: RankingMetrics(DEFAULT_KS) for name in ("full", "sampled", "popularity")}
-    pace, done = Progress(progress_s), 0
-    for batch in ranks.iter_batches(batch_format="numpy", batch_size=4096):
+    for batch in Progress(progress_s).users(ranks.iter_batches(batch_format="numpy", batch_size=4096), say, key="full"):
         for name, metric in acc.items():
             metric.add(torch.tensor(batch[name]))
-        done += len(batch["full"])
-        if (seconds := pace.due()) is not None:
-            say(f"{done:,} users ranked in {seconds:,.0f} s ({done / seconds:,.0f}/s)")
     result = {
         "split": split,
         "model": model_uri,

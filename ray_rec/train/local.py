@@ -17,7 +17,7 @@ from ray_rec.data.examples import browse_width
 from ray_rec.data.local import InMemoryExamples
 from ray_rec.data.prepare import read_manifest
 from ray_rec.model.interest_model import InterestModel
-from ray_rec.train.loop import evaluate, make_optimizer, sparse_item_gradients, train_step
+from ray_rec.train.loop import evaluate, make_optimizer, sparse_item_gradients, sparse_items_line, train_step
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def train_local(
     valid = InMemoryExamples.evaluation(data, "valid", mcfg.history_len, mcfg.time_buckets)
     model.features.item.sparse = sparse_item_gradients(mcfg, tcfg, on_gpu=False)
     if model.features.item.sparse:
-        say("item table: sparse gradients, Adam updating only the rows a step reads")
+        say(sparse_items_line(mcfg))
     optimizer = make_optimizer(model, tcfg)
     run = LocalRun(model=model)
     best, best_state, bad = -1.0, copy.deepcopy(model.state_dict()), 0

@@ -40,16 +40,17 @@ class Progress:
         self.last = now
         return max(now - self.start, 1e-9)
 
-    def users(self, batches: Iterable[dict[str, torch.Tensor]], emit: Callable[[str], None], what: str,
-              scale: int = 1) -> Iterator[dict[str, torch.Tensor]]:
-        """``batches`` of evaluation examples, passed through; when due, ``emit`` gets a line on the
-        users done so far (times ``scale``: this worker's count times the workers, for the whole)."""
-        done = 0
+    def users(self, batches: Iterable[dict[str, Any]], emit: Callable[[str], None], what: str = "",
+              scale: int = 1, key: str = "targets") -> Iterator[dict[str, Any]]:
+        """``batches`` of one row per user (``key`` counts them), passed through; when due, ``emit``
+        gets a line on the users done so far, after ``what``: (times ``scale``: one worker's count
+        times the workers, for the whole)."""
+        done, prefix = 0, f"{what}: " if what else ""
         for batch in batches:
             yield batch
-            done += len(batch["targets"]) * scale
+            done += len(batch[key]) * scale
             if (seconds := self.due()) is not None:
-                emit(f"{what}: {done:,} users ranked in {seconds:,.0f} s ({done / seconds:,.0f}/s)")
+                emit(f"{prefix}{done:,} users ranked in {seconds:,.0f} s ({done / seconds:,.0f}/s)")
 
 
 class LazyAdam(torch.optim.Adam):
@@ -127,6 +128,12 @@ def sparse_item_gradients(model: ModelConfig, train: TrainConfig, on_gpu: bool) 
     all-reduce that DDP uses, and a GPU's dense update is cheap) and when no training loss reads
     the whole catalog (`ModelConfig.reads_item_sample`: sampled softmax, bce)."""
     return train.sparse_items and not on_gpu and model.reads_item_sample
+
+
+def sparse_items_line(model: ModelConfig) -> str:
+    """What training says when `sparse_item_gradients` holds."""
+    return (f"item table: sparse gradients, Adam updating only the rows a step reads (the {model.loss_text()} loss "
+            "reads a sample of the catalog; train.sparse_items=false for dense updates)")
 
 
 def clip_gradients(params: Iterable[torch.Tensor], max_norm: float) -> None:

@@ -38,7 +38,7 @@ from ray_rec.model.interest_model import InterestModel
 from ray_rec.ray_session import usable_cores
 from ray_rec.train.checkpoint import newest_complete_checkpoint, read_checkpoint, write_checkpoint
 from ray_rec.train.feed import EpochPrefetcher, ExampleCache, epoch_chunks, training_batches
-from ray_rec.train.loop import Progress, evaluate, make_optimizer, sparse_item_gradients, train_step
+from ray_rec.train.loop import Progress, evaluate, make_optimizer, sparse_item_gradients, sparse_items_line, train_step
 from ray_rec.train.report import write_metrics_files
 from ray_rec.vocab import Vocabulary
 
@@ -275,8 +275,7 @@ def train(
         logger.info("the log's browse events are not used: the %s loss contrasts the next click with the catalog "
                     "(model.loss=bce trains on browsed items as negatives)", mcfg.resolved_loss)
     if sparse_item_gradients(mcfg, config.train, use_gpu):
-        logger.info("item table: sparse gradients, Adam updating only the rows a step reads (the %s loss reads "
-                    "a sample of the catalog; train.sparse_items=false for dense updates)", mcfg.loss_text())
+        logger.info(sparse_items_line(mcfg))
     sample = validation_sample(manifest, config.train.eval_users)
     kept, shards = len(sample["files"]["valid"]), len(manifest["files"]["valid"])
     if kept < shards:

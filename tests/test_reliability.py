@@ -177,8 +177,15 @@ def _replica_pid() -> int:
 
     # Ray's state API keeps the first `limit` (default 100) matches in actor-id order, which is
     # random: with a hundred actors alive from earlier tests the replica can be cut off the list.
-    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
-    pids = [a.pid for a in actors if "RecommenderService" in (a.class_name or "")]
+    # The state API can lag Serve: right after a replica was replaced, requests were already served
+    # by the new one while the listing held no alive replica (CI run on 56667e8). Ask again for a while.
+    deadline = time.monotonic() + 30
+    while True:
+        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
+        pids = [a.pid for a in actors if "RecommenderService" in (a.class_name or "")]
+        if len(pids) == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert len(pids) == 1, f"{len(pids)} replicas among {len(actors)} alive actors: {sorted({a.class_name for a in actors})}"
     return int(pids[0])
 

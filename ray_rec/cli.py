@@ -159,10 +159,13 @@ def _cmd_batch_score(args: argparse.Namespace) -> int:
     from ray_rec.ray_session import init_ray
     from ray_rec.train.batch_score import batch_score
 
+    if args.k < 1:
+        raise ValueError(f"--k must be at least 1, got {args.k}")
     read_manifest(args.data)  # fail fast, before Ray starts
     load_model(args.model)
     init_ray(1)
-    n = batch_score(args.data, args.model, args.output, split=args.split, k=args.k)
+    n = batch_score(args.data, args.model, args.output, split=args.split, k=args.k,
+                    progress=lambda msg: print(f"[batch-score] {msg}", file=sys.stderr, flush=True))
     print(f"wrote top-{args.k} recommendations for {n:,} users to {args.output}")
     return 0
 

@@ -57,6 +57,13 @@ def test_evaluate_with_a_missing_model_is_a_clear_error(tiny_data, capsys):
     assert "is not a folder holding a ray_rec model" in capsys.readouterr().err
 
 
+
+def test_batch_score_with_k_below_one_is_a_clear_error(tiny_data, capsys):
+    assert main(["batch-score", "--data", tiny_data, "--model", "m", "--output", "o", "--k", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--k must be at least 1, got 0" in err and "Traceback" not in err
+
+
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}

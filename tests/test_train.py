@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from ray_rec import load_model, storage
@@ -145,13 +147,39 @@ def test_evaluate_reports_full_sampled_and_popularity(trained, s3_data):
 def test_batch_score_writes_top_k_for_every_user(trained, s3_data, s3):
     from ray_rec.train.batch_score import batch_score
 
-    out = s3.uri("scores/test")
-    assert batch_score(s3_data, trained.model_uri, out, k=5) == 240
+    out, lines = s3.uri("scores/test"), []
+    assert batch_score(s3_data, trained.model_uri, out, k=5, progress=lines.append, progress_s=0) == 240
+    assert lines[0].startswith("ranking the test split's users over ") and lines[-1].startswith("all users written")
+    counts = [int(m.group(1).replace(",", "")) for line in lines[1:-1] if (m := re.match(r"([\d,]+) users scored in ", line))]
+    assert len(counts) == len(lines) - 2 >= 1 and counts == sorted(counts) and counts[-1] <= 240, lines
     fs, path = storage.resolve(out)
     import pyarrow.dataset as pads
 
     table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
+    # plain Parquet lists that any reader takes, not Ray's pickled-object or tensor extension types
+    assert table.schema.field("items").type == pa.list_(pa.string()), table.schema
+    assert table.schema.field("scores").type == pa.list_(pa.float32()), table.schema
     assert table.num_rows == 240 and all(len(r) == 5 for r in table.column("items").to_pylist())
+    assert all(s == sorted(s, reverse=True) for s in table.column("scores").to_pylist())
+    model, row = load_model(trained.model_uri), table.slice(0, 1).to_pylist()[0]
+    history, times = _user_clicks(s3_data, "test", row["user_id"], model.vocab)
+    want = model.recommend([history], k=5, timestamps=[times])[0]
+    assert row["items"] == [str(i) for i, _ in want] and row["scores"] == pytest.approx([s for _, s in want], rel=1e-4, abs=1e-5)
+
+
+def _user_clicks(data: str, split: str, user: Any, vocab: Any) -> tuple[list[Any], list[int]]:
+    """One user's clicks in a split of a prepared dataset, as raw ids and their times, read with pyarrow."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    from ray_rec.data.examples import CLICK
+    from ray_rec.data.pipeline import split_paths
+
+    paths, fs = split_paths(data, split)
+    table = pads.dataset(paths, filesystem=fs, format="parquet").to_table()
+    (row,) = table.filter(pc.equal(table["user_id"], user)).to_pylist()
+    clicks = [(i, t) for i, e, t in zip(row["items"], row["events"], row["timestamps"]) if e == CLICK]
+    return [vocab.raw_id(i) for i, _ in clicks], [t for _, t in clicks]
 
 
 def _chunks(n_chunks: int, rows: int, start: int = 0) -> list[dict[str, np.ndarray]]:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 import torch
 
 from ray_rec import storage
@@ -12,17 +18,36 @@ from ray_rec.data.examples import evaluation_examples
 from ray_rec.data.pipeline import read_sequences
 from ray_rec.model.artifact import catalog_blocks, load_model
 from ray_rec.ray_session import scoring_pool, use_node_cores
+from ray_rec.train.loop import Progress
+from ray_rec.vocab import Vocabulary
+
+logger = logging.getLogger(__name__)
+
+
+class UserCount:
+    """Users scored so far, as a 0-CPU actor: the scoring actors add to it, the driver reads it while
+    Ray Data writes the results (they never pass through the driver)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def add(self, n: int) -> None:
+        self.n += n
+
+    def get(self) -> int:
+        return self.n
 
 
 class TopK:
     """``map_batches`` actor: loads the artifact once; each row's every click is its history."""
 
-    def __init__(self, model_uri: str, k: int) -> None:
+    def __init__(self, model_uri: str, k: int, counter: ray.actor.ActorHandle | None = None) -> None:
         use_node_cores()
         self.rec = load_model(model_uri)
         self.k = k
+        self.counter = counter
 
-    def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
+    def __call__(self, table: pa.Table) -> pa.Table:
         cfg = self.rec.config
         arrays = evaluation_examples(table, cfg.history_len, cfg.time_buckets, with_target=False)
         ex = {name: torch.as_tensor(v) for name, v in arrays.items()}
@@ -31,26 +56,56 @@ class TopK:
             for rows in list(catalog_blocks(len(ex["items"]), cfg.num_items)) or [slice(0, 0)]  # an empty batch: once, as before
         ]
         ids, scores = torch.cat([i for i, _ in tops]), torch.cat([s for _, s in tops])
-        users = table.column("user_id").take(pa.array(arrays["row"])).to_numpy(zero_copy_only=False)
-        raw = np.array([[str(self.rec.vocab.raw_id(int(i))) for i in row] for row in ids.tolist()], dtype=object)
-        return {"user_id": users, "items": raw, "scores": scores.numpy().astype(np.float32)}
+        users = table.column("user_id").take(pa.array(arrays["row"]))
+        if self.counter is not None:
+            self.counter.add.remote(len(users))  # not awaited: a count, not a result
+        items, item_scores = top_k_columns(self.rec.vocab, ids, scores)
+        return pa.table({"user_id": users, "items": items, "scores": item_scores})
 
 
-def batch_score(data: str, model_uri: str, output: str, split: str = "test", k: int = 10) -> int:
+def top_k_columns(vocab: Vocabulary, ids: torch.Tensor, scores: torch.Tensor) -> tuple[pa.ListArray, pa.ListArray]:
+    """Top-k indices and scores (B, k) -> list<string> raw ids and list<float> scores, one row per
+    user, without the places the catalog ran out (score -inf: every item excluded), as
+    `RayRecModel.recommend` leaves them out. Plain Parquet types that any reader takes: a 2-D
+    object array would reach Parquet as Ray's pickled-object extension type, bytes to anything but Ray."""
+    keep = scores != float("-inf")
+    offsets = pa.array(np.concatenate([[0], np.cumsum(keep.sum(dim=1).numpy())]), pa.int32())
+    raw = pa.array([str(vocab.raw_id(i)) for i in ids[keep].tolist()], pa.string())
+    return (pa.ListArray.from_arrays(offsets, raw),
+            pa.ListArray.from_arrays(offsets, pa.array(scores[keep].numpy().astype(np.float32))))
+
+
+def batch_score(data: str, model_uri: str, output: str, split: str = "test", k: int = 10,
+                progress: Callable[[str], None] | None = None, progress_s: float = 60.0) -> int:
     """Write Parquet files (user_id, items: top-k raw ids as strings, scores) to ``output``.
 
     Files go to ``<output>-staging`` first and replace ``output`` only when all are written.
+    ``progress`` gets a line on each stage and, every ``progress_s`` seconds, the users scored so far.
     Returns the number of users scored.
     """
-    load_model(model_uri)  # fail fast on a bad artifact
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    say = progress or (lambda msg: logger.info(msg))
+    rec = load_model(model_uri)  # fail fast on a bad artifact
     staging = output.rstrip("/") + "-staging"
     storage.delete_dir(staging)
     fs, staging_path = storage.resolve(staging)
+    actor: Any = ray.remote(num_cpus=0)(UserCount)  # ray's stubs type ray.remote(...)(cls) loosely
+    counter: ray.actor.ActorHandle = actor.remote()
     ds = read_sequences(data, split).map_batches(
-        TopK, fn_constructor_args=(model_uri, k), batch_format="pyarrow", batch_size=512,
+        TopK, fn_constructor_args=(model_uri, k, counter), batch_format="pyarrow", batch_size=512,
         compute=scoring_pool(),
     )
-    ds.write_parquet(staging_path, filesystem=fs)
+    say(f"ranking the {split} split's users over {rec.config.num_items:,} items, top {k} each, to {staging}")
+    done = threading.Event()
+    reporter = threading.Thread(target=_report, args=(counter, Progress(progress_s), done, say), daemon=True)
+    reporter.start()
+    try:
+        ds.write_parquet(staging_path, filesystem=fs)
+    finally:
+        done.set()
+        reporter.join()  # the counter goes with its last handle, after the counts sent to it
+    say(f"all users written; moving them to {output}")
     storage.delete_dir(output)
     storage.move_dir(staging, output)
     out_fs, out_path = storage.resolve(output)
@@ -59,3 +114,11 @@ def batch_score(data: str, model_uri: str, output: str, split: str = "test", k: 
         for name in storage.list_files(output)
         if name.endswith(".parquet")
     )
+
+
+def _report(counter: Any, pace: Progress, done: threading.Event, say: Callable[[str], None]) -> None:
+    """Until ``done``: when ``pace`` says so, a line on the users ``counter`` (a `UserCount` actor) has seen."""
+    while not done.wait(min(1.0, max(pace.every_s, 0.1))):
+        if (seconds := pace.due()) is not None:
+            n = int(ray.get(counter.get.remote()))
+            say(f"{n:,} users scored in {seconds:,.0f} s ({n / seconds:,.0f}/s)")

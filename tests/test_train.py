@@ -79,7 +79,7 @@ def test_resume_continues_a_stopped_run(ray_cluster, s3_data, s3, tmp_path, capl
 def test_progress_lines_come_at_most_every_interval_and_count_users_over_workers():
     import torch
 
-    from ray_rec.train.loop import Progress
+    from ray_rec.train.loop import Progress, steps_line
 
     pace = Progress(60.0, iter([0.0, 20.0, 61.0, 70.0, 125.0, 130.0]).__next__)  # starts at 0
     assert [pace.due() for _ in range(5)] == [None, 61.0, None, 125.0, None]
@@ -87,6 +87,9 @@ def test_progress_lines_come_at_most_every_interval_and_count_users_over_workers
     batches = [{"targets": torch.zeros(n)} for n in (3, 5)]
     assert list(Progress(0.0, iter([0.0, 2.0, 4.0]).__next__).users(batches, said.append, "validation", 2)) == batches
     assert said == ["validation: 6 users ranked in 2 s (3/s)", "validation: 16 users ranked in 4 s (4/s)"]
+    assert steps_line("1/3", 1, 2560, 40.2, 38.6, 9.12344) == (
+        "epoch 1/3: 1 step, about 2,560 windows in 40 s (64/s; 39 s of it waiting for data), loss 9.1234 so far")
+    assert steps_line("1/3", 12, 30720, 80.0, 39.0, 8.5).startswith("epoch 1/3: 12 steps, about 30,720 windows")
     with pytest.raises(ValueError, match="train.progress_s=-1"):
         load_config(None, {"train.progress_s": -1})
 

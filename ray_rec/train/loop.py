@@ -53,6 +53,13 @@ class Progress:
                 emit(f"{prefix}{done:,} users ranked in {seconds:,.0f} s ({done / seconds:,.0f}/s)")
 
 
+def steps_line(epoch: str, steps: int, windows: int, seconds: float, wait_s: float, loss: float) -> str:
+    """A progress line inside an epoch. The time waiting for data shows why a run's first line is
+    slow: it holds Ray Data's start-up before the first batch."""
+    return (f"epoch {epoch}: {steps:,} step{'' if steps == 1 else 's'}, about {windows:,} windows in {seconds:,.0f} s "
+            f"({windows / seconds:,.0f}/s; {wait_s:,.0f} s of it waiting for data), loss {loss:.4f} so far")
+
+
 class LazyAdam(torch.optim.Adam):
     """Adam that also takes sparse gradients, updating only the rows they hold.
 

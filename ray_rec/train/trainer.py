@@ -38,7 +38,15 @@ from ray_rec.model.interest_model import InterestModel
 from ray_rec.ray_session import usable_cores
 from ray_rec.train.checkpoint import newest_complete_checkpoint, read_checkpoint, write_checkpoint
 from ray_rec.train.feed import EpochPrefetcher, ExampleCache, epoch_chunks, training_batches
-from ray_rec.train.loop import Progress, evaluate, make_optimizer, sparse_item_gradients, sparse_items_line, train_step
+from ray_rec.train.loop import (
+    Progress,
+    evaluate,
+    make_optimizer,
+    sparse_item_gradients,
+    sparse_items_line,
+    steps_line,
+    train_step,
+)
 from ray_rec.train.report import write_metrics_files
 from ray_rec.vocab import Vocabulary
 
@@ -187,8 +195,7 @@ def _epochs(loop_config: dict[str, Any], cfg: Config, state: dict[str, Any], mod
             total += train_step(ddp_model, batch, optimizer, tcfg.grad_clip)["loss"]
             examples += int(batch["items"].shape[0])
             if (seconds := pace.due()) is not None:
-                _log(f"epoch {epoch}/{tcfg.epochs}: {steps:,} steps, about {examples * world:,} windows in {seconds:,.0f} s "
-                     f"({examples * world / seconds:,.0f}/s), loss {total / steps:.4f} so far")
+                _log(steps_line(f"{epoch}/{tcfg.epochs}", steps, examples * world, seconds, wait, total / steps))
         train_s = time.monotonic() - t0
         metrics: dict[str, Any] = {"epoch": epoch, "resumes": state["resumes"], "loss": total / max(steps, 1), "train_s": train_s,
                                    "data_wait_s": wait,

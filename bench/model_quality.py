@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench.output import RESULTS, STORED, machine, write_json
-from ray_rec.config import load_config
+from ray_rec.config import load_config, parse_overrides
 from ray_rec.data.prepare import PrepareOptions, prepare, read_manifest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon"
@@ -79,7 +79,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main() -> None:
-    from ray_rec.cli import _parse_value  # YAML scalars, as `ray-rec train --set`: 128, 0.5, false, gru
     from ray_rec.train.local import train_local  # torch: not imported by `python -m bench --report`
 
     args = parse_args()
@@ -96,9 +95,7 @@ def main() -> None:
         for seed in args.seeds:
             overrides = {"train.epochs": args.epochs, "train.patience": args.patience, "train.eval_every": args.eval_every,
                          "train.seed": seed, "data.seed": seed, **VARIANTS[name]}
-            for pair in args.set:
-                key, _, value = pair.partition("=")
-                overrides[key] = _parse_value(value)
+            overrides.update(parse_overrides(args.set))  # as `ray-rec train --set` reads them
             row = row_name(name, args.epochs, args.patience, args.eval_every, args.set)
             tag = row if seed == 0 else f"{row} seed {seed}"
             run = train_local(data, load_config(None, overrides), log=tagged(tag))

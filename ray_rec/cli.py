@@ -11,28 +11,10 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
-
-import yaml
 
 from ray_rec import __version__
 
 logger = logging.getLogger("ray_rec")
-
-
-def _parse_value(text: str) -> Any:
-    """``--set`` values are YAML scalars: 32 -> int, 0.5 -> float, true -> bool, gru -> str."""
-    return yaml.safe_load(text)
-
-
-def _overrides(pairs: list[str]) -> dict[str, Any]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"--set {pair!r} must look like section.field=value, e.g. model.dim=32")
-        out[key.strip()] = _parse_value(value)
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,12 +96,12 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ray_rec.config import load_config
+    from ray_rec.config import load_config, parse_overrides
     from ray_rec.data.prepare import read_manifest
     from ray_rec.ray_session import init_ray
     from ray_rec.train.trainer import train
 
-    config = load_config(args.config, _overrides(args.set))
+    config = load_config(args.config, parse_overrides(args.set))
     read_manifest(args.data)  # fail fast, before Ray starts
     init_ray(args.workers)
     result = train(args.data, args.output, config, workers=args.workers, use_gpu=args.gpu, resume=args.resume)

@@ -258,6 +258,25 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     )
 
 
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``--set`` pairs -> dotted overrides for `load_config`. Values are YAML scalars: 32 -> int,
+    0.5 -> float, true -> bool, gru -> str.
+
+    Example:
+        >>> parse_overrides(["model.dim=128", "model.tracker=gru", "train.sparse_items=false"])
+        {'model.dim': 128, 'model.tracker': 'gru', 'train.sparse_items': False}
+    """
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set {pair!r} must look like section.field=value, e.g. model.dim=32")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
     """Read a YAML config (or the defaults when ``path`` is None) and apply dotted overrides.
 

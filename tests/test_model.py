@@ -557,3 +557,20 @@ def test_the_mlp_relevance_also_trains_its_dot_term(monkeypatch, catalog_cells):
         dot_ids = torch.randint(1, N + 1, (2048,))
         dot_term = sampled_softmax_loss((u * feats[tgt]).sum(-1), u @ feats[dot_ids].T, dot_ids, tgt, N)
     torch.testing.assert_close(got, want + dot_term)
+
+
+def test_docstring_examples_run():
+    """Every `>>>` example in the package's docstrings (found by scanning, so new ones count too)."""
+    import doctest
+    import importlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    files = sorted(p for p in (root / "ray_rec").rglob("*.py") if ">>>" in p.read_text())
+    assert len(files) >= 5
+    for path in files:
+        module = importlib.import_module(".".join(path.relative_to(root).with_suffix("").parts))
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+        assert result.failed == 0, f"{path.name}: {result.failed} of {result.attempted} examples failed"
+        runnable = any(">>>" in line and "doctest: +SKIP" not in line for line in path.read_text().splitlines())
+        assert result.attempted > 0 or not runnable, f"{path.name}: examples found but none ran"

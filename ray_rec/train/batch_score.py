@@ -66,7 +66,7 @@ class TopK:
 def top_k_columns(vocab: Vocabulary, ids: torch.Tensor, scores: torch.Tensor) -> tuple[pa.ListArray, pa.ListArray]:
     """Top-k indices and scores (B, k) -> list<string> raw ids and list<float> scores, one row per
     user, without the places the catalog ran out (score -inf: every item excluded), as
-    `RayRecModel.recommend` leaves them out. Plain Parquet types that any reader takes: a 2-D
+    `Recommender.recommend` leaves them out. Plain Parquet types that any reader takes: a 2-D
     object array would reach Parquet as Ray's pickled-object extension type, bytes to anything but Ray."""
     keep = scores != float("-inf")
     offsets = pa.array(np.concatenate([[0], np.cumsum(keep.sum(dim=1).numpy())]), pa.int32())

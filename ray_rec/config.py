@@ -28,6 +28,9 @@ FULL_SOFTMAX_MAX_CELLS = 200_000 * 50
 LONG_HISTORY_CLICKS = 40.0
 SHORT_HISTORY: tuple[int, float] = (50, 0.5)  # (max_len, dropout)
 LONG_HISTORY: tuple[int, float] = (200, 0.2)
+# In-batch negatives a sampled-softmax step draws at most (a random subset of its positions' next
+# clicks past that): 128 windows x 200 steps would otherwise score 25,600 x 25,600 pairs.
+IN_BATCH_NEGATIVES = 2048
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -63,6 +66,7 @@ class ModelConfig:
     dropout: float | None = None  # dropout everywhere; None: 0.5, or 0.2 when users average >= 40 clicks
     loss: str = "auto"
     num_negatives: int | None = None  # sampled negatives; None: 2048 for `sampled_softmax` over `dot`, else 256
+    in_batch_negatives: bool = True  # sampled softmax over `dot` also draws the batch's next clicks (logQ-corrected)
     aux_loss_weight: float = 0.0  # DIEN's auxiliary next-click loss on the interest states (off: see README)
 
     def __post_init__(self) -> None:
@@ -117,6 +121,13 @@ class ModelConfig:
         return 2048 if self.resolved_loss == "sampled_softmax" and self.relevance == "dot" else 256
 
     @property
+    def mixes_in_batch(self) -> bool:
+        """Whether the sampled softmax also takes the batch's next clicks (up to
+        ``IN_BATCH_NEGATIVES`` of them) as negatives: with the dot product only, where they cost one
+        more (positions x drawn) product; an MLP would score every pair."""
+        return self.in_batch_negatives and self.resolved_loss == "sampled_softmax" and self.relevance == "dot"
+
+    @property
     def dot_term(self) -> ModelConfig | None:
         """What the MLP relevance's u . v term also trains under while the MLP trains with sampled
         softmax: the loss and negatives `relevance: dot` gets by default (the full softmax while the
@@ -134,7 +145,10 @@ class ModelConfig:
 
     def loss_text(self) -> str:
         """The loss actually used, with its negatives: e.g. `ce`, `sampled_softmax (2048 negatives)`."""
-        return self.resolved_loss + (f" ({self.negatives} negatives)" if self.resolved_loss != "ce" else "")
+        if self.resolved_loss == "ce":
+            return "ce"
+        in_batch = f" + up to {IN_BATCH_NEGATIVES} of the batch's next clicks" if self.mixes_in_batch else ""
+        return f"{self.resolved_loss} ({self.negatives} negatives{in_batch})"
 
     def losses_text(self) -> str:
         """What training minimises, e.g. ``sampled_softmax (256 negatives) loss + ce on its dot term``."""

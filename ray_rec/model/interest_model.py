@@ -9,13 +9,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ray_rec.config import ModelConfig
+from ray_rec.config import IN_BATCH_NEGATIVES, ModelConfig
 from ray_rec.model.enhancement import ENHANCERS
 from ray_rec.model.features import SequenceFeatureExtractor
 from ray_rec.model.losses import (
     auxiliary_next_click_loss,
     binary_loss,
     sampled_softmax_loss,
+    uniform_and_in_batch,
+    uniform_negatives,
 )
 from ray_rec.model.relevance import RELEVANCES, DotRelevance, MLPRelevance
 from ray_rec.model.tracking import TRACKERS
@@ -52,6 +54,12 @@ class InterestModel(nn.Module):
         # own, as `relevance: dot` would be: the MLP then learns a correction to a good ranker.
         self.dot_term = config.dot_term
         self.dot_relevance = DotRelevance(config)  # no parameters: scores the u . v term alone
+        # In-batch negatives are corrected by each item's share of the clicks, counted here over the
+        # next clicks this model has trained on: this worker's own count, a plain attribute rather
+        # than a buffer, so DDP does not broadcast it every step and checkpoints and artifacts do not
+        # hold it (a resumed run counts again; serving never reads it).
+        self.in_batch = config.mixes_in_batch or (self.dot_term is not None and self.dot_term.mixes_in_batch)
+        self.click_counts: torch.Tensor | None = None
 
     def encode(self, items: torch.Tensor, time_buckets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """History (B, L) -> (interest states, enhanced interests), both (B, L, D), zero at padding."""
@@ -75,6 +83,9 @@ class InterestModel(nn.Module):
         has_target = targets > 0  # (B, L)
         u = interest[has_target]  # (P, D)
         tgt = targets[has_target]  # (P,)
+        if self.in_batch and self.training:
+            counts = self.clicks_so_far(tgt.device)
+            counts.index_add_(0, tgt, torch.ones_like(tgt, dtype=counts.dtype))
         main = self._main_loss(u, tgt, batch.get("negatives"), has_target)
         losses = {"main": main, "aux": main.new_zeros(())}
         if self.config.aux_loss_weight > 0:
@@ -89,9 +100,9 @@ class InterestModel(nn.Module):
         self, u: torch.Tensor, tgt: torch.Tensor, negatives: torch.Tensor | None, has_target: torch.Tensor
     ) -> torch.Tensor:
         if self.loss_kind != "bce":
-            loss = self._softmax_loss(self.relevance, self.loss_kind, self.num_negatives, u, tgt)
+            loss = self._softmax_loss(self.relevance, self.loss_kind, self.num_negatives, u, tgt, self.config.mixes_in_batch)
             if (dot := self.dot_term) is not None:
-                loss = loss + self._softmax_loss(self.dot_relevance, dot.resolved_loss, dot.negatives, u, tgt)
+                loss = loss + self._softmax_loss(self.dot_relevance, dot.resolved_loss, dot.negatives, u, tgt, dot.mixes_in_batch)
             return loss
         cfg = self.config
         pos = self.relevance(u, self.features.item_features(tgt).unsqueeze(1)).squeeze(1)  # (P,)
@@ -101,16 +112,28 @@ class InterestModel(nn.Module):
         return binary_loss(pos, neg, ((neg_ids > 0) & (neg_ids != tgt.unsqueeze(1))).float())
 
     def _softmax_loss(
-        self, relevance: DotRelevance | MLPRelevance, kind: str, num_negatives: int, u: torch.Tensor, tgt: torch.Tensor
+        self, relevance: DotRelevance | MLPRelevance, kind: str, num_negatives: int, u: torch.Tensor, tgt: torch.Tensor,
+        in_batch: bool,
     ) -> torch.Tensor:
         """The next click's softmax under ``relevance``: over the whole catalog (``kind`` "ce"), or
-        over ``num_negatives`` uniformly drawn, logQ-corrected negatives shared by the batch."""
+        over ``num_negatives`` uniformly drawn negatives shared by the batch, with the batch's next
+        clicks as more negatives when ``in_batch``, all logQ-corrected."""
         if kind == "ce":
             return relevance.full_softmax_loss(u, self.features.all_item_features()[1:], tgt)
+        n = self.config.num_items
         pos = relevance(u, self.features.item_features(tgt).unsqueeze(1)).squeeze(1)  # (P,)
-        neg_ids = torch.randint(1, self.config.num_items + 1, (num_negatives,), device=u.device)  # (K,)
+        if in_batch:
+            neg_ids, expected = uniform_and_in_batch(n, num_negatives, tgt, self.clicks_so_far(tgt.device), IN_BATCH_NEGATIVES)
+        else:
+            neg_ids, expected = uniform_negatives(n, num_negatives, u.device)
         neg = relevance.catalog(u, self.features.item_features(neg_ids))  # (P, K)
-        return sampled_softmax_loss(pos, neg, neg_ids, tgt, self.config.num_items)
+        return sampled_softmax_loss(pos, neg, neg_ids, tgt, expected)
+
+    def clicks_so_far(self, device: torch.device) -> torch.Tensor:
+        """(N + 1,) float64: how often each item was a next click in this model's training steps so far."""
+        if self.click_counts is None or self.click_counts.device != device:
+            self.click_counts = torch.zeros(self.config.num_items + 1, dtype=torch.float64, device=device)
+        return self.click_counts
 
     def user_interest(self, items: torch.Tensor, time_buckets: torch.Tensor | None = None) -> torch.Tensor:
         """The enhanced interest after the last step of each history: (B, L) -> (B, D)."""

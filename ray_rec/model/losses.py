@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -84,26 +83,54 @@ class _ChunkedDotSoftmax(torch.autograd.Function):
 
 
 def sampled_softmax_loss(
-    pos: torch.Tensor, neg: torch.Tensor, neg_ids: torch.Tensor, targets: torch.Tensor, num_items: int
+    pos: torch.Tensor, neg: torch.Tensor, neg_ids: torch.Tensor, targets: torch.Tensor, expected_draws: torch.Tensor
 ) -> torch.Tensor:
-    """Softmax of the clicked item against uniformly sampled negatives shared by the batch.
+    """Softmax of the clicked item against a sample of the catalog shared by the batch.
 
-    Each of the K negatives stands for N / K items of the catalog (uniform draws with replacement:
-    expected count K / N per item), so its logit gets log(N / K) added (the logQ correction of
-    Bengio & Senecal, Jean et al. 2015). The sampled partition function then estimates the full
-    softmax's, instead of undercounting the catalog N / K times (measured in README "Model quality").
+    Each negative's logit gets -log(expected draws of its item in the sample) added (the logQ
+    correction of Bengio & Senecal, Jean et al. 2015): a negative then stands for the items the
+    sample left out, and the sampled partition function estimates the full softmax's. K uniform
+    draws from N items: K / N each, so + log(N / K); measured in README "Model quality". Draws
+    from the batch's next clicks add P x (the item's share of clicks) to its expectation
+    (`uniform_and_in_batch`).
 
     Args:
         pos: (P,) score of the clicked item.
         neg: (P, K) scores of the shared negatives.
         neg_ids: (K,) their item indices; a negative equal to the target is masked out.
         targets: (P,) clicked item indices.
-        num_items: N, the catalog size the negatives were drawn from.
+        expected_draws: (K,) how many times the sampler draws each negative's item, in expectation.
     """
-    neg = neg + math.log(num_items / neg_ids.shape[0])
+    neg = neg - torch.log(expected_draws).unsqueeze(0)
     neg = neg.masked_fill(neg_ids.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
     logits = torch.cat([pos.unsqueeze(1), neg], 1)  # (P, 1 + K)
     return F.cross_entropy(logits, torch.zeros_like(targets))
+
+
+def uniform_negatives(num_items: int, k: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """K items drawn uniformly with replacement, and their expected draws (K / N each): (K,), (K,)."""
+    return torch.randint(1, num_items + 1, (k,), device=device), torch.full((k,), k / num_items, device=device)
+
+
+def uniform_and_in_batch(
+    num_items: int, k: int, targets: torch.Tensor, click_counts: torch.Tensor, max_in_batch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K uniform draws plus the batch's next clicks (a random ``max_in_batch`` of them past that),
+    with each item's expected draws under the mix: K / N + M x q_i, where q_i is its share of the
+    clicks (``click_counts``: (N + 1,) counts so far, add-one smoothed).
+
+    The next clicks are draws from the click distribution, so they are the popular items that
+    uniform draws from a long-tailed catalog almost never reach, and the hardest to tell apart
+    from the target (mixed negative sampling, Yang et al. 2020; the correction as in Yi et al. 2019).
+    Returns (K + M,) item indices and (K + M,) expected draws.
+    """
+    uniform, _ = uniform_negatives(num_items, k, targets.device)
+    drawn = targets
+    if len(targets) > max_in_batch:
+        drawn = targets[torch.randperm(len(targets), device=targets.device)[:max_in_batch]]
+    ids = torch.cat([uniform, drawn])
+    share = (click_counts[ids] + 1.0) / (click_counts.sum() + num_items)
+    return ids, (k / num_items + len(drawn) * share).to(torch.float32)
 
 
 def binary_loss(pos: torch.Tensor, neg: torch.Tensor, neg_valid: torch.Tensor) -> torch.Tensor:

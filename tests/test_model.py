@@ -524,7 +524,8 @@ def test_in_batch_negatives_are_corrected_by_their_share_of_clicks():
     mixed, uniform = [], []
     for _ in range(200):
         targets = torch.multinomial(share, p, replacement=True) + 1  # the batch's next clicks
-        ids, expected = uniform_and_in_batch(n, k, targets, counts, max_in_batch=p)
+        ids, expected, source = uniform_and_in_batch(n, k, targets, counts, max_in_batch=p)
+        assert bool((source == torch.arange(p)).all())
         assert ids.shape == expected.shape == (k + p,) and bool((ids[k:] == targets).all())
         torch.testing.assert_close(expected[k:], (k / n + p * (counts[targets] + 1) / (counts.sum() + n)).float())
         mixed.append(estimate(ids, expected))
@@ -536,8 +537,8 @@ def test_in_batch_negatives_are_corrected_by_their_share_of_clicks():
     assert (mixed_t / z - 1).abs().median() < 0.05 < (uniform_t / z - 1).abs().median()
     # Past max_in_batch, a random subset of the next clicks; the correction counts the subset.
     targets = torch.randint(1, n + 1, (5000,))
-    ids, expected = uniform_and_in_batch(n, k, targets, counts, max_in_batch=100)
-    assert ids.shape == (k + 100,) and bool(torch.isin(ids[k:], targets).all())
+    ids, expected, source = uniform_and_in_batch(n, k, targets, counts, max_in_batch=100)
+    assert ids.shape == (k + 100,) and len(set(source.tolist())) == 100 and bool((ids[k:] == targets[source]).all())
     torch.testing.assert_close(expected[:k], (k / n + 100 * (counts[ids[:k]] + 1) / (counts.sum() + n)).float())
 
 
@@ -555,6 +556,25 @@ def test_the_model_counts_next_clicks_in_training_only_and_keeps_them_out_of_its
         model(data)
     torch.testing.assert_close(model.clicks_so_far(torch.device("cpu")), want)  # evaluation does not count
     assert not any("click" in name for name in model.state_dict())
+    # A position's in-batch negatives leave out its own window's next clicks (its user's later clicks).
+    import ray_rec.model.interest_model as im
+
+    seen: dict[str, torch.Tensor] = {}
+
+    def spy(pos, neg, neg_ids, targets, expected, blocked=None):
+        seen.update(neg_ids=neg_ids, targets=targets, blocked=blocked)
+        return real(pos, neg, neg_ids, targets, expected, blocked)
+
+    real, im.sampled_softmax_loss = im.sampled_softmax_loss, spy
+    try:
+        model(data)
+    finally:
+        im.sampled_softmax_loss = real
+    has = data["targets"] > 0
+    rows, k = has.nonzero(as_tuple=True)[0], len(seen["neg_ids"]) - int(has.sum())
+    assert k == 8 and bool((seen["neg_ids"][k:] == data["targets"][has]).all())  # all P next clicks, in order
+    assert not seen["blocked"][:, :k].any()
+    assert bool((seen["blocked"][:, k:] == (rows.unsqueeze(1) == rows.unsqueeze(0))).all())
     off = make(loss="sampled_softmax", in_batch_negatives=False)
     assert not off.in_batch and off.config.loss_text() == "sampled_softmax (8 negatives)"
     assert not make(loss="ce").in_batch and not make(relevance="mlp", loss="sampled_softmax").config.mixes_in_batch

@@ -100,9 +100,10 @@ class InterestModel(nn.Module):
         self, u: torch.Tensor, tgt: torch.Tensor, negatives: torch.Tensor | None, has_target: torch.Tensor
     ) -> torch.Tensor:
         if self.loss_kind != "bce":
-            loss = self._softmax_loss(self.relevance, self.loss_kind, self.num_negatives, u, tgt, self.config.mixes_in_batch)
+            rows = has_target.nonzero(as_tuple=True)[0]  # (P,) the window of each position
+            loss = self._softmax_loss(self.relevance, self.loss_kind, self.num_negatives, u, tgt, rows, self.config.mixes_in_batch)
             if (dot := self.dot_term) is not None:
-                loss = loss + self._softmax_loss(self.dot_relevance, dot.resolved_loss, dot.negatives, u, tgt, dot.mixes_in_batch)
+                loss = loss + self._softmax_loss(self.dot_relevance, dot.resolved_loss, dot.negatives, u, tgt, rows, dot.mixes_in_batch)
             return loss
         cfg = self.config
         pos = self.relevance(u, self.features.item_features(tgt).unsqueeze(1)).squeeze(1)  # (P,)
@@ -113,21 +114,27 @@ class InterestModel(nn.Module):
 
     def _softmax_loss(
         self, relevance: DotRelevance | MLPRelevance, kind: str, num_negatives: int, u: torch.Tensor, tgt: torch.Tensor,
-        in_batch: bool,
+        rows: torch.Tensor, in_batch: bool,
     ) -> torch.Tensor:
         """The next click's softmax under ``relevance``: over the whole catalog (``kind`` "ce"), or
         over ``num_negatives`` uniformly drawn negatives shared by the batch, with the batch's next
-        clicks as more negatives when ``in_batch``, all logQ-corrected."""
+        clicks as more negatives when ``in_batch``, all logQ-corrected. A position's negatives never
+        include the next clicks of its own window (``rows``): the clicks its user makes later are
+        not items the model should learn to push down."""
         if kind == "ce":
             return relevance.full_softmax_loss(u, self.features.all_item_features()[1:], tgt)
         n = self.config.num_items
         pos = relevance(u, self.features.item_features(tgt).unsqueeze(1)).squeeze(1)  # (P,)
+        blocked = None
         if in_batch:
-            neg_ids, expected = uniform_and_in_batch(n, num_negatives, tgt, self.clicks_so_far(tgt.device), IN_BATCH_NEGATIVES)
+            neg_ids, expected, source = uniform_and_in_batch(n, num_negatives, tgt, self.clicks_so_far(tgt.device),
+                                                             IN_BATCH_NEGATIVES)
+            own = rows.unsqueeze(1) == rows[source].unsqueeze(0)  # (P, M)
+            blocked = torch.cat([own.new_zeros(len(tgt), num_negatives), own], 1)  # (P, K + M)
         else:
             neg_ids, expected = uniform_negatives(n, num_negatives, u.device)
         neg = relevance.catalog(u, self.features.item_features(neg_ids))  # (P, K)
-        return sampled_softmax_loss(pos, neg, neg_ids, tgt, expected)
+        return sampled_softmax_loss(pos, neg, neg_ids, tgt, expected, blocked)
 
     def clicks_so_far(self, device: torch.device) -> torch.Tensor:
         """(N + 1,) float64: how often each item was a next click in this model's training steps so far."""

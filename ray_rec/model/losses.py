@@ -83,7 +83,8 @@ class _ChunkedDotSoftmax(torch.autograd.Function):
 
 
 def sampled_softmax_loss(
-    pos: torch.Tensor, neg: torch.Tensor, neg_ids: torch.Tensor, targets: torch.Tensor, expected_draws: torch.Tensor
+    pos: torch.Tensor, neg: torch.Tensor, neg_ids: torch.Tensor, targets: torch.Tensor, expected_draws: torch.Tensor,
+    blocked: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax of the clicked item against a sample of the catalog shared by the batch.
 
@@ -91,7 +92,7 @@ def sampled_softmax_loss(
     correction of Bengio & Senecal, Jean et al. 2015): a negative then stands for the items the
     sample left out, and the sampled partition function estimates the full softmax's. K uniform
     draws from N items: K / N each, so + log(N / K); measured in README "Model quality". Draws
-    from the batch's next clicks add P x (the item's share of clicks) to its expectation
+    from the batch's next clicks add M x (the item's share of clicks) to its expectation
     (`uniform_and_in_batch`).
 
     Args:
@@ -100,9 +101,11 @@ def sampled_softmax_loss(
         neg_ids: (K,) their item indices; a negative equal to the target is masked out.
         targets: (P,) clicked item indices.
         expected_draws: (K,) how many times the sampler draws each negative's item, in expectation.
+        blocked: optional (P, K), True where a negative must not count for a position.
     """
     neg = neg - torch.log(expected_draws).unsqueeze(0)
-    neg = neg.masked_fill(neg_ids.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
+    masked = neg_ids.unsqueeze(0) == targets.unsqueeze(1)
+    neg = neg.masked_fill(masked if blocked is None else masked | blocked, float("-inf"))
     logits = torch.cat([pos.unsqueeze(1), neg], 1)  # (P, 1 + K)
     return F.cross_entropy(logits, torch.zeros_like(targets))
 
@@ -114,7 +117,7 @@ def uniform_negatives(num_items: int, k: int, device: torch.device | None = None
 
 def uniform_and_in_batch(
     num_items: int, k: int, targets: torch.Tensor, click_counts: torch.Tensor, max_in_batch: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """K uniform draws plus the batch's next clicks (a random ``max_in_batch`` of them past that),
     with each item's expected draws under the mix: K / N + M x q_i, where q_i is its share of the
     clicks (``click_counts``: (N + 1,) counts so far, add-one smoothed).
@@ -122,15 +125,17 @@ def uniform_and_in_batch(
     The next clicks are draws from the click distribution, so they are the popular items that
     uniform draws from a long-tailed catalog almost never reach, and the hardest to tell apart
     from the target (mixed negative sampling, Yang et al. 2020; the correction as in Yi et al. 2019).
-    Returns (K + M,) item indices and (K + M,) expected draws.
+    Returns (K + M,) item indices, (K + M,) expected draws, and (M,) the positions the drawn
+    clicks are the next clicks of (so that a window's own later clicks can be kept out of its
+    negatives).
     """
     uniform, _ = uniform_negatives(num_items, k, targets.device)
-    drawn = targets
+    source = torch.arange(len(targets), device=targets.device)
     if len(targets) > max_in_batch:
-        drawn = targets[torch.randperm(len(targets), device=targets.device)[:max_in_batch]]
-    ids = torch.cat([uniform, drawn])
+        source = torch.randperm(len(targets), device=targets.device)[:max_in_batch]
+    ids = torch.cat([uniform, targets[source]])
     share = (click_counts[ids] + 1.0) / (click_counts.sum() + num_items)
-    return ids, (k / num_items + len(drawn) * share).to(torch.float32)
+    return ids, (k / num_items + len(source) * share).to(torch.float32), source
 
 
 def binary_loss(pos: torch.Tensor, neg: torch.Tensor, neg_valid: torch.Tensor) -> torch.Tensor:

@@ -119,8 +119,8 @@ class InterestModel(nn.Module):
         """The next click's softmax under ``relevance``: over the whole catalog (``kind`` "ce"), or
         over ``num_negatives`` uniformly drawn negatives shared by the batch, with the batch's next
         clicks as more negatives when ``in_batch``, all logQ-corrected. A position's negatives never
-        include the next clicks of its own window (``rows``): the clicks its user makes later are
-        not items the model should learn to push down."""
+        include the next clicks of its own window (``rows``): its user's own clicks, before and
+        after it, are not items the model should learn to push down for that user."""
         if kind == "ce":
             return relevance.full_softmax_loss(u, self.features.all_item_features()[1:], tgt)
         n = self.config.num_items

@@ -556,7 +556,7 @@ def test_the_model_counts_next_clicks_in_training_only_and_keeps_them_out_of_its
         model(data)
     torch.testing.assert_close(model.clicks_so_far(torch.device("cpu")), want)  # evaluation does not count
     assert not any("click" in name for name in model.state_dict())
-    # A position's in-batch negatives leave out its own window's next clicks (its user's later clicks).
+    # A position's in-batch negatives leave out its own window's next clicks (its user's own clicks).
     import ray_rec.model.interest_model as im
 
     seen: dict[str, torch.Tensor] = {}

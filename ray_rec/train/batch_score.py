@@ -18,7 +18,7 @@ from ray_rec.data.examples import evaluation_examples
 from ray_rec.data.pipeline import read_sequences
 from ray_rec.model.artifact import catalog_blocks, load_model
 from ray_rec.ray_session import scoring_pool, use_node_cores
-from ray_rec.train.loop import Progress
+from ray_rec.train.loop import Progress, users_line
 from ray_rec.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -120,5 +120,4 @@ def _report(counter: Any, pace: Progress, done: threading.Event, say: Callable[[
     """Until ``done``: when ``pace`` says so, a line on the users ``counter`` (a `UserCount` actor) has seen."""
     while not done.wait(min(1.0, max(pace.every_s, 0.1))):
         if (seconds := pace.due()) is not None:
-            n = int(ray.get(counter.get.remote()))
-            say(f"{n:,} users scored in {seconds:,.0f} s ({n / seconds:,.0f}/s)")
+            say(users_line(int(ray.get(counter.get.remote())), seconds, "scored"))

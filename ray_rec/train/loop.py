@@ -50,7 +50,12 @@ class Progress:
             yield batch
             done += len(batch[key]) * scale
             if (seconds := self.due()) is not None:
-                emit(f"{prefix}{done:,} users ranked in {seconds:,.0f} s ({done / seconds:,.0f}/s)")
+                emit(prefix + users_line(done, seconds))
+
+
+def users_line(done: int, seconds: float, verb: str = "ranked") -> str:
+    """The users-done progress line of validation, `ray-rec evaluate` and `ray-rec batch-score`."""
+    return f"{done:,} users {verb} in {seconds:,.0f} s ({done / seconds:,.0f}/s)"
 
 
 def steps_line(epoch: str, steps: int, windows: int, seconds: float, wait_s: float, loss: float) -> str:

@@ -1,12 +1,17 @@
-"""Training steps on large catalogs: the item table's gradients sparse (as shipped) against dense.
+"""Training steps on large catalogs: the item table's gradients sparse (as shipped) against dense,
+and the price of in-batch negatives.
 
 Past the full softmax's size (`loss: auto` switches at 10M items x history length) a step reads a
-sample of the catalog: the batch's history and next items and 2048 shared negatives. With dense
+sample of the catalog: the batch's history and next items, 2048 shared uniform negatives and up to
+2048 of the batch's next clicks as more negatives (`model.in_batch_negatives`). With dense
 gradients every step still passes over the whole table three times (the backward pass builds a
 dense (N + 1) x D gradient, Adam updates every row and its two moments, and data-parallel workers
 all-reduce the whole gradient); with sparse gradients (`train.sparse_items`, the default on CPU)
 those cost the rows read. Lazy Adam is another optimiser, not a faster Adam (rows not read keep
 their moments), so the two modes' losses are printed beside each other, not required to match.
+Mode ``uniform`` is ``sparse`` with the uniform negatives alone (``in_batch_negatives=False``): the
+ratio of their steps is what the in-batch negatives cost (one more positions x 2048 product and its
+mask of each window's own clicks).
 
 The default model at each catalog size (with sampled softmax, what `auto` picks past 200,000 items, at
 every size so that smaller catalogs can be compared too), random full windows (``--batch`` x 50 steps, items drawn
@@ -35,7 +40,9 @@ from typing import Any
 from bench.data_scale import vm_hwm_mb
 from bench.output import machine, write_result
 
-MODES = ("sparse", "dense")
+# mode -> (sparse item gradients, in-batch negatives); "sparse" is what ships, "uniform" prices the
+# batch's next clicks as negatives against the 2048 uniform draws alone
+MODES = {"sparse": (True, True), "dense": (False, True), "uniform": (True, False)}
 
 
 def _free_port() -> int:
@@ -44,7 +51,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _steps(rank: int, world: int, items: int, sparse: bool, steps: int, batch: int, port: int, out: Any) -> None:
+def _steps(rank: int, world: int, items: int, mode: str, steps: int, batch: int, port: int, out: Any) -> None:
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -57,7 +64,9 @@ def _steps(rank: int, world: int, items: int, sparse: bool, steps: int, batch: i
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)  # the same initial weights on every worker, as DDP's first broadcast would make them
-    cfg = ModelConfig(num_items=items, loss="sampled_softmax", use_time=False)  # sampled: what `auto` picks past 200,000 items
+    sparse, in_batch = MODES[mode]
+    # sampled: what `auto` picks past 200,000 items
+    cfg = ModelConfig(num_items=items, loss="sampled_softmax", use_time=False, in_batch_negatives=in_batch)
     train = TrainConfig(sparse_items=sparse)
     model = InterestModel(cfg)
     model.features.item.sparse = sparse_item_gradients(cfg, train, on_gpu=False)
@@ -85,7 +94,7 @@ def child(items: int, mode: str, workers: int, steps: int, batch: int) -> None:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_steps, args=(r, workers, items, mode == "sparse", steps, batch, port, out))
+    procs = [ctx.Process(target=_steps, args=(r, workers, items, mode, steps, batch, port, out))
              for r in range(workers)]
     for p in procs:
         p.start()
@@ -128,9 +137,10 @@ def main() -> None:
                 r = rows[-1]
                 print(f"{items:,} items, {workers} worker(s), {mode}: step {r['step_s']:.3f} s, "
                       f"peak {r['peak_mb']:,.0f} MB, loss {r['loss']:.4f} ({r['loss_text']})", flush=True)
-            dense, sparse = rows[-1], rows[-2]
+            sparse, dense, uniform = rows[-3:]
             print(f"  sparse: {dense['step_s'] / sparse['step_s']:.2f}x faster a step, "
-                  f"{dense['peak_mb'] / sparse['peak_mb']:.2f}x less peak memory", flush=True)
+                  f"{dense['peak_mb'] / sparse['peak_mb']:.2f}x less peak memory; in-batch negatives: "
+                  f"{sparse['step_s'] / uniform['step_s']:.2f}x the step of uniform negatives alone", flush=True)
     report = {"machine": machine(), "rows": rows, "steps": args.steps, "batch": args.batch,
               "command": " ".join(["python -m bench.sparse_items", *sys.argv[1:]])}
     write_result("sparse_items.json", report, indent=1)

@@ -504,6 +504,28 @@ def test_sampled_softmax_estimates_the_full_softmax():
     assert every.item() == pytest.approx(full_softmax_loss(u, items, targets, dot).item(), rel=1e-5)
 
 
+def test_sampled_softmax_is_the_cross_entropy_of_the_corrected_scores_and_stays_finite_when_all_are_masked():
+    """The loss is written out rather than taken from F.cross_entropy on [pos, neg]: the same value
+    and gradients, masks included, and no NaN where every negative of a position is masked (a
+    catalog of one item draws only the target)."""
+    from ray_rec.model.losses import sampled_softmax_loss
+
+    g = torch.Generator().manual_seed(0)
+    pos, neg = torch.randn(6, generator=g) * 5, torch.randn(6, 9, generator=g) * 5
+    neg_ids, targets = torch.randint(1, 5, (9,), generator=g), torch.randint(1, 5, (6,), generator=g)
+    expected, blocked = torch.rand(9, generator=g) + 0.1, torch.rand(6, 9, generator=g) > 0.7
+    leaves = [pos.requires_grad_(), neg.requires_grad_()]
+    got = sampled_softmax_loss(pos, neg, neg_ids, targets, expected, blocked)
+    got_grads = torch.autograd.grad(got, leaves)
+    logits = (neg - torch.log(expected)).masked_fill((neg_ids == targets.unsqueeze(1)) | blocked, float("-inf"))
+    want = torch.nn.functional.cross_entropy(torch.cat([pos.unsqueeze(1), logits], 1), torch.zeros(6, dtype=torch.long))
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    for a, b in zip(got_grads, torch.autograd.grad(want, leaves), strict=True):
+        torch.testing.assert_close(a, b)
+    one = sampled_softmax_loss(pos, neg, torch.ones(9, dtype=torch.long), torch.ones(6, dtype=torch.long), expected)
+    assert one.item() == 0.0 and all(torch.isfinite(x).all() for x in torch.autograd.grad(one, leaves))
+
+
 def test_in_batch_negatives_are_corrected_by_their_share_of_clicks():
     """Uniform draws plus the batch's next clicks, each negative weighted by 1 / its expected draws:
     on a long-tailed catalog the sampled partition function estimates the full one (the uniform

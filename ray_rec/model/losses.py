@@ -103,11 +103,19 @@ def sampled_softmax_loss(
         expected_draws: (K,) how many times the sampler draws each negative's item, in expectation.
         blocked: optional (P, K), True where a negative must not count for a position.
     """
-    neg = neg - torch.log(expected_draws).unsqueeze(0)
+    # The cross-entropy of [pos, neg] against column 0, written out: the (P, K) scores are the
+    # largest tensor of a large catalog's step, and F.cross_entropy on a concatenation passes over
+    # them about three times more (the copy, log-softmax's output and its gradient's slice; README
+    # "Training on large catalogs"). The corrected scores are this function's own tensor, so the
+    # mask and the exponential go in place (autograd saves neither's input).
+    neg = neg - torch.log(expected_draws).unsqueeze(0)  # (P, K)
     masked = neg_ids.unsqueeze(0) == targets.unsqueeze(1)
-    neg = neg.masked_fill(masked if blocked is None else masked | blocked, float("-inf"))
-    logits = torch.cat([pos.unsqueeze(1), neg], 1)  # (P, 1 + K)
-    return F.cross_entropy(logits, torch.zeros_like(targets))
+    if blocked is not None:
+        masked |= blocked
+    neg.masked_fill_(masked, float("-inf"))
+    top = torch.maximum(neg.amax(1), pos).detach()  # (P,) finite: pos is
+    total = torch.exp(pos - top) + (neg - top.unsqueeze(1)).exp_().sum(1)
+    return (torch.log(total) + top - pos).mean()
 
 
 def uniform_negatives(num_items: int, k: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ import torch
 from ray_rec.config import ModelConfig
 from ray_rec.model.enhancement import ENHANCERS, consecutive_differences
 from ray_rec.model.interest_model import InterestModel
-from ray_rec.model.relevance import RELEVANCES
+from ray_rec.model.relevance import RELEVANCES, DotRelevance
 from ray_rec.model.tracking import TRACKERS
 
 N = 40
@@ -505,25 +505,29 @@ def test_sampled_softmax_estimates_the_full_softmax():
 
 
 def test_sampled_softmax_is_the_cross_entropy_of_the_corrected_scores_and_stays_finite_when_all_are_masked():
-    """The loss is written out rather than taken from F.cross_entropy on [pos, neg]: the same value
-    and gradients, masks included, and no NaN where every negative of a position is masked (a
-    catalog of one item draws only the target)."""
-    from ray_rec.model.losses import sampled_softmax_loss
+    """The loss is written out rather than taken from F.cross_entropy on [pos, neg], and over dot
+    products fused (gradients computed in the forward pass): the same value and gradients, masks
+    included, and no NaN where every negative of a position is masked (a catalog of one item draws
+    only the target)."""
+    from ray_rec.model.losses import sampled_dot_softmax_loss, sampled_softmax_loss
 
     g = torch.Generator().manual_seed(0)
-    pos, neg = torch.randn(6, generator=g) * 5, torch.randn(6, 9, generator=g) * 5
+    u, items, pos = torch.randn(6, 4, generator=g), torch.randn(9, 4, generator=g), torch.randn(6, generator=g) * 5
     neg_ids, targets = torch.randint(1, 5, (9,), generator=g), torch.randint(1, 5, (6,), generator=g)
     expected, blocked = torch.rand(9, generator=g) + 0.1, torch.rand(6, 9, generator=g) > 0.7
-    leaves = [pos.requires_grad_(), neg.requires_grad_()]
-    got = sampled_softmax_loss(pos, neg, neg_ids, targets, expected, blocked)
-    got_grads = torch.autograd.grad(got, leaves)
-    logits = (neg - torch.log(expected)).masked_fill((neg_ids == targets.unsqueeze(1)) | blocked, float("-inf"))
+    leaves = [u.requires_grad_(), items.requires_grad_(), pos.requires_grad_()]
+    logits = (u @ items.T - torch.log(expected)).masked_fill((neg_ids == targets.unsqueeze(1)) | blocked, float("-inf"))
     want = torch.nn.functional.cross_entropy(torch.cat([pos.unsqueeze(1), logits], 1), torch.zeros(6, dtype=torch.long))
-    assert got.item() == pytest.approx(want.item(), rel=1e-6)
-    for a, b in zip(got_grads, torch.autograd.grad(want, leaves), strict=True):
-        torch.testing.assert_close(a, b)
-    one = sampled_softmax_loss(pos, neg, torch.ones(9, dtype=torch.long), torch.ones(6, dtype=torch.long), expected)
-    assert one.item() == 0.0 and all(torch.isfinite(x).all() for x in torch.autograd.grad(one, leaves))
+    want_grads = torch.autograd.grad(want, leaves)
+    for got in (sampled_softmax_loss(pos, u @ items.T, neg_ids, targets, expected, blocked),
+                sampled_dot_softmax_loss(u, pos, items, neg_ids, targets, expected, blocked)):
+        torch.testing.assert_close(got, want)
+        for a, b in zip(torch.autograd.grad(got, leaves), want_grads, strict=True):
+            torch.testing.assert_close(a, b)
+    one_item = torch.ones(9, dtype=torch.long), torch.ones(6, dtype=torch.long)
+    for one in (sampled_softmax_loss(pos, u @ items.T, *one_item, expected), sampled_dot_softmax_loss(u, pos, items, *one_item, expected)):
+        assert one.item() == 0.0 and all(torch.isfinite(x).all() for x in torch.autograd.grad(one, leaves))
+    assert sampled_dot_softmax_loss(u[:0], pos[:0], items, neg_ids, targets[:0], expected).item() == 0.0  # no next click
 
 
 def test_in_batch_negatives_are_corrected_by_their_share_of_clicks():
@@ -564,7 +568,7 @@ def test_in_batch_negatives_are_corrected_by_their_share_of_clicks():
     torch.testing.assert_close(expected[:k], (k / n + 100 * (counts[ids[:k]] + 1) / (counts.sum() + n)).float())
 
 
-def test_the_model_counts_next_clicks_in_training_only_and_keeps_them_out_of_its_state():
+def test_the_model_counts_next_clicks_in_training_only_and_keeps_them_out_of_its_state(monkeypatch):
     model = make(loss="sampled_softmax")
     assert model.in_batch and model.config.mixes_in_batch and "+ up to 2048 of the batch's next clicks" in model.config.loss_text()
     data = batch(negatives=False)
@@ -579,19 +583,15 @@ def test_the_model_counts_next_clicks_in_training_only_and_keeps_them_out_of_its
     torch.testing.assert_close(model.clicks_so_far(torch.device("cpu")), want)  # evaluation does not count
     assert not any("click" in name for name in model.state_dict())
     # A position's in-batch negatives leave out its own window's next clicks (its user's own clicks).
-    import ray_rec.model.interest_model as im
-
     seen: dict[str, torch.Tensor] = {}
+    real = DotRelevance.sampled_softmax_loss
 
-    def spy(pos, neg, neg_ids, targets, expected, blocked=None):
+    def spy(self, u, pos, items, neg_ids, targets, expected, blocked):
         seen.update(neg_ids=neg_ids, targets=targets, blocked=blocked)
-        return real(pos, neg, neg_ids, targets, expected, blocked)
+        return real(self, u, pos, items, neg_ids, targets, expected, blocked)
 
-    real, im.sampled_softmax_loss = im.sampled_softmax_loss, spy
-    try:
-        model(data)
-    finally:
-        im.sampled_softmax_loss = real
+    monkeypatch.setattr(DotRelevance, "sampled_softmax_loss", spy)
+    model(data)
     has = data["targets"] > 0
     rows, k = has.nonzero(as_tuple=True)[0], len(seen["neg_ids"]) - int(has.sum())
     assert k == 8 and bool((seen["neg_ids"][k:] == data["targets"][has]).all())  # all P next clicks, in order

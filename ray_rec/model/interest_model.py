@@ -15,7 +15,6 @@ from ray_rec.model.features import SequenceFeatureExtractor
 from ray_rec.model.losses import (
     auxiliary_next_click_loss,
     binary_loss,
-    sampled_softmax_loss,
     uniform_and_in_batch,
     uniform_negatives,
 )
@@ -133,8 +132,7 @@ class InterestModel(nn.Module):
             blocked = torch.cat([own.new_zeros(len(tgt), num_negatives), own], 1)  # (P, K + M)
         else:
             neg_ids, expected = uniform_negatives(n, num_negatives, u.device)
-        neg = relevance.catalog(u, self.features.item_features(neg_ids))  # (P, K)
-        return sampled_softmax_loss(pos, neg, neg_ids, tgt, expected, blocked)
+        return relevance.sampled_softmax_loss(u, pos, self.features.item_features(neg_ids), neg_ids, tgt, expected, blocked)
 
     def clicks_so_far(self, device: torch.device) -> torch.Tensor:
         """(N + 1,) float64: how often each item was a next click in this model's training steps so far."""

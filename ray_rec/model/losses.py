@@ -109,13 +109,52 @@ def sampled_softmax_loss(
     # "Training on large catalogs"). The corrected scores are this function's own tensor, so the
     # mask and the exponential go in place (autograd saves neither's input).
     neg = neg - torch.log(expected_draws).unsqueeze(0)  # (P, K)
+    neg.masked_fill_(_excluded(neg_ids, targets, blocked), float("-inf"))
+    top = torch.maximum(neg.amax(1), pos).detach()  # (P,) finite: pos is
+    total = torch.exp(pos - top) + (neg - top.unsqueeze(1)).exp_().sum(1)
+    return (torch.log(total) + top - pos).sum() / max(1, len(pos))
+
+
+def sampled_dot_softmax_loss(
+    u: torch.Tensor, pos: torch.Tensor, items: torch.Tensor, neg_ids: torch.Tensor, targets: torch.Tensor,
+    expected_draws: torch.Tensor, blocked: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`sampled_softmax_loss` with the negatives scored by the dot product, ``neg = u @ items.T``
+    ((P, D) against (K, D)), fused: the gradients are computed in the forward pass from the
+    softmax (d loss / d logits = softmax - one-hot) and the (P, K) scores freed, so autograd keeps
+    no (P, K) tensor and its backward pass makes none (as `full_softmax_loss` does for the whole
+    catalog). The same loss and gradients; ``pos`` keeps its own autograd path."""
+    return cast(torch.Tensor, _SampledDotSoftmax.apply(u, pos, items, torch.log(expected_draws),
+                                                       _excluded(neg_ids, targets, blocked)))
+
+
+def _excluded(neg_ids: torch.Tensor, targets: torch.Tensor, blocked: torch.Tensor | None) -> torch.Tensor:
+    """(P, K) True where a negative does not count for a position: its own target, or ``blocked``."""
     masked = neg_ids.unsqueeze(0) == targets.unsqueeze(1)
     if blocked is not None:
         masked |= blocked
-    neg.masked_fill_(masked, float("-inf"))
-    top = torch.maximum(neg.amax(1), pos).detach()  # (P,) finite: pos is
-    total = torch.exp(pos - top) + (neg - top.unsqueeze(1)).exp_().sum(1)
-    return (torch.log(total) + top - pos).mean()
+    return masked
+
+
+class _SampledDotSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, u: torch.Tensor, pos: torch.Tensor, items: torch.Tensor, log_expected: torch.Tensor,
+                masked: torch.Tensor) -> torch.Tensor:
+        positions = max(1, len(pos))  # no position with a next click: loss 0, not NaN
+        probs = torch.addmm(-log_expected.unsqueeze(0), u, items.T)  # (P, K) corrected scores
+        probs.masked_fill_(masked, float("-inf"))
+        top = torch.maximum(probs.amax(1), pos) if probs.shape[1] else pos  # (P,) finite: pos is
+        pos_exp = torch.exp(pos - top)
+        total = pos_exp + probs.sub_(top.unsqueeze(1)).exp_().sum(1)  # softmax's denominator / e^top
+        loss = (torch.log(total) + top - pos).sum() / positions
+        probs.div_(total.unsqueeze(1) * positions)  # d loss / d neg
+        ctx.save_for_backward(probs @ items, probs.T @ u, (pos_exp / total - 1.0) / positions)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_u, grad_items, grad_pos = ctx.saved_tensors
+        return grad_u * grad_out, grad_pos * grad_out, grad_items * grad_out, None, None
 
 
 def uniform_negatives(num_items: int, k: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ray_rec.config import ModelConfig
-from ray_rec.model.losses import full_softmax_loss
+from ray_rec.model.losses import full_softmax_loss, sampled_dot_softmax_loss, sampled_softmax_loss
 from ray_rec.model.registry import Registry
 
 RELEVANCES: Registry[nn.Module] = Registry("relevance")
@@ -40,6 +40,11 @@ class DotRelevance(nn.Module):
     def full_softmax_loss(self, u: torch.Tensor, items: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of ``targets`` (P,) over every item (N, D): the fused dot-product softmax."""
         return full_softmax_loss(u, items, targets)
+
+    def sampled_softmax_loss(self, u: torch.Tensor, pos: torch.Tensor, items: torch.Tensor, neg_ids: torch.Tensor,
+                             targets: torch.Tensor, expected: torch.Tensor, blocked: torch.Tensor | None) -> torch.Tensor:
+        """`losses.sampled_softmax_loss` against the negatives' features ``items`` (K, D): fused."""
+        return sampled_dot_softmax_loss(u, pos, items, neg_ids, targets, expected, blocked)
 
 
 @RELEVANCES.register("mlp")
@@ -134,3 +139,8 @@ class MLPRelevance(nn.Module):
     def full_softmax_loss(self, u: torch.Tensor, items: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of ``targets`` (P,) over every item (N, D), chunks recomputed in backward."""
         return full_softmax_loss(u, items, targets, self.catalog)
+
+    def sampled_softmax_loss(self, u: torch.Tensor, pos: torch.Tensor, items: torch.Tensor, neg_ids: torch.Tensor,
+                             targets: torch.Tensor, expected: torch.Tensor, blocked: torch.Tensor | None) -> torch.Tensor:
+        """`losses.sampled_softmax_loss` against the negatives' features ``items`` (K, D)."""
+        return sampled_softmax_loss(pos, self.catalog(u, items), neg_ids, targets, expected, blocked)

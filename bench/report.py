@@ -186,7 +186,7 @@ def sparse_items(folder: Path) -> list[str]:
             ratio = ""
             if mode == "sparse" and (items, workers, "dense") in rows:
                 dense = rows[items, workers, "dense"]
-                ratio = f" ({dense['step_s'] / x['step_s']:.2f}x faster)"
+                ratio = f" (speed-up over dense: {dense['step_s'] / x['step_s']:.2f}x)"
             elif mode == "uniform" and (items, workers, "sparse") in rows:
                 ratio = f" (in-batch: {rows[items, workers, 'sparse']['step_s'] / x['step_s']:.2f}x this)"
             negatives = "uniform" if mode == "uniform" or "next clicks" not in x["loss_text"] else "uniform + in-batch"

@@ -66,9 +66,15 @@ class _ChunkedDotSoftmax(torch.autograd.Function):
         grad_u, grad_items = torch.empty_like(u), torch.zeros_like(items)
         for start in range(0, u.shape[0], rows):
             uc, tc = u[start : start + rows], targets[start : start + rows] - 1  # (R, D), (R,)
-            probs = (uc @ items.T).log_softmax(-1)  # (R, N) log-probabilities
-            total -= probs.gather(1, tc.unsqueeze(1)).sum().double()
-            probs.exp_()[torch.arange(len(tc), device=tc.device), tc] -= 1.0  # d loss / d logits
+            # The softmax in place on the logits (no log-softmax tensor beside them): the same
+            # loss and gradients, one (R, N) tensor and two passes over it fewer a chunk.
+            logits = uc @ items.T  # (R, N)
+            top = logits.amax(1, keepdim=True)
+            picked = logits.gather(1, tc.unsqueeze(1))  # the targets' logits, before the softmax overwrites them
+            probs = logits.sub_(top).exp_()
+            norm = probs.sum(1, keepdim=True)
+            total += (norm.log() + top - picked).sum().double()
+            probs.div_(norm)[torch.arange(len(tc), device=tc.device), tc] -= 1.0  # d loss / d logits
             grad_u[start : start + rows] = probs @ items
             grad_items.addmm_(probs.T, uc)
         ctx.save_for_backward(grad_u, grad_items)

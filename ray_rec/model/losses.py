@@ -109,11 +109,12 @@ def sampled_softmax_loss(
         expected_draws: (K,) how many times the sampler draws each negative's item, in expectation.
         blocked: optional (P, K), True where a negative must not count for a position.
     """
-    # The cross-entropy of [pos, neg] against column 0, written out: the (P, K) scores are the
-    # largest tensor of a large catalog's step, and F.cross_entropy on a concatenation passes over
-    # them about three times more (the copy, log-softmax's output and its gradient's slice; README
-    # "Training on large catalogs"). The corrected scores are this function's own tensor, so the
-    # mask and the exponential go in place (autograd saves neither's input).
+    # Any scorer's path (the dot product takes `sampled_dot_softmax_loss`). The cross-entropy of
+    # [pos, neg] against column 0, written out: the (P, K) scores are the largest tensor of a large
+    # catalog's step, and F.cross_entropy on a concatenation passes over them about three times
+    # more (the copy, log-softmax's output and its gradient's slice). The corrected scores are this
+    # function's own tensor, so the mask and the exponential go in place (autograd saves neither's
+    # input).
     neg = neg - torch.log(expected_draws).unsqueeze(0)  # (P, K)
     neg.masked_fill_(_excluded(neg_ids, targets, blocked), float("-inf"))
     top = torch.maximum(neg.amax(1), pos).detach()  # (P,) finite: pos is
@@ -143,6 +144,9 @@ def _excluded(neg_ids: torch.Tensor, targets: torch.Tensor, blocked: torch.Tenso
 
 
 class _SampledDotSoftmax(torch.autograd.Function):
+    """Mean over positions of -log softmax([pos, u @ items.T - log_expected, masked])[0]; the
+    gradients of u, pos and items computed in the forward pass, the (P, K) scores freed."""
+
     @staticmethod
     def forward(ctx: Any, u: torch.Tensor, pos: torch.Tensor, items: torch.Tensor, log_expected: torch.Tensor,
                 masked: torch.Tensor) -> torch.Tensor:

@@ -514,9 +514,10 @@ def test_sampled_softmax_is_the_cross_entropy_of_the_corrected_scores_and_stays_
     g = torch.Generator().manual_seed(0)
     u, items, pos = torch.randn(6, 4, generator=g), torch.randn(9, 4, generator=g), torch.randn(6, generator=g) * 5
     neg_ids, targets = torch.randint(1, 5, (9,), generator=g), torch.randint(1, 5, (6,), generator=g)
-    expected, blocked = torch.rand(9, generator=g) + 0.1, torch.rand(6, 9, generator=g) > 0.7
+    expected, blocked = torch.rand(9, generator=g) + 0.1, torch.rand(6, 4, generator=g) > 0.5  # blocks among the last 4
     leaves = [u.requires_grad_(), items.requires_grad_(), pos.requires_grad_()]
-    logits = (u @ items.T - torch.log(expected)).masked_fill((neg_ids == targets.unsqueeze(1)) | blocked, float("-inf"))
+    every_column = torch.cat([torch.zeros(6, 5, dtype=torch.bool), blocked], 1)
+    logits = (u @ items.T - torch.log(expected)).masked_fill((neg_ids == targets.unsqueeze(1)) | every_column, float("-inf"))
     want = torch.nn.functional.cross_entropy(torch.cat([pos.unsqueeze(1), logits], 1), torch.zeros(6, dtype=torch.long))
     want_grads = torch.autograd.grad(want, leaves)
     for got in (sampled_softmax_loss(pos, u @ items.T, neg_ids, targets, expected, blocked),
@@ -595,8 +596,9 @@ def test_the_model_counts_next_clicks_in_training_only_and_keeps_them_out_of_its
     has = data["targets"] > 0
     rows, k = has.nonzero(as_tuple=True)[0], len(seen["neg_ids"]) - int(has.sum())
     assert k == 8 and bool((seen["neg_ids"][k:] == data["targets"][has]).all())  # all P next clicks, in order
-    assert not seen["blocked"][:, :k].any()
-    assert bool((seen["blocked"][:, k:] == (rows.unsqueeze(1) == rows.unsqueeze(0))).all())
+    # The mask covers the in-batch draws alone (the last P negatives): the uniform ones need none.
+    assert seen["blocked"].shape == (len(rows), len(rows))
+    assert bool((seen["blocked"] == (rows.unsqueeze(1) == rows.unsqueeze(0))).all())
     off = make(loss="sampled_softmax", in_batch_negatives=False)
     assert not off.in_batch and off.config.loss_text() == "sampled_softmax (8 negatives)"
     assert not make(loss="ce").in_batch and not make(relevance="mlp", loss="sampled_softmax").config.mixes_in_batch

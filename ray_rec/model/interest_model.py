@@ -128,8 +128,7 @@ class InterestModel(nn.Module):
         if in_batch:
             neg_ids, expected, source = uniform_and_in_batch(n, num_negatives, tgt, self.clicks_so_far(tgt.device),
                                                              IN_BATCH_NEGATIVES)
-            own = rows.unsqueeze(1) == rows[source].unsqueeze(0)  # (P, M)
-            blocked = torch.cat([own.new_zeros(len(tgt), num_negatives), own], 1)  # (P, K + M)
+            blocked = rows.unsqueeze(1) == rows[source].unsqueeze(0)  # (P, M): the in-batch draws of its own window
         else:
             neg_ids, expected = uniform_negatives(n, num_negatives, u.device)
         return relevance.sampled_softmax_loss(u, pos, self.features.item_features(neg_ids), neg_ids, tgt, expected, blocked)

@@ -107,7 +107,8 @@ def sampled_softmax_loss(
         neg_ids: (K,) their item indices; a negative equal to the target is masked out.
         targets: (P,) clicked item indices.
         expected_draws: (K,) how many times the sampler draws each negative's item, in expectation.
-        blocked: optional (P, K), True where a negative must not count for a position.
+        blocked: optional (P, M), M <= K: True where one of the last M negatives must not count
+            for a position (the in-batch draws' own-window mask; the uniform draws need none).
     """
     # Any scorer's path (the dot product takes `sampled_dot_softmax_loss`). The cross-entropy of
     # [pos, neg] against column 0, written out: the (P, K) scores are the largest tensor of a large
@@ -136,10 +137,11 @@ def sampled_dot_softmax_loss(
 
 
 def _excluded(neg_ids: torch.Tensor, targets: torch.Tensor, blocked: torch.Tensor | None) -> torch.Tensor:
-    """(P, K) True where a negative does not count for a position: its own target, or ``blocked``."""
+    """(P, K) True where a negative does not count for a position: its own target, or ``blocked``
+    ((P, M): the last M negatives)."""
     masked = neg_ids.unsqueeze(0) == targets.unsqueeze(1)
     if blocked is not None:
-        masked |= blocked
+        masked[:, masked.shape[1] - blocked.shape[1] :] |= blocked
     return masked
 
 

@@ -136,7 +136,11 @@ def test_evaluate_reports_full_sampled_and_popularity(trained, s3_data):
     num_items = load_model(trained.model_uri).config.num_items
     assert said[:2] == ["counting the train split's clicks (the popularity baseline)",
                         f"ranking the test split's users over {num_items:,} items"]
-    assert said[-1].startswith("240 users ranked in ")  # with progress_s=0, a line after every batch
+    # While ranking, lines on the users the scoring actors have counted (progress_s=0: every poll);
+    # the last line is the driver's own count of every user.
+    counts = [int(m.group(1).replace(",", "")) for line in said[2:-1] if (m := re.match(r"([\d,]+) users ranked in ", line))]
+    assert len(counts) == len(said) - 3 >= 1 and counts == sorted(counts) and counts[-1] <= 240, said
+    assert said[-1].startswith("240 users ranked in ")
     full = result["full_ranking"]
     assert set(full) >= {"HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR"}
     assert full["count"] == 240

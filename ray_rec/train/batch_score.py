@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -18,24 +16,10 @@ from ray_rec.data.examples import evaluation_examples
 from ray_rec.data.pipeline import read_sequences
 from ray_rec.model.artifact import catalog_blocks, load_model
 from ray_rec.ray_session import scoring_pool, use_node_cores
-from ray_rec.train.loop import Progress, users_line
+from ray_rec.train.user_count import reported_user_count
 from ray_rec.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
-
-
-class UserCount:
-    """Users scored so far, as a 0-CPU actor: the scoring actors add to it, the driver reads it while
-    Ray Data writes the results (they never pass through the driver)."""
-
-    def __init__(self) -> None:
-        self.n = 0
-
-    def add(self, n: int) -> None:
-        self.n += n
-
-    def get(self) -> int:
-        return self.n
 
 
 class TopK:
@@ -90,21 +74,12 @@ def batch_score(data: str, model_uri: str, output: str, split: str = "test", k: 
     staging = output.rstrip("/") + "-staging"
     storage.delete_dir(staging)
     fs, staging_path = storage.resolve(staging)
-    actor: Any = ray.remote(num_cpus=0)(UserCount)  # ray's stubs type ray.remote(...)(cls) loosely
-    counter: ray.actor.ActorHandle = actor.remote()
-    ds = read_sequences(data, split).map_batches(
-        TopK, fn_constructor_args=(model_uri, k, counter), batch_format="pyarrow", batch_size=512,
-        compute=scoring_pool(),
-    )
     say(f"ranking the {split} split's users over {rec.config.num_items:,} items, top {k} each, to {staging}")
-    done = threading.Event()
-    reporter = threading.Thread(target=_report, args=(counter, Progress(progress_s), done, say), daemon=True)
-    reporter.start()
-    try:
-        ds.write_parquet(staging_path, filesystem=fs)
-    finally:
-        done.set()
-        reporter.join()  # the counter goes with its last handle, after the counts sent to it
+    with reported_user_count(progress_s, say, "scored") as counter:
+        read_sequences(data, split).map_batches(
+            TopK, fn_constructor_args=(model_uri, k, counter), batch_format="pyarrow", batch_size=512,
+            compute=scoring_pool(),
+        ).write_parquet(staging_path, filesystem=fs)
     say(f"all users written; moving them to {output}")
     storage.delete_dir(output)
     storage.move_dir(staging, output)
@@ -114,10 +89,3 @@ def batch_score(data: str, model_uri: str, output: str, split: str = "test", k: 
         for name in storage.list_files(output)
         if name.endswith(".parquet")
     )
-
-
-def _report(counter: Any, pace: Progress, done: threading.Event, say: Callable[[str], None]) -> None:
-    """Until ``done``: when ``pace`` says so, a line on the users ``counter`` (a `UserCount` actor) has seen."""
-    while not done.wait(min(1.0, max(pace.every_s, 0.1))):
-        if (seconds := pace.due()) is not None:
-            say(users_line(int(ray.get(counter.get.remote())), seconds, "scored"))

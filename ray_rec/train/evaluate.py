@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +25,8 @@ from ray_rec.data.prepare import read_manifest
 from ray_rec.metrics import DEFAULT_KS, RankingMetrics, full_ranks, user_negatives
 from ray_rec.model.artifact import catalog_blocks, load_model
 from ray_rec.ray_session import scoring_pool, use_node_cores
-from ray_rec.train.loop import Progress, rank_targets
+from ray_rec.train.loop import rank_targets, users_line
+from ray_rec.train.user_count import reported_user_count
 from ray_rec.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -39,11 +41,12 @@ class EvaluationError(ValueError):
 class RankUsers:
     """``map_batches`` actor: loads the artifact once, returns each user's target ranks."""
 
-    def __init__(self, model_uri: str, popularity: np.ndarray, seed: int) -> None:
+    def __init__(self, model_uri: str, popularity: np.ndarray, seed: int, counter: Any = None) -> None:
         use_node_cores()
         self.rec = load_model(model_uri)
         self.popularity = torch.tensor(popularity, dtype=torch.float64)
         self.seed = seed
+        self.counter = counter  # a `UserCount` actor, for progress lines
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
         cfg = self.rec.config
@@ -60,6 +63,8 @@ class RankUsers:
             full_ranks(self.popularity.expand(len(ex["targets"][rows]), -1), ex["targets"][rows], ex["seen"][rows])
             for rows in catalog_blocks(len(ex["targets"]), cfg.num_items)
         ]
+        if self.counter is not None:
+            self.counter.add.remote(len(users))  # not awaited: a count, not a result
         return {"full": full.numpy(), "sampled": sampled.numpy(), "popularity": torch.cat(popularity).numpy()}
 
 
@@ -87,7 +92,8 @@ def popularity_scores(counts: np.ndarray) -> np.ndarray:
 def evaluate_model(data: str, model_uri: str, split: str = "test", output: str | None = None, seed: int = 0,
                    progress: Callable[[str], None] | None = None, progress_s: float = 60.0) -> dict[str, Any]:
     """Metrics of the artifact at ``model_uri`` on ``split`` of the prepared dataset ``data``;
-    ``progress`` gets a line on each stage and, every ``progress_s`` seconds, the users ranked so far."""
+    ``progress`` gets a line on each stage, every ``progress_s`` seconds the users ranked so far (as
+    the scoring actors count them), and a last line on all of them."""
     say = progress or (lambda msg: logger.info(msg))
     manifest = read_manifest(data)
     if split not in manifest["files"]:
@@ -102,17 +108,21 @@ def evaluate_model(data: str, model_uri: str, split: str = "test", output: str |
     say("counting the train split's clicks (the popularity baseline)")
     popularity = train_popularity(data, rec.config.num_items, manifest)
     say(f"ranking the {split} split's users over {rec.config.num_items:,} items")
-    ranks = read_sequences(data, split, manifest).map_batches(
-        RankUsers,
-        fn_constructor_args=(model_uri, popularity, seed),
-        batch_format="pyarrow",
-        batch_size=512,
-        compute=scoring_pool(),
-    )
     acc = {name: RankingMetrics(DEFAULT_KS) for name in ("full", "sampled", "popularity")}
-    for batch in Progress(progress_s).users(ranks.iter_batches(batch_format="numpy", batch_size=4096), say, key="full"):
-        for name, metric in acc.items():
-            metric.add(torch.tensor(batch[name]))
+    start, users = time.monotonic(), 0
+    with reported_user_count(progress_s, say, "ranked") as counter:
+        ranks = read_sequences(data, split, manifest).map_batches(
+            RankUsers,
+            fn_constructor_args=(model_uri, popularity, seed, counter),
+            batch_format="pyarrow",
+            batch_size=512,
+            compute=scoring_pool(),
+        )
+        for batch in ranks.iter_batches(batch_format="numpy", batch_size=4096):
+            users += len(batch["full"])
+            for name, metric in acc.items():
+                metric.add(torch.tensor(batch[name]))
+    say(users_line(users, max(time.monotonic() - start, 1e-9)))  # the exact total, counted here
     result = {
         "split": split,
         "model": model_uri,

@@ -99,10 +99,11 @@ class InterestModel(nn.Module):
         self, u: torch.Tensor, tgt: torch.Tensor, negatives: torch.Tensor | None, has_target: torch.Tensor
     ) -> torch.Tensor:
         if self.loss_kind != "bce":
-            rows = has_target.nonzero(as_tuple=True)[0]  # (P,) the window of each position
-            loss = self._softmax_loss(self.relevance, self.loss_kind, self.num_negatives, u, tgt, rows, self.config.mixes_in_batch)
+            loss = self._softmax_loss(self.relevance, self.loss_kind, self.num_negatives, u, tgt, has_target,
+                                      self.config.mixes_in_batch)
             if (dot := self.dot_term) is not None:
-                loss = loss + self._softmax_loss(self.dot_relevance, dot.resolved_loss, dot.negatives, u, tgt, rows, dot.mixes_in_batch)
+                loss = loss + self._softmax_loss(self.dot_relevance, dot.resolved_loss, dot.negatives, u, tgt, has_target,
+                                                 dot.mixes_in_batch)
             return loss
         cfg = self.config
         pos = self.relevance(u, self.features.item_features(tgt).unsqueeze(1)).squeeze(1)  # (P,)
@@ -113,13 +114,13 @@ class InterestModel(nn.Module):
 
     def _softmax_loss(
         self, relevance: DotRelevance | MLPRelevance, kind: str, num_negatives: int, u: torch.Tensor, tgt: torch.Tensor,
-        rows: torch.Tensor, in_batch: bool,
+        has_target: torch.Tensor, in_batch: bool,
     ) -> torch.Tensor:
         """The next click's softmax under ``relevance``: over the whole catalog (``kind`` "ce"), or
         over ``num_negatives`` uniformly drawn negatives shared by the batch, with the batch's next
         clicks as more negatives when ``in_batch``, all logQ-corrected. A position's negatives never
-        include the next clicks of its own window (``rows``): its user's own clicks, before and
-        after it, are not items the model should learn to push down for that user."""
+        include the next clicks of its own window (its row of ``has_target``): its user's own
+        clicks, before and after it, are not items the model should learn to push down for them."""
         if kind == "ce":
             return relevance.full_softmax_loss(u, self.features.all_item_features()[1:], tgt)
         n = self.config.num_items
@@ -128,6 +129,7 @@ class InterestModel(nn.Module):
         if in_batch:
             neg_ids, expected, source = uniform_and_in_batch(n, num_negatives, tgt, self.clicks_so_far(tgt.device),
                                                              IN_BATCH_NEGATIVES)
+            rows = has_target.nonzero(as_tuple=True)[0]  # (P,) the window of each position
             blocked = rows.unsqueeze(1) == rows[source].unsqueeze(0)  # (P, M): the in-batch draws of its own window
         else:
             neg_ids, expected = uniform_negatives(n, num_negatives, u.device)

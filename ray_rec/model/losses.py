@@ -110,17 +110,12 @@ def sampled_softmax_loss(
         blocked: optional (P, M), M <= K: True where one of the last M negatives must not count
             for a position (the in-batch draws' own-window mask; the uniform draws need none).
     """
-    # Any scorer's path (the dot product takes `sampled_dot_softmax_loss`). The cross-entropy of
-    # [pos, neg] against column 0, written out: the (P, K) scores are the largest tensor of a large
-    # catalog's step, and F.cross_entropy on a concatenation passes over them about three times
-    # more (the copy, log-softmax's output and its gradient's slice). The corrected scores are this
-    # function's own tensor, so the mask and the exponential go in place (autograd saves neither's
-    # input).
-    neg = neg - torch.log(expected_draws).unsqueeze(0)  # (P, K)
-    neg.masked_fill_(_excluded(neg_ids, targets, blocked), float("-inf"))
-    top = torch.maximum(neg.amax(1), pos).detach()  # (P,) finite: pos is
-    total = torch.exp(pos - top) + (neg - top.unsqueeze(1)).exp_().sum(1)
-    return (torch.log(total) + top - pos).sum() / max(1, len(pos))
+    # Any scorer's path: the MLP relevance's, 256 negatives (the dot product takes the fused
+    # `sampled_dot_softmax_loss`).
+    neg = neg - torch.log(expected_draws).unsqueeze(0)
+    neg = neg.masked_fill(_excluded(neg_ids, targets, blocked), float("-inf"))
+    logits = torch.cat([pos.unsqueeze(1), neg], 1)  # (P, 1 + K)
+    return F.cross_entropy(logits, torch.zeros_like(targets))
 
 
 def sampled_dot_softmax_loss(
@@ -155,7 +150,7 @@ class _SampledDotSoftmax(torch.autograd.Function):
         positions = max(1, len(pos))  # no position with a next click: loss 0, not NaN
         probs = torch.addmm(-log_expected.unsqueeze(0), u, items.T)  # (P, K) corrected scores
         probs.masked_fill_(masked, float("-inf"))
-        top = torch.maximum(probs.amax(1), pos) if probs.shape[1] else pos  # (P,) finite: pos is
+        top = torch.maximum(probs.amax(1), pos)  # (P,) finite: pos is
         pos_exp = torch.exp(pos - top)
         total = pos_exp + probs.sub_(top.unsqueeze(1)).exp_().sum(1)  # softmax's denominator / e^top
         loss = (torch.log(total) + top - pos).sum() / positions

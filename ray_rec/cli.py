@@ -119,9 +119,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ray_rec.train.evaluate import evaluate_model, format_table
 
     read_manifest(args.data)  # fail fast, before Ray starts
-    load_model(args.model)
+    rec = load_model(args.model)
     init_ray(1)
-    result = evaluate_model(args.data, args.model, split=args.split, output=args.output,
+    result = evaluate_model(args.data, args.model, split=args.split, output=args.output, model=rec,
                             progress=lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True))
     print(format_table(result))
     print(json.dumps(result))
@@ -144,9 +144,9 @@ def _cmd_batch_score(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise ValueError(f"--k must be at least 1, got {args.k}")
     read_manifest(args.data)  # fail fast, before Ray starts
-    load_model(args.model)
+    rec = load_model(args.model)
     init_ray(1)
-    n = batch_score(args.data, args.model, args.output, split=args.split, k=args.k,
+    n = batch_score(args.data, args.model, args.output, split=args.split, k=args.k, model=rec,
                     progress=lambda msg: print(f"[batch-score] {msg}", file=sys.stderr, flush=True))
     print(f"wrote top-{args.k} recommendations for {n:,} users to {args.output}")
     return 0

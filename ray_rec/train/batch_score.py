@@ -14,7 +14,7 @@ import torch
 from ray_rec import storage
 from ray_rec.data.examples import evaluation_examples
 from ray_rec.data.pipeline import read_sequences
-from ray_rec.model.artifact import catalog_blocks, load_model
+from ray_rec.model.artifact import Recommender, catalog_blocks, load_model
 from ray_rec.ray_session import scoring_pool, use_node_cores
 from ray_rec.train.user_count import reported_user_count
 from ray_rec.vocab import Vocabulary
@@ -60,17 +60,19 @@ def top_k_columns(vocab: Vocabulary, ids: torch.Tensor, scores: torch.Tensor) ->
 
 
 def batch_score(data: str, model_uri: str, output: str, split: str = "test", k: int = 10,
-                progress: Callable[[str], None] | None = None, progress_s: float = 60.0) -> int:
+                progress: Callable[[str], None] | None = None, progress_s: float = 60.0,
+                model: Recommender | None = None) -> int:
     """Write Parquet files (user_id, items: top-k raw ids as strings, scores) to ``output``.
 
     Files go to ``<output>-staging`` first and replace ``output`` only when all are written.
     ``progress`` gets a line on each stage and, every ``progress_s`` seconds, the users scored so far.
-    Returns the number of users scored.
+    ``model``: the artifact at ``model_uri`` when the caller has loaded it already (the scoring
+    actors load their own copies either way). Returns the number of users scored.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     say = progress or (lambda msg: logger.info(msg))
-    rec = load_model(model_uri)  # fail fast on a bad artifact
+    rec = model if model is not None else load_model(model_uri)  # fail fast on a bad artifact
     staging = output.rstrip("/") + "-staging"
     storage.delete_dir(staging)
     fs, staging_path = storage.resolve(staging)

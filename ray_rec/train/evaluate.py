@@ -23,7 +23,7 @@ from ray_rec.data.examples import CLICK, evaluation_examples
 from ray_rec.data.pipeline import read_sequences
 from ray_rec.data.prepare import read_manifest
 from ray_rec.metrics import DEFAULT_KS, RankingMetrics, full_ranks, user_negatives
-from ray_rec.model.artifact import catalog_blocks, load_model
+from ray_rec.model.artifact import Recommender, catalog_blocks, load_model
 from ray_rec.ray_session import scoring_pool, use_node_cores
 from ray_rec.train.loop import rank_targets, users_line
 from ray_rec.train.user_count import reported_user_count
@@ -90,15 +90,17 @@ def popularity_scores(counts: np.ndarray) -> np.ndarray:
 
 
 def evaluate_model(data: str, model_uri: str, split: str = "test", output: str | None = None, seed: int = 0,
-                   progress: Callable[[str], None] | None = None, progress_s: float = 60.0) -> dict[str, Any]:
+                   progress: Callable[[str], None] | None = None, progress_s: float = 60.0,
+                   model: Recommender | None = None) -> dict[str, Any]:
     """Metrics of the artifact at ``model_uri`` on ``split`` of the prepared dataset ``data``;
     ``progress`` gets a line on each stage, every ``progress_s`` seconds the users ranked so far (as
-    the scoring actors count them), and a last line on all of them."""
+    the scoring actors count them), and a last line on all of them. ``model``: that artifact when
+    the caller has loaded it already (the scoring actors load their own copies either way)."""
     say = progress or (lambda msg: logger.info(msg))
     manifest = read_manifest(data)
     if split not in manifest["files"]:
         raise EvaluationError(f"split {split!r} is not one of {', '.join(manifest['files'])}")
-    rec = load_model(model_uri)
+    rec = model if model is not None else load_model(model_uri)
     data_vocab = Vocabulary.load(data)
     if data_vocab.ids != rec.vocab.ids:
         raise EvaluationError(

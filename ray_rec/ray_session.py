@@ -92,6 +92,11 @@ def init_ray(workers: int = 2, serving: bool = False) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING, runtime_env={"env_vars": worker_env()})
     else:
+        # No node of a local Ray can be drained (preempted) from under the run, so Ray Train's
+        # preemption watcher, one more actor a run whose start logs an error-level line about
+        # restarts (ray#53727), has nothing to watch. A user's own setting wins; Ray Train passes
+        # the variable from the driver to its controller. Clusters keep it.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(
             address="local",
             num_cpus=local_cpus(workers),

@@ -196,6 +196,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 5.0
     patience: int = 10  # validations (every `eval_every` epochs) without a better NDCG@10 before stopping
+    # Halve the learning rate after this many validations without a better NDCG@10 (again after as
+    # many more); 0 = a constant learning rate.
+    lr_patience: int = 3
     eval_every: int = 1
     keep_checkpoints: int = 2  # best K by validation NDCG@10
     eval_batch_size: int = 512
@@ -217,6 +220,7 @@ class TrainConfig:
         _check_range("train.weight_decay", self.weight_decay, 0.0)
         _check_range("train.grad_clip", self.grad_clip, 0.0)
         _check_range("train.patience", self.patience, 1)
+        _check_range("train.lr_patience", self.lr_patience, 0)
         _check_range("train.eval_every", self.eval_every, 1)
         _check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
         _check_range("train.eval_batch_size", self.eval_batch_size, 1)

@@ -393,6 +393,7 @@ def test_training_on_long_histories_reads_200_steps(tmp_path):
     run = train_local(str(tmp_path / "data"), load_config(None, {"model.dim": 8, "train.epochs": 1}), log=lambda _: None)
     assert (run.model.config.max_len, run.model.config.dropout) == (200, 0.2)
     assert run.model.features.position.num_embeddings == 200
+    assert run.history[0]["lr"] == 0.001
 
 
 def test_catalog_features_are_reused_in_inference_until_the_weights_change():

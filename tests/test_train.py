@@ -38,6 +38,7 @@ def test_two_workers_write_checkpoints_and_a_loadable_artifact_to_s3(trained, s3
     rows = history(trained.output)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert all(r["val_NDCG@10"] > 0 for r in rows)
+    assert all(0 < r["lr"] <= 0.001 for r in rows)  # the rate each epoch ended at (halved on plateaus)
     assert [r["eval_users"] for r in rows] == [sum(valid_users(s3_data))] * 3  # fewer than train.eval_users: all
     rec = load_model(trained.model_uri)
     assert rec.config.num_items > 0 and rec.config.side_features == {"category": 6}
@@ -92,6 +93,26 @@ def test_progress_lines_come_at_most_every_interval_and_count_users_over_workers
     assert steps_line("1/3", 12, 30720, 80.0, 39.0, 8.5).startswith("epoch 1/3: 12 steps, about 30,720 windows")
     with pytest.raises(ValueError, match="train.progress_s=-1"):
         load_config(None, {"train.progress_s": -1})
+
+
+def test_learning_rate_halves_on_each_plateau_and_resumes_at_the_halved_rate():
+    import torch
+
+    from ray_rec.train.loop import decay_on_plateau, make_optimizer
+
+    cfg = load_config(None, {"train.lr": 0.004, "train.lr_patience": 3}).train
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    optimizer = make_optimizer(model, cfg)
+    rates = [decay_on_plateau(optimizer, bad, cfg) for bad in range(8)]
+    assert rates == [None, None, None, 0.002, None, None, 0.001, None]
+    assert {g["lr"] for g in optimizer.param_groups} == {0.001}  # every group, the weight-decayed and the rest
+    resumed = make_optimizer(model, cfg)  # as a resumed run builds it, then loads the checkpoint's state
+    resumed.load_state_dict(optimizer.state_dict())
+    assert {g["lr"] for g in resumed.param_groups} == {0.001}
+    constant = load_config(None, {"train.lr_patience": 0}).train
+    assert all(decay_on_plateau(optimizer, bad, constant) is None for bad in range(8))
+    with pytest.raises(ValueError, match="train.lr_patience=-1"):
+        load_config(None, {"train.lr_patience": -1})
 
 
 def test_resume_without_a_run_is_a_clear_error(ray_cluster, tiny_data, tmp_path):

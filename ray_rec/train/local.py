@@ -17,7 +17,14 @@ from ray_rec.data.examples import browse_width
 from ray_rec.data.local import InMemoryExamples
 from ray_rec.data.prepare import read_manifest
 from ray_rec.model.interest_model import InterestModel
-from ray_rec.train.loop import evaluate, make_optimizer, sparse_item_gradients, sparse_items_line, train_step
+from ray_rec.train.loop import (
+    decay_on_plateau,
+    evaluate,
+    make_optimizer,
+    sparse_item_gradients,
+    sparse_items_line,
+    train_step,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +80,9 @@ def train_local(
                 best, best_state, bad, run.best_epoch = metrics["NDCG@10"], copy.deepcopy(model.state_dict()), 0, epoch
             else:
                 bad += 1
+                if (lr := decay_on_plateau(optimizer, bad, tcfg)) is not None:
+                    say(f"learning rate halved to {lr:g}: no better validation NDCG@10 for {bad} evaluations")
+        row["lr"] = optimizer.param_groups[0]["lr"]
         run.history.append(row)
         say(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         if bad >= tcfg.patience:

@@ -134,6 +134,17 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return LazyAdam(groups, lr=cfg.lr, betas=(0.9, 0.98))
 
 
+def decay_on_plateau(optimizer: torch.optim.Optimizer, bad: int, cfg: TrainConfig) -> float | None:
+    """Halve the learning rate when ``bad`` (validations in a row without a better NDCG@10) reaches
+    a multiple of ``cfg.lr_patience``; returns the new rate, or None when it stays. The rate lives
+    in the optimizer's state, so a resumed run continues at the rate its checkpoint reached."""
+    if cfg.lr_patience < 1 or bad < 1 or bad % cfg.lr_patience:
+        return None
+    for group in optimizer.param_groups:
+        group["lr"] *= 0.5
+    return float(optimizer.param_groups[0]["lr"])
+
+
 def sparse_item_gradients(model: ModelConfig, train: TrainConfig, on_gpu: bool) -> bool:
     """Whether training gives the item table sparse gradients (set ``features.item.sparse`` before
     DDP wraps the model: DDP reads the flag when it starts). Only on CPU (NCCL has no sparse

@@ -40,6 +40,7 @@ from ray_rec.train.checkpoint import newest_complete_checkpoint, read_checkpoint
 from ray_rec.train.feed import EpochPrefetcher, ExampleCache, epoch_chunks, training_batches
 from ray_rec.train.loop import (
     Progress,
+    decay_on_plateau,
     evaluate,
     make_optimizer,
     sparse_item_gradients,
@@ -210,6 +211,9 @@ def _epochs(loop_config: dict[str, Any], cfg: Config, state: dict[str, Any], mod
                 state.update(best=val["NDCG@10"], best_epoch=epoch, bad=0)
             else:
                 state["bad"] += 1
+                if (lr := decay_on_plateau(optimizer, state["bad"], tcfg)) is not None:
+                    _log(f"learning rate halved to {lr:g}: no better validation NDCG@10 for {state['bad']} evaluations")
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
         metrics.setdefault(SCORE, state["best"])
         state["epoch"] = epoch
         state["history"].append(metrics)

@@ -109,6 +109,8 @@ def test_learning_rate_halves_on_each_plateau_and_resumes_at_the_halved_rate():
     resumed = make_optimizer(model, cfg)  # as a resumed run builds it, then loads the checkpoint's state
     resumed.load_state_dict(optimizer.state_dict())
     assert {g["lr"] for g in resumed.param_groups} == {0.001}
+    stopping = load_config(None, {"train.lr_patience": 3, "train.patience": 6}).train
+    assert [decay_on_plateau(optimizer, bad, stopping) for bad in (3, 6)] == [0.0005, None]  # none as training stops
     constant = load_config(None, {"train.lr_patience": 0}).train
     assert all(decay_on_plateau(optimizer, bad, constant) is None for bad in range(8))
     with pytest.raises(ValueError, match="train.lr_patience=-1"):

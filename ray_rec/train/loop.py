@@ -136,9 +136,10 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def decay_on_plateau(optimizer: torch.optim.Optimizer, bad: int, cfg: TrainConfig) -> float | None:
     """Halve the learning rate when ``bad`` (validations in a row without a better NDCG@10) reaches
-    a multiple of ``cfg.lr_patience``; returns the new rate, or None when it stays. The rate lives
-    in the optimizer's state, so a resumed run continues at the rate its checkpoint reached."""
-    if cfg.lr_patience < 1 or bad < 1 or bad % cfg.lr_patience:
+    a multiple of ``cfg.lr_patience``, unless training stops there (``cfg.patience``); returns the
+    new rate, or None when it stays. The rate lives in the optimizer's state, so a resumed run
+    continues at the rate its checkpoint reached."""
+    if cfg.lr_patience < 1 or bad < 1 or bad % cfg.lr_patience or bad >= cfg.patience:
         return None
     for group in optimizer.param_groups:
         group["lr"] *= 0.5

@@ -57,6 +57,9 @@ FULL = {
         quality("Sports_and_Outdoors", "--variants", "default", "sasrec", "--set", "model.dim=128", "--seeds", "0", "1"),
         # Both models as the product trains them: the learning rate halved on validation plateaus.
         quality("Beauty", "--variants", "default", "sasrec", "--set", "train.lr_patience=3", "--seeds", "0", "1", "2"),
+        # Both at twice the width with the halving: the two changes that each moved the default more than SASRec.
+        quality("Beauty", "--variants", "default", "sasrec", "--set", "model.dim=128", "--set", "train.lr_patience=3",
+                "--seeds", "0", "1", "2"),
     ],
     "speed": [["bench.train_speed"], ["bench.shared_cores"], ["bench.loss_memory"], ["bench.sparse_items"], ["bench.ray_train_beauty"], ["bench.relevance_cost"],
               ["bench.enhancer_cost"]],

@@ -80,8 +80,7 @@ def train_local(
                 best, best_state, bad, run.best_epoch = metrics["NDCG@10"], copy.deepcopy(model.state_dict()), 0, epoch
             else:
                 bad += 1
-                if (lr := decay_on_plateau(optimizer, bad, tcfg)) is not None:
-                    say(f"learning rate halved to {lr:g}: no better validation NDCG@10 for {bad} evaluations")
+                decay_on_plateau(optimizer, bad, tcfg, say)
         row["lr"] = optimizer.param_groups[0]["lr"]
         run.history.append(row)
         say(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))

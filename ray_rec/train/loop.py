@@ -134,16 +134,19 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return LazyAdam(groups, lr=cfg.lr, betas=(0.9, 0.98))
 
 
-def decay_on_plateau(optimizer: torch.optim.Optimizer, bad: int, cfg: TrainConfig) -> float | None:
+def decay_on_plateau(optimizer: torch.optim.Optimizer, bad: int, cfg: TrainConfig,
+                     say: Callable[[str], None] = lambda line: None) -> float | None:
     """Halve the learning rate when ``bad`` (validations in a row without a better NDCG@10) reaches
-    a multiple of ``cfg.lr_patience``, unless training stops there (``cfg.patience``); returns the
-    new rate, or None when it stays. The rate lives in the optimizer's state, so a resumed run
-    continues at the rate its checkpoint reached."""
+    a multiple of ``cfg.lr_patience``, unless training stops there (``cfg.patience``), and ``say``
+    so; returns the new rate, or None when it stays. The rate lives in the optimizer's state, so a
+    resumed run continues at the rate its checkpoint reached."""
     if cfg.lr_patience < 1 or bad < 1 or bad % cfg.lr_patience or bad >= cfg.patience:
         return None
     for group in optimizer.param_groups:
         group["lr"] *= 0.5
-    return float(optimizer.param_groups[0]["lr"])
+    lr = float(optimizer.param_groups[0]["lr"])
+    say(f"learning rate halved to {lr:g}: no better validation NDCG@10 for {bad} evaluations")
+    return lr
 
 
 def sparse_item_gradients(model: ModelConfig, train: TrainConfig, on_gpu: bool) -> bool:

@@ -211,8 +211,7 @@ def _epochs(loop_config: dict[str, Any], cfg: Config, state: dict[str, Any], mod
                 state.update(best=val["NDCG@10"], best_epoch=epoch, bad=0)
             else:
                 state["bad"] += 1
-                if (lr := decay_on_plateau(optimizer, state["bad"], tcfg)) is not None:
-                    _log(f"learning rate halved to {lr:g}: no better validation NDCG@10 for {state['bad']} evaluations")
+                decay_on_plateau(optimizer, state["bad"], tcfg, _log)
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         metrics.setdefault(SCORE, state["best"])
         state["epoch"] = epoch

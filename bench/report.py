@@ -197,17 +197,29 @@ def sparse_items(folder: Path) -> list[str]:
     return out
 
 
+def learning_rate(history: list[dict[str, Any]]) -> str:
+    """How a run's learning rate moved, from its epochs' records (each epoch records the rate after
+    its validation, so a lower rate than the epoch before's is a halving after that epoch): runs from
+    before training could halve it (`train.lr_patience`) recorded no rate, and ran at a constant one."""
+    rates = [h["lr"] for h in history if "lr" in h]
+    halvings = [h["epoch"] for h, prev in zip(history[1:], history) if "lr" in h and "lr" in prev and h["lr"] < prev["lr"]]
+    if not halvings:
+        return "constant" + ("" if rates else " (not recorded)")
+    return f"halved {len(halvings)}x (after epochs {', '.join(map(str, halvings))})"
+
+
 def ray_runs(folder: Path) -> list[str]:
     out: list[str] = []
     for r in _load(folder, "ray_train_*.json"):
         out += [f"### Full training runs on {r['dataset']} (`ray-rec train`, default config, then `ray-rec evaluate`)", "",
-                _source(r), "", "| workers | wall s | epochs (best) | examples/s | test HR@10 | test NDCG@10 | popularity NDCG@10 | "
-                "100 sampled NDCG@10 |", "|---|---|---|---|---|---|---|---|"]
+                _source(r), "", "| workers | learning rate | wall s | epochs (best) | examples/s | test HR@10 | test NDCG@10 | "
+                "popularity NDCG@10 | 100 sampled NDCG@10 |", "|---|---|---|---|---|---|---|---|---|"]
         for w, run in r["runs"].items():
             t = run["test"]
             full, pop, sampled = t["full_ranking"], t["popularity_full_ranking"], t["sampled_100"]
-            out.append(f"| {w} | {run['wall_s']:.0f} | {run['epochs']} ({run['best_epoch']}) | {run['examples_per_s']:,.0f} | "
-                       f"{full['HR@10']:.4f} | {full['NDCG@10']:.4f} | {pop['NDCG@10']:.4f} | {sampled['NDCG@10']:.4f} |")
+            out.append(f"| {w} | {learning_rate(run['history'])} | {run['wall_s']:.0f} | {run['epochs']} ({run['best_epoch']}) | "
+                       f"{run['examples_per_s']:,.0f} | {full['HR@10']:.4f} | {full['NDCG@10']:.4f} | {pop['NDCG@10']:.4f} | "
+                       f"{sampled['NDCG@10']:.4f} |")
         out.append("")
     return out
 

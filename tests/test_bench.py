@@ -149,3 +149,21 @@ def test_the_enhancer_cost_benchmark_times_every_enhancer_and_reports_it(tmp_pat
         assert row["ratio_to_none"]["step_ms"] == pytest.approx(sum(within) / 2)  # their median
     table = [line for line in enhancer_cost_table({"shapes": {"small": shape}}) if line.startswith("| small | 200 |")]
     assert [line.split(" | ")[2] for line in table] == list(ENHANCERS)
+
+
+def test_the_full_training_report_says_how_each_runs_learning_rate_moved(tmp_path):
+    """Full training rows trained under different schedules sit in one table: each says whether
+    its rate was constant (or not recorded, from before training could halve it) or when it halved."""
+    import json
+
+    from bench.report import ray_runs
+
+    def run(rates: list[float | None]) -> dict:
+        history = [{"epoch": i + 1, **({"lr": lr} if lr is not None else {})} for i, lr in enumerate(rates)]
+        test = {k: {"HR@10": 0.08, "NDCG@10": 0.05} for k in ("full_ranking", "popularity_full_ranking", "sampled_100")}
+        return {"wall_s": 10.0, "epochs": len(rates), "best_epoch": 1, "examples_per_s": 1.0, "test": test, "history": history}
+
+    runs = {"1": run([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4]), "2": run([None, None]), "3": run([1e-3, 1e-3])}
+    (tmp_path / "ray_train_X.json").write_text(json.dumps({"dataset": "X", "runs": runs}))
+    rows = {line.split(" | ")[0]: line.split(" | ")[1] for line in ray_runs(tmp_path) if line[2:3].isdigit()}
+    assert rows == {"| 1": "halved 2x (after epochs 3, 5)", "| 2": "constant (not recorded)", "| 3": "constant"}

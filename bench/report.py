@@ -201,10 +201,10 @@ def learning_rate(history: list[dict[str, Any]]) -> str:
     """How a run's learning rate moved, from its epochs' records (each epoch records the rate after
     its validation, so a lower rate than the epoch before's is a halving after that epoch): runs from
     before training could halve it (`train.lr_patience`) recorded no rate, and ran at a constant one."""
-    rates = [h["lr"] for h in history if "lr" in h]
-    halvings = [h["epoch"] for h, prev in zip(history[1:], history) if "lr" in h and "lr" in prev and h["lr"] < prev["lr"]]
+    recorded = [h for h in history if "lr" in h]
+    halvings = [h["epoch"] for prev, h in zip(recorded, recorded[1:]) if h["lr"] < prev["lr"]]
     if not halvings:
-        return "constant" + ("" if rates else " (not recorded)")
+        return "constant" if recorded else "constant (not recorded)"
     return f"halved {len(halvings)}x (after epochs {', '.join(map(str, halvings))})"
 
 

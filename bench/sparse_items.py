@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--items", nargs="+", type=int, default=[100_000, 1_000_000])
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--steps", type=int, default=11, help="steps per run; the first is not timed")
-    parser.add_argument("--batch", type=int, default=128, help="windows per step and worker (train.batch_size)")
+    parser.add_argument("--batch", type=int, default=128, help="windows per step and worker (the product: train.batch_size divided by the workers)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -191,7 +191,7 @@ class TrainConfig:
     """The optimisation and the run around it."""
 
     epochs: int = 200
-    batch_size: int = 128
+    batch_size: int = 128  # windows a step, all workers together (each takes its share: `worker_batch`)
     lr: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: float = 5.0

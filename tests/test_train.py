@@ -40,6 +40,9 @@ def test_two_workers_write_checkpoints_and_a_loadable_artifact_to_s3(trained, s3
     assert all(r["val_NDCG@10"] > 0 for r in rows)
     assert all(0 < r["lr"] <= 0.001 for r in rows)  # the rate each epoch ended at (halved on plateaus)
     assert [r["eval_users"] for r in rows] == [sum(valid_users(s3_data))] * 3  # fewer than train.eval_users: all
+    # train.batch_size (64) is the whole step's: two workers of 32, so an epoch takes its windows 64 a
+    # step (one chunk a worker here); at 64 a worker it would take 128 a step, in half the steps
+    assert all((r["steps"] - 1) * 64 < r["examples"] <= r["steps"] * 64 for r in rows), rows
     rec = load_model(trained.model_uri)
     assert rec.config.num_items > 0 and rec.config.side_features == {"category": 6}
     assert len(rec.recommend([["i1", "i2"]], k=5)[0]) == 5
@@ -75,6 +78,7 @@ def test_resume_continues_a_stopped_run(ray_cluster, s3_data, s3, tmp_path, capl
     assert f"validation: about {round((first + second) / 2):,} of" in said and "(1 of 2 shards of the valid split" in said
     assert "browse events are not used: the sampled_softmax loss" in said
     assert "item table: sparse gradients" in said
+    assert "batch: 64 windows a step, 32 on each of 2 workers (train.batch_size=64)" in said
 
 
 def test_progress_lines_come_at_most_every_interval_and_count_users_over_workers():
@@ -115,6 +119,15 @@ def test_learning_rate_halves_on_each_plateau_and_resumes_at_the_halved_rate():
     assert all(decay_on_plateau(optimizer, bad, constant) is None for bad in range(8))
     with pytest.raises(ValueError, match="train.lr_patience=-1"):
         load_config(None, {"train.lr_patience": -1})
+
+
+def test_the_batch_is_the_whole_steps_split_evenly_over_the_workers():
+    from ray_rec.train.loop import batch_line, worker_batch
+
+    assert [worker_batch(128, w) for w in (1, 2, 3, 4, 200)] == [128, 64, 43, 32, 1]
+    assert batch_line(128, 1) == "batch: 128 windows a step (1 worker)"
+    assert batch_line(128, 2) == "batch: 128 windows a step, 64 on each of 2 workers (train.batch_size=128)"
+    assert batch_line(128, 3).endswith("43 on each of 3 workers (train.batch_size=128, rounded up to a multiple of 3)")
 
 
 def test_resume_without_a_run_is_a_clear_error(ray_cluster, tiny_data, tmp_path):

@@ -15,7 +15,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,7 @@ from ray_rec.train.checkpoint import newest_complete_checkpoint, read_checkpoint
 from ray_rec.train.feed import EpochPrefetcher, ExampleCache, epoch_chunks, training_batches
 from ray_rec.train.loop import (
     Progress,
+    batch_line,
     decay_on_plateau,
     evaluate,
     make_optimizer,
@@ -47,6 +48,7 @@ from ray_rec.train.loop import (
     sparse_items_line,
     steps_line,
     train_step,
+    worker_batch,
 )
 from ray_rec.train.report import write_metrics_files
 from ray_rec.vocab import Vocabulary
@@ -137,7 +139,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = config_from_dict(loop_config["config"])
     manifest = loop_config["manifest"]
     output = loop_config["output"]
-    rank = ray.train.get_context().get_world_rank()
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    # train.batch_size is the whole step's: from here on, cfg holds this worker's share of it.
+    cfg = replace(cfg, train=replace(cfg.train, batch_size=worker_batch(cfg.train.batch_size, world)))
     torch.manual_seed(cfg.train.seed + rank)
     threads = _threads_per_worker(loop_config["use_gpu"])
     torch.set_num_threads(threads)
@@ -199,8 +203,8 @@ def _epochs(loop_config: dict[str, Any], cfg: Config, state: dict[str, Any], mod
                 _log(steps_line(f"{epoch}/{tcfg.epochs}", steps, examples * world, seconds, wait, total / steps))
         train_s = time.monotonic() - t0
         metrics: dict[str, Any] = {"epoch": epoch, "resumes": state["resumes"], "loss": total / max(steps, 1), "train_s": train_s,
-                                   "data_wait_s": wait,
-                                   "examples_per_s": examples * ray.train.get_context().get_world_size() / max(train_s, 1e-9)}
+                                   "data_wait_s": wait, "steps": steps, "examples": examples * world,
+                                   "examples_per_s": examples * world / max(train_s, 1e-9)}
         evaluated = epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs
         if evaluated:
             t_val = time.monotonic()
@@ -281,6 +285,7 @@ def train(
         raise TrainingError(f"--resume: {output} holds no training run to continue")
     mcfg = for_data(config.model, manifest)
     logger.info("model: %s", mcfg.describe())
+    logger.info(batch_line(config.train.batch_size, workers))
     if manifest["has_browse"] and mcfg.resolved_loss != "bce":
         logger.info("the log's browse events are not used: the %s loss contrasts the next click with the catalog "
                     "(model.loss=bce trains on browsed items as negatives)", mcfg.resolved_loss)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from bench.model_quality import prepared
 from bench.output import RESULTS, machine, write_json
+from ray_rec.config import load_config, parse_overrides
+from ray_rec.train.loop import worker_batch
 
 CLI = [sys.executable, "-m", "ray_rec.cli"]
 
@@ -29,7 +31,13 @@ def run(data: str, workers: int, sets: list[str]) -> dict:
     extra = [a for s in sets for a in ("--set", s)]
     t0 = time.monotonic()
     subprocess.run([*CLI, "train", "--data", data, "--output", out, "--workers", str(workers), *extra], check=True)
-    return summarise(data, out, workers, time.monotonic() - t0)
+    return {**summarise(data, out, workers, time.monotonic() - t0), "batch": batch(workers, sets)}
+
+
+def batch(workers: int, sets: list[str]) -> dict[str, int]:
+    """A step's windows, all workers together, and each worker's share, under ``sets``."""
+    step = load_config(None, parse_overrides(sets)).train.batch_size
+    return {"step": step, "worker": worker_batch(step, workers)}
 
 
 def summarise(data: str, out: str, workers: int, wall: float) -> dict:
@@ -60,7 +68,7 @@ def main() -> None:
     for spec in args.existing:
         w, _, rest = spec.partition("=")
         folder, _, wall = rest.rpartition(":")
-        done[int(w)] = summarise(data, folder, int(w), float(wall))
+        done[int(w)] = {**summarise(data, folder, int(w), float(wall)), "batch": batch(int(w), args.set)}
     for w in args.workers:
         r = done.get(w) or run(data, w, args.set)
         r["command"] = f"python -m bench.ray_train_beauty --workers {w}" + "".join(f" --set {s}" for s in args.set)

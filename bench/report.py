@@ -212,12 +212,14 @@ def ray_runs(folder: Path) -> list[str]:
     out: list[str] = []
     for r in _load(folder, "ray_train_*.json"):
         out += [f"### Full training runs on {r['dataset']} (`ray-rec train`, default config, then `ray-rec evaluate`)", "",
-                _source(r), "", "| workers | learning rate | wall s | epochs (best) | examples/s | test HR@10 | test NDCG@10 | "
-                "popularity NDCG@10 | 100 sampled NDCG@10 |", "|---|---|---|---|---|---|---|---|---|"]
+                _source(r), "", "| workers | batch (each worker) | learning rate | wall s | epochs (best) | examples/s | test HR@10 | "
+                "test NDCG@10 | popularity NDCG@10 | 100 sampled NDCG@10 |", "|---|---|---|---|---|---|---|---|---|---|"]
         for w, run in r["runs"].items():
             t = run["test"]
             full, pop, sampled = t["full_ranking"], t["popularity_full_ranking"], t["sampled_100"]
-            out.append(f"| {w} | {learning_rate(run['history'])} | {run['wall_s']:.0f} | {run['epochs']} ({run['best_epoch']}) | "
+            b = run.get("batch")  # not recorded before train.batch_size became the whole step's: 128 a worker
+            size = f"{b['step']} ({b['worker']})" if b else f"{128 * int(w)} (128, not recorded)"
+            out.append(f"| {w} | {size} | {learning_rate(run['history'])} | {run['wall_s']:.0f} | {run['epochs']} ({run['best_epoch']}) | "
                        f"{run['examples_per_s']:,.0f} | {full['HR@10']:.4f} | {full['NDCG@10']:.4f} | {pop['NDCG@10']:.4f} | "
                        f"{sampled['NDCG@10']:.4f} |")
         out.append("")

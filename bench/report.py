@@ -217,8 +217,8 @@ def ray_runs(folder: Path) -> list[str]:
         for w, run in r["runs"].items():
             t = run["test"]
             full, pop, sampled = t["full_ranking"], t["popularity_full_ranking"], t["sampled_100"]
-            b = run.get("batch")  # not recorded before train.batch_size became the whole step's: 128 a worker
-            size = f"{b['step']} ({b['worker']})" if b else f"{128 * int(w)} (128, not recorded)"
+            b = run.get("batch")  # recorded since train.batch_size became the whole step's
+            size = f"{b['step']} ({b['worker']})" if b else "not recorded"
             out.append(f"| {w} | {size} | {learning_rate(run['history'])} | {run['wall_s']:.0f} | {run['epochs']} ({run['best_epoch']}) | "
                        f"{run['examples_per_s']:,.0f} | {full['HR@10']:.4f} | {full['NDCG@10']:.4f} | {pop['NDCG@10']:.4f} | "
                        f"{sampled['NDCG@10']:.4f} |")

@@ -57,7 +57,7 @@ FULL = {
         quality("Sports_and_Outdoors", "--variants", "default", "sasrec", "--set", "model.dim=128", "--seeds", "0", "1"),
         # Both models as the product trains them: the learning rate halved on validation plateaus.
         quality("Beauty", "--variants", "default", "sasrec", "--set", "train.lr_patience=3", "--seeds", "0", "1", "2"),
-        quality("Sports_and_Outdoors", "--variants", "default", "sasrec", "--set", "train.lr_patience=3", "--seeds", "0", "1"),
+        quality("Sports_and_Outdoors", "--variants", "default", "sasrec", "--set", "train.lr_patience=3", "--seeds", "0", "1", "2"),
         # Both at twice the width with the halving: the two changes that each moved the default more than SASRec.
         quality("Beauty", "--variants", "default", "sasrec", "--set", "model.dim=128", "--set", "train.lr_patience=3",
                 "--seeds", "0", "1", "2"),

@@ -84,6 +84,19 @@ def test_the_full_suite_remakes_every_stored_figure_with_its_own_command():
     assert ("Sports_and_Outdoors", "relevance=mlp (60 epochs, validated every 3 epochs, patience 2)") in made
 
 
+def test_the_readme_gives_the_full_suites_training_runs_and_hours_as_the_rows_record_them():
+    """The Benchmarks intro's count of quality runs and their hours is computed from the suite's
+    commands and the stored rows, so a new row cannot leave it stale."""
+    from pathlib import Path
+
+    from bench.__main__ import quality_runs
+
+    runs, seconds = quality_runs()
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert f"({runs} training runs on Beauty and Sports_and_Outdoors, {seconds / 3600:.1f} hours of training" in readme
+    assert f"runs them that way, about {round(seconds / 7200)} hours on a 2-core machine" in readme
+
+
 def test_rows_written_side_by_side_are_all_kept(tmp_path):
     """Quality runs started side by side on one data set each write the report after every seed;
     each write re-reads the stored rows under a lock, so no run drops another's rows."""

@@ -95,12 +95,12 @@ def quality_runs(results: Path = STORED) -> tuple[int, float]:
     their seconds as the stored rows record them (each row's mean per seed, times its seeds)."""
     from bench.model_quality import parse_args, row_name
 
+    plan = [parse_args(cmd[1:]) for cmd in FULL["quality"]]
+    rows = {d: json.loads((results / f"model_quality_{d}.json").read_text())["rows"] for d in {a.dataset for a in plan}}
     runs, seconds = 0, 0.0
-    for cmd in FULL["quality"]:
-        args = parse_args(cmd[1:])
-        rows = json.loads((results / f"model_quality_{args.dataset}.json").read_text())["rows"]
+    for args in plan:
         for variant in args.variants:
-            row = rows[row_name(variant, args.epochs, args.patience, args.eval_every, args.set)]
+            row = rows[args.dataset][row_name(variant, args.epochs, args.patience, args.eval_every, args.set)]
             runs += len(args.seeds)
             seconds += row["seconds"] * len(args.seeds)
     return runs, seconds

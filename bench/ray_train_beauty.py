@@ -31,7 +31,7 @@ def run(data: str, workers: int, sets: list[str]) -> dict:
     extra = [a for s in sets for a in ("--set", s)]
     t0 = time.monotonic()
     subprocess.run([*CLI, "train", "--data", data, "--output", out, "--workers", str(workers), *extra], check=True)
-    return {**summarise(data, out, workers, time.monotonic() - t0), "batch": batch(workers, sets)}
+    return summarise(data, out, workers, time.monotonic() - t0)
 
 
 def batch(workers: int, sets: list[str]) -> dict[str, int]:
@@ -68,9 +68,10 @@ def main() -> None:
     for spec in args.existing:
         w, _, rest = spec.partition("=")
         folder, _, wall = rest.rpartition(":")
-        done[int(w)] = {**summarise(data, folder, int(w), float(wall)), "batch": batch(int(w), args.set)}
+        done[int(w)] = summarise(data, folder, int(w), float(wall))
     for w in args.workers:
         r = done.get(w) or run(data, w, args.set)
+        r["batch"] = batch(w, args.set)
         r["command"] = f"python -m bench.ray_train_beauty --workers {w}" + "".join(f" --set {s}" for s in args.set)
         runs[str(w)] = r
         full = r["test"]["full_ranking"]

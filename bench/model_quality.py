@@ -42,6 +42,11 @@ VARIANTS: dict[str, dict[str, object]] = {
 # learned to halve it on plateaus; rows with `--set train.lr_patience=3` train as the product does.
 EPOCHS, PATIENCE = 60, 6
 SCHEDULE = {"train.lr_patience": 0}
+# The tracker's depth every row was trained at before the product went to one layer on short
+# histories (`ray_rec.config.SHORT_HISTORY`): two, SASRec's own. Pinned, so the stored rows stay
+# reproducible and the SASRec-shaped row stays SASRec's two blocks; rows with
+# `--set model.tracker_layers=1` train the product's default model.
+MODEL = {"model.tracker_layers": 2}
 KEYS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")
 PUBLISHED = {"Beauty": {"ICLRec (released model)": {"HR@10": 0.0744, "NDCG@10": 0.0403, "HR@20": 0.1058, "NDCG@20": 0.0483}}}
 
@@ -96,7 +101,7 @@ def main() -> None:
         update_report(out, args.dataset, "popularity", lambda old: old or pop)
     for name in args.variants:
         for seed in args.seeds:
-            overrides = {**SCHEDULE, "train.epochs": args.epochs, "train.patience": args.patience, "train.eval_every": args.eval_every,
+            overrides = {**SCHEDULE, **MODEL, "train.epochs": args.epochs, "train.patience": args.patience, "train.eval_every": args.eval_every,
                          "train.seed": seed, "data.seed": seed, **VARIANTS[name]}
             overrides.update(parse_overrides(args.set))  # as `ray-rec train --set` reads them
             row = row_name(name, args.epochs, args.patience, args.eval_every, args.set)

@@ -25,9 +25,11 @@ FULL_SOFTMAX_MAX_CELLS = 200_000 * 50
 # History length and dropout follow the data set unless set, after SASRec's own choices: 50 and
 # 0.5 on the sparse sets whose users average 7-11 clicks (Amazon, Steam), 200 and 0.2 on
 # MovieLens-1M (165 clicks per user). The data set is "long" from this many clicks per user on.
+# So does the tracker's depth: one layer under the AUGRU on short histories (measured on Beauty
+# and Sports, README "One tracker layer"), SASRec's two on long ones (not measured here).
 LONG_HISTORY_CLICKS = 40.0
-SHORT_HISTORY: tuple[int, float] = (50, 0.5)  # (max_len, dropout)
-LONG_HISTORY: tuple[int, float] = (200, 0.2)
+SHORT_HISTORY: tuple[int, float, int] = (50, 0.5, 1)  # (max_len, dropout, tracker_layers)
+LONG_HISTORY: tuple[int, float, int] = (200, 0.2, 2)
 # In-batch negatives a sampled-softmax step draws at most (a random subset of its positions' next
 # clicks past that): 128 windows x 200 steps would otherwise score 25,600 x 25,600 pairs.
 IN_BATCH_NEGATIVES = 2048
@@ -59,7 +61,7 @@ class ModelConfig:
     use_time: bool = True  # bucketed time since the previous click (ignored if data has none)
     time_buckets: int = 24
     tracker: str = "transformer"
-    tracker_layers: int = 2
+    tracker_layers: int | None = None  # None: 1, or 2 when users average >= 40 clicks
     heads: int = 1
     enhancer: str = "augru"  # measured best on Beauty over 3 seeds; see README "Model quality"
     relevance: str = "dot"
@@ -78,7 +80,8 @@ class ModelConfig:
         if self.max_len is not None:
             _check_range("model.max_len", self.max_len, 2, 4096)
         _check_range("model.dim", self.dim, 4, 4096)
-        _check_range("model.tracker_layers", self.tracker_layers, 1, 24)
+        if self.tracker_layers is not None:
+            _check_range("model.tracker_layers", self.tracker_layers, 1, 24)
         _check_range("model.heads", self.heads, 1, 64)
         if self.dropout is not None:
             _check_range("model.dropout", self.dropout, 0.0, 0.95)
@@ -101,6 +104,11 @@ class ModelConfig:
     def dropout_p(self) -> float:
         """``dropout``, or the short-history default while the data set has not chosen it."""
         return SHORT_HISTORY[1] if self.dropout is None else self.dropout
+
+    @property
+    def layers(self) -> int:
+        """``tracker_layers``, or the short-history default while the data set has not chosen it."""
+        return SHORT_HISTORY[2] if self.tracker_layers is None else self.tracker_layers
 
     @property
     def resolved_loss(self) -> str:
@@ -159,15 +167,17 @@ class ModelConfig:
         """One line naming the networks and the sizes training will use."""
         return (f"{self.tracker} tracker, {self.enhancer} enhancer, {self.relevance} relevance, "
                 f"{self.losses_text()}; {self.num_items:,} items, history length {self.history_len}, "
-                f"dropout {self.dropout_p:g}")
+                f"dropout {self.dropout_p:g}, {self.layers} tracker layer{'s' if self.layers > 1 else ''}")
 
     def fit_to_history(self, clicks_per_user: float) -> ModelConfig:
-        """Fill the unset ``max_len`` and ``dropout`` from how many clicks a user has on average."""
-        max_len, dropout = LONG_HISTORY if clicks_per_user >= LONG_HISTORY_CLICKS else SHORT_HISTORY
+        """Fill the unset ``max_len``, ``dropout`` and ``tracker_layers`` from how many clicks a user
+        has on average."""
+        max_len, dropout, layers = LONG_HISTORY if clicks_per_user >= LONG_HISTORY_CLICKS else SHORT_HISTORY
         return dataclasses.replace(
             self,
             max_len=max_len if self.max_len is None else self.max_len,
             dropout=dropout if self.dropout is None else self.dropout,
+            tracker_layers=layers if self.tracker_layers is None else self.tracker_layers,
         )
 
 
@@ -336,7 +346,7 @@ def with_catalog(model: ModelConfig, num_items: int, side_features: dict[str, in
 
 def for_data(model: ModelConfig, manifest: dict[str, Any]) -> ModelConfig:
     """``model`` for a prepared data set: its catalog facts, and the settings left to the data
-    (history length, dropout) chosen from its clicks per user."""
+    (history length, dropout, tracker depth) chosen from its clicks per user."""
     counts = manifest["counts"]
     catalog = with_catalog(model, counts["items"], manifest["side_features"], manifest["has_time"])
     return catalog.fit_to_history(counts["clicks"] / max(counts["users"], 1))

@@ -99,7 +99,7 @@ def test_readme_configuration_table_matches_the_defaults():
             if f.name in ("num_items", "side_features"):  # filled from the data set's manifest
                 continue
             default = getattr(values, f.name)
-            if default is None:  # chosen from the data set (history length, dropout) or the loss (negatives)
+            if default is None:  # chosen from the data set (history length, dropout, tracker depth) or the loss (negatives)
                 if not re.search(rf"\| `{section}\.{f.name}` \| from the (data|loss) \|", readme):
                     wrong.append(f"{section}.{f.name}: README does not say what chooses it")
                 continue

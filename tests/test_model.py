@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import subprocess
 import sys
@@ -361,7 +362,7 @@ def test_config_errors_name_the_field():
         ModelConfig(dim=30, heads=4)
 
 
-def test_history_length_and_dropout_follow_the_data_unless_set():
+def test_history_length_dropout_and_tracker_depth_follow_the_data_unless_set():
     from ray_rec.config import FULL_SOFTMAX_MAX_CELLS, for_data
 
     def manifest(users: int, clicks: int) -> dict:
@@ -369,13 +370,16 @@ def test_history_length_and_dropout_follow_the_data_unless_set():
 
     short = for_data(ModelConfig(), manifest(100, 900))  # 9 clicks per user, like Amazon Beauty
     long = for_data(ModelConfig(), manifest(100, 16500))  # 165, like MovieLens-1M
-    assert (short.max_len, short.dropout) == (50, 0.5)
-    assert (long.max_len, long.dropout) == (200, 0.2)
-    mine = for_data(ModelConfig(max_len=80, dropout=0.3), manifest(100, 16500))
-    assert (mine.max_len, mine.dropout) == (80, 0.3)
+    assert (short.max_len, short.dropout, short.tracker_layers) == (50, 0.5, 1)
+    assert (long.max_len, long.dropout, long.tracker_layers) == (200, 0.2, 2)
+    mine = for_data(ModelConfig(max_len=80, dropout=0.3, tracker_layers=3), manifest(100, 16500))
+    assert (mine.max_len, mine.dropout, mine.tracker_layers) == (80, 0.3, 3)
     unset = ModelConfig(num_items=N)  # built without a data set: the short-history values
-    assert (unset.history_len, unset.dropout_p) == (50, 0.5)
+    assert (unset.history_len, unset.dropout_p, unset.layers) == (50, 0.5, 1)
     assert InterestModel(unset).features.position.num_embeddings == 50
+    assert len(InterestModel(unset).tracker.blocks) == 1
+    assert len(InterestModel(long).tracker.blocks) == 2
+    assert InterestModel(dataclasses.replace(long, tracker="gru")).tracker.gru.num_layers == 2
     # Full cross-entropy's logits grow with catalog x history length: a longer history moves the switch.
     assert ModelConfig(num_items=FULL_SOFTMAX_MAX_CELLS // 50, max_len=50).resolved_loss == "ce"
     assert ModelConfig(num_items=FULL_SOFTMAX_MAX_CELLS // 50, max_len=200).resolved_loss == "sampled_softmax"

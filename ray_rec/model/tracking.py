@@ -62,7 +62,7 @@ class TransformerTracker(nn.Module):
         super().__init__()
         self.heads = config.heads
         self.blocks = nn.ModuleList(
-            CausalBlock(config.dim, config.heads, config.dropout_p) for _ in range(config.tracker_layers)
+            CausalBlock(config.dim, config.heads, config.dropout_p) for _ in range(config.layers)
         )
         self.norm = nn.LayerNorm(config.dim)
 
@@ -105,9 +105,9 @@ class GRUTracker(nn.Module):
         self.gru = nn.GRU(
             config.dim,
             config.dim,
-            num_layers=config.tracker_layers,
+            num_layers=config.layers,
             batch_first=True,
-            dropout=config.dropout_p if config.tracker_layers > 1 else 0.0,
+            dropout=config.dropout_p if config.layers > 1 else 0.0,
         )
         self.norm = nn.LayerNorm(config.dim)
 

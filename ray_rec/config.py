@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 TRACKERS = ("transformer", "gru")
 ENHANCERS = ("augru", "trend", "none")
@@ -28,8 +28,18 @@ FULL_SOFTMAX_MAX_CELLS = 200_000 * 50
 # So does the tracker's depth: one layer under the AUGRU on short histories (measured on Beauty
 # and Sports, README "One tracker layer"), SASRec's two on long ones (not measured here).
 LONG_HISTORY_CLICKS = 40.0
-SHORT_HISTORY: tuple[int, float, int] = (50, 0.5, 1)  # (max_len, dropout, tracker_layers)
-LONG_HISTORY: tuple[int, float, int] = (200, 0.2, 2)
+
+
+class HistoryDefaults(NamedTuple):
+    """The ``ModelConfig`` fields a data set fills while they are unset, by their names there."""
+
+    max_len: int
+    dropout: float
+    tracker_layers: int
+
+
+SHORT_HISTORY = HistoryDefaults(max_len=50, dropout=0.5, tracker_layers=1)
+LONG_HISTORY = HistoryDefaults(max_len=200, dropout=0.2, tracker_layers=2)
 # In-batch negatives a sampled-softmax step draws at most (a random subset of its positions' next
 # clicks past that): 128 windows x 200 steps would otherwise score 25,600 x 25,600 pairs.
 IN_BATCH_NEGATIVES = 2048
@@ -98,17 +108,17 @@ class ModelConfig:
     @property
     def history_len(self) -> int:
         """``max_len``, or the short-history default while the data set has not chosen it."""
-        return SHORT_HISTORY[0] if self.max_len is None else self.max_len
+        return SHORT_HISTORY.max_len if self.max_len is None else self.max_len
 
     @property
     def dropout_p(self) -> float:
         """``dropout``, or the short-history default while the data set has not chosen it."""
-        return SHORT_HISTORY[1] if self.dropout is None else self.dropout
+        return SHORT_HISTORY.dropout if self.dropout is None else self.dropout
 
     @property
     def layers(self) -> int:
         """``tracker_layers``, or the short-history default while the data set has not chosen it."""
-        return SHORT_HISTORY[2] if self.tracker_layers is None else self.tracker_layers
+        return SHORT_HISTORY.tracker_layers if self.tracker_layers is None else self.tracker_layers
 
     @property
     def resolved_loss(self) -> str:
@@ -172,13 +182,8 @@ class ModelConfig:
     def fit_to_history(self, clicks_per_user: float) -> ModelConfig:
         """Fill the unset ``max_len``, ``dropout`` and ``tracker_layers`` from how many clicks a user
         has on average."""
-        max_len, dropout, layers = LONG_HISTORY if clicks_per_user >= LONG_HISTORY_CLICKS else SHORT_HISTORY
-        return dataclasses.replace(
-            self,
-            max_len=max_len if self.max_len is None else self.max_len,
-            dropout=dropout if self.dropout is None else self.dropout,
-            tracker_layers=layers if self.tracker_layers is None else self.tracker_layers,
-        )
+        defaults = LONG_HISTORY if clicks_per_user >= LONG_HISTORY_CLICKS else SHORT_HISTORY
+        return dataclasses.replace(self, **{k: v for k, v in defaults._asdict().items() if getattr(self, k) is None})
 
 
 @dataclass(frozen=True)

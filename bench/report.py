@@ -382,15 +382,62 @@ RELIABILITY = {
         "test_fuzzed_text_formats_get_a_clear_error_or_counted_drops"),
     "malicious pickles planted in artifacts and checkpoints": (
         "Attack: a pickle whose unpickling runs a shell command replaces the weights, sits beside them as `model.pt`, "
-        "`weights.pt` and `pytorch_model.bin`, and replaces a checkpoint's optimizer state.", "Weights load only as "
-        "safetensors (the pickle is refused with a clear error), stray files are never read, optimizer state loads "
-        "with `weights_only=True` (refused); the command never runs.", "test_malicious_pickles_in_artifacts_and_checkpoints_are_refused"),
+        "`weights.pt` and `pytorch_model.bin`, replaces each file of a checkpoint's trainer state, and stands in an "
+        "old-layout checkpoint as `trainer_state.pt`.", "Weights and optimizer tensors load only as safetensors, the "
+        "rest of the state only as JSON (a pickle is refused with a clear error); stray files and the old pickle are "
+        "never read; the command never runs.", "test_malicious_pickles_in_artifacts_and_checkpoints_are_refused"),
     "secrets in logs and outputs": (
         "Leak check: after keyed Serve requests (right and wrong key) and training on S3, every Ray log file and every "
         "object the runs wrote (manifests, checkpoints, artifacts, metrics) is searched for the API keys, the S3 "
         "secret and the access key id.", "None found. (Credentials are never passed in a runtime_env: Ray's runtime-env "
         "agent logs it.)", "test_api_key_and_credentials_never_reach_logs_or_outputs"),
 }
+
+
+# The security review's attacks, each made for real by a test (tests/test_security.py unless named).
+SECURITY = [
+    ("A Parquet column of Ray's pickled-object extension type, whose values run a command when read, in an "
+     "artifact's `items.parquet`, a data set's shards and vocabulary, an input log and an item-features file",
+     "Every Parquet reader checks the file's schema first (footers for the Ray Data pipeline, the batch inside "
+     "its tasks) and refuses extension types and unexpected column types, naming file and column; nothing is "
+     "converted", "test_an_artifacts_items_file_with_an_extension_type_is_refused_unread, "
+     "test_dataset_shards_with_an_extension_type_are_refused_by_every_reader, "
+     "test_prepare_refuses_input_logs_and_item_files_with_an_extension_type"),
+    ("Pickles planted in weights, beside them, in every trainer-state file and as an old `trainer_state.pt`",
+     "Nothing is unpickled: safetensors and JSON only; `torch.load` is not called", "test_reliability.py::"
+     "test_malicious_pickles_in_artifacts_and_checkpoints_are_refused"),
+    ("A 300 KB body of 75,000 empty objects; a lone-surrogate id; an unknown field named with control characters",
+     "Lists stop at 10,000 entries and ids at 512 characters while parsing; a 422 lists at most 10 problems, "
+     "escaped, never the input (under 2 KB)", "test_a_bad_request_gets_a_small_answer_that_echoes_nothing, "
+     "test_serve.py::test_hostile_bodies_get_small_clear_answers"),
+    ("A reload to a config that asks for ~12 GB, to weights that do not match it, to a version that is not the "
+     "weights' hash, to NaN weights; an S3 prefix with a large stray file",
+     "Size checked against `max_model_mb` on a meta-device model before anything is allocated; shapes, hash and "
+     "finiteness checked, one trial prediction, then the swap; only the artifact's own files are fetched",
+     "test_an_artifact_is_checked_before_anything_is_allocated, "
+     "test_an_s3_artifact_downloads_only_its_own_files_within_the_budget, "
+     "test_serve_reload.py::test_reload_swaps_the_version_without_failed_requests_and_rejects_bad_artifacts"),
+    ("`batch-score --output` at the run folder holding the model, a bucket root, `.`; `prepare --output` at a "
+     "folder of someone else's files", "Outputs carry a marker; other files need `--overwrite`; roots, the working "
+     "directory and folders holding what the command reads are refused always", "test_outputs_never_replace_what_"
+     "the_command_did_not_write, test_batch_score_into_the_run_folder_deletes_nothing, "
+     "test_prepare_into_a_folder_of_someone_elses_files_is_refused"),
+    ("Install-time code from the public index; the API key or AWS keys in a runtime_env or a pickled filesystem; "
+     "the cluster token printed; SSH from 0.0.0.0/0", "Serve configs install nothing and hold no secret; the "
+     "S3 filesystem carries no keys; the token is mounted, never printed; every node uses the user's security group",
+     "test_serve_configs_install_nothing_and_hold_no_secret, test_the_s3_filesystem_carries_no_credentials_when_"
+     "pickled, test_cluster.py"),
+    ("`/docs`, `/redoc`, `/openapi.json` without the key; a key with a trailing newline; serving on 0.0.0.0 "
+     "without a key", "All need the key; the key is stripped; a warning", "test_serve.py::test_api_key_is_required_"
+     "except_for_health, test_the_api_key_is_stripped_and_a_blank_one_refused, "
+     "test_serving_beyond_loopback_without_a_key_is_warned_about"),
+    ("KubeRay pods as root with a writable root and no network policy", "Non-root, read-only root, no privilege "
+     "escalation, no capabilities, KubeRay's NetworkPolicy, token auth; validated against the CRD schemas",
+     "test_cluster.py::test_kuberay_clusters_use_token_auth_a_network_policy_and_locked_down_pods"),
+    ("A 1 GiB gzip of zeros (one endless line) as seqtxt, MovieLens and CSV input; a folder with two link loops",
+     "Refused once a line passes 64 MiB (peak memory under 1 GB, was over 3 GB); links to folders are not followed",
+     "test_a_gzip_bomb_is_refused_with_bounded_memory, test_a_link_loop_in_an_input_folder_is_not_followed"),
+]
 
 
 def write_reliability(results: Path, target: Path) -> Path:
@@ -405,9 +452,12 @@ def write_reliability(results: Path, target: Path) -> Path:
         fig = data.get(name)
         shown = ", ".join(f"{k} {v}" for k, v in fig.items() if k != "recorded") + f" ({fig['recorded']})" if fig else "not run"
         lines.append(f"| {name} | {what} | {checked} `{test}` | {shown} |")
+    lines += ["", "## Security", "", "Each attack of the security review, made for real by a test that passes in `make test`.", "",
+              "| attack | what stops it | test |", "|---|---|---|"]
+    lines += [f"| {attack} | {defence} | `{test}` |" for attack, defence, test in SECURITY]
     lines += ["", "## Security settings these rest on", "",
               "- Artifacts: weights as safetensors, config and vocabulary as JSON/Parquet; checkpoints add the optimizer "
-              "state read with `torch.load(weights_only=True)`. Nothing is unpickled.",
+              "state as safetensors and JSON. Nothing is unpickled; every Parquet schema is checked before a value is read.",
               "- Serve: with `api_key_env` set, every endpoint but `/healthz` needs `X-API-Key`, compared with "
               "`hmac.compare_digest` (constant time; `ray_rec/serve/http.py`); the key is never logged; bodies over "
               "`max_body_bytes` get 413; requests wait at most `request_timeout_s` (30 s in `serve_configs/`).",

@@ -10,11 +10,12 @@ if TYPE_CHECKING:
     from ray_rec.model.artifact import Recommender
 
 
-def load_model(uri: str) -> Recommender:
-    """Load a trained model artifact from a local folder or s3:// URI (see `Recommender`)."""
+def load_model(uri: str, max_model_mb: float = 4096) -> Recommender:
+    """Load a trained model artifact from a local folder or s3:// URI (see `Recommender`); a model
+    larger than ``max_model_mb`` is refused before it is allocated."""
     from ray_rec.model.artifact import load_model as _load
 
-    return _load(uri)
+    return _load(uri, max_model_mb)
 
 
 __all__ = ["__version__", "load_model"]

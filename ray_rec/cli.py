@@ -17,6 +17,9 @@ from ray_rec import __version__
 logger = logging.getLogger("ray_rec")
 
 
+OVERWRITE_HELP = "replace an --output folder that holds files this command did not write"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ray-rec", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"ray-rec {__version__}")
@@ -34,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["leave_one_out", "time"], default="leave_one_out")
     p.add_argument("--cutoff", help="with --split time: epoch seconds or ISO 8601 time")
     p.add_argument("--expected-events", type=int, help="approximate log size, to size the spill buckets")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     p = sub.add_parser("train", help="train on Ray Train; writes checkpoints and <output>/model")
     p.add_argument("--data", required=True, help="prepared dataset (local path or s3://)")
@@ -43,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="data-parallel training workers")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl)")
     p.add_argument("--resume", action="store_true", help="continue the run already in --output")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     p = sub.add_parser("evaluate", help="ranking metrics of a model on a split")
     p.add_argument("--data", required=True)
@@ -63,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     p = sub.add_parser("demo", help="the whole product end to end on synthetic data")
     p.add_argument("--workdir", help="keep the demo's files here (default: a temporary folder)")
@@ -86,6 +92,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     opts = PrepareOptions(
         input=args.input, output=args.output, format=args.format, items=args.items, num_shards=args.num_shards,
         min_clicks=args.min_clicks, split=args.split, cutoff=cutoff, expected_events=args.expected_events,
+        overwrite=args.overwrite,
     )
     manifest = prepare(opts, progress=lambda msg: print(f"[prepare] {msg}", file=sys.stderr, flush=True))
     c, d = manifest["counts"], manifest["dropped"]
@@ -104,7 +111,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, parse_overrides(args.set))
     read_manifest(args.data)  # fail fast, before Ray starts
     init_ray(args.workers)
-    result = train(args.data, args.output, config, workers=args.workers, use_gpu=args.gpu, resume=args.resume)
+    result = train(args.data, args.output, config, workers=args.workers, use_gpu=args.gpu, resume=args.resume,
+                   overwrite=args.overwrite)
     print(f"trained: best epoch {result.best_epoch} of {result.epochs_run}, {json.dumps(result.best_metrics)}; "
           f"{result.seconds:.0f} s")
     print(f"model artifact: {result.model_uri}")
@@ -146,7 +154,7 @@ def _cmd_batch_score(args: argparse.Namespace) -> int:
     read_manifest(args.data)  # fail fast, before Ray starts
     rec = load_model(args.model)
     init_ray(1)
-    n = batch_score(args.data, args.model, args.output, split=args.split, k=args.k, model=rec,
+    n = batch_score(args.data, args.model, args.output, split=args.split, k=args.k, model=rec, overwrite=args.overwrite,
                     progress=lambda msg: print(f"[batch-score] {msg}", file=sys.stderr, flush=True))
     print(f"wrote top-{args.k} recommendations for {n:,} users to {args.output}")
     return 0

@@ -7,9 +7,11 @@ Requests are retried with backoff, so a store that blips for a few seconds is no
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -61,7 +63,8 @@ def _rebuild_s3(attempts: int, kwargs: dict[str, Any]) -> RetryingS3FileSystem:
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
-    """An S3 filesystem configured from the standard AWS environment."""
+    """An S3 filesystem configured from the standard AWS environment; credentials come from the
+    AWS default chain of the process that uses it and are never stored in the object."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     kwargs: dict[str, Any] = {
         "connect_timeout": 5,
@@ -76,11 +79,8 @@ def s3_filesystem() -> pafs.S3FileSystem:
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
         kwargs["scheme"] = parsed.scheme or "https"
         kwargs.setdefault("region", "us-east-1")
-    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-        kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
-        kwargs["secret_key"] = os.environ["AWS_SECRET_ACCESS_KEY"]
-        if os.environ.get("AWS_SESSION_TOKEN"):
-            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    # No keys passed: the AWS SDK inside pyarrow finds them itself (environment, profile, instance
+    # role) in each process, so a pickled filesystem (Ray Train ships it to every worker) carries none.
     return RetryingS3FileSystem(int(os.environ.get("RAY_REC_S3_RETRIES", S3_RETRY_ATTEMPTS)), **kwargs)
 
 
@@ -107,6 +107,20 @@ def is_dir(uri: str) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
+def size(uri: str) -> int | None:
+    """A file's size in bytes; None if there is no file at ``uri``."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    return info.size if info.type == pafs.FileType.File else None
+
+
+def download(uri: str, local_path: str) -> None:
+    """Copy one file to a local path, streamed in chunks."""
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as source, open(local_path, "wb") as sink:
+        shutil.copyfileobj(source, sink, COPY_CHUNK_BYTES)
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
     with fs.open_input_stream(path) as f:
@@ -128,8 +142,14 @@ def delete_dir(uri: str) -> None:
 
 
 def list_files(uri: str) -> list[str]:
-    """Relative paths of every file under a folder, sorted."""
+    """Relative paths of every file under a folder, sorted. Locally, links to folders are not
+    followed (a link back up would list the same files without end)."""
     fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        found = []
+        for folder, _, names in os.walk(path):  # followlinks=False
+            found += [os.path.relpath(os.path.join(folder, n), path) for n in names if os.path.isfile(os.path.join(folder, n))]
+        return sorted(found)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     return sorted(posixpath.relpath(i.path, path) for i in infos if i.type == pafs.FileType.File)
 
@@ -165,3 +185,64 @@ def move_dir(src: str, dst: str) -> None:
         return
     copy_dir(src, dst)
     delete_dir(src)
+
+
+OUTPUT_MARKER = "_RAY_REC_OUTPUT.json"  # "_": Parquet readers and `prepare` skip it
+
+
+class OutputError(ValueError):
+    """An output location that a command must not replace."""
+
+
+def _contains(outer: str, inner: str) -> bool:
+    """``inner`` is ``outer`` or lies under it (both absolute local paths or both s3:// URIs)."""
+    outer, inner = outer.rstrip("/") or "/", inner.rstrip("/") or "/"
+    return inner == outer or inner.startswith(outer if outer.endswith("/") else outer + "/")
+
+
+def claim_output(uri: str, command: str, overwrite: bool = False, reads: tuple[str, ...] = ()) -> None:
+    """Check that ``command`` may replace what is at ``uri``, then mark ``uri`` as its output.
+
+    Allowed: nothing there yet, an empty folder, or an earlier output of the same command (its
+    marker file `OUTPUT_MARKER` says so). Anything else (somebody's files, another command's
+    output) only with ``overwrite``. Never, even with ``overwrite``: a filesystem or bucket root,
+    the working directory or a folder above it, or a folder holding one of ``reads`` (the model or
+    data set the command reads).
+
+    Raises:
+        OutputError: naming the location and what is there.
+    """
+    target = absolute(uri)
+    if is_s3(target):
+        if "/" not in target[len("s3://") :].strip("/"):
+            raise OutputError(f"{uri} is a whole bucket: give a folder inside it as the output")
+    elif target == os.path.dirname(target) or _contains(target, os.getcwd()):
+        raise OutputError(f"{uri} is the working directory, a folder above it or a root: give a folder of its own as the output")
+    for read in reads:
+        if read and _contains(target, absolute(read)):
+            raise OutputError(f"{uri} holds {read}, which this command reads: write the output somewhere else")
+    marker = join(target, OUTPUT_MARKER)
+    if exists(target) and not is_dir(target):
+        if not overwrite:
+            raise OutputError(f"{uri} is a file, not a folder; pass --overwrite to replace it")
+        fs, path = resolve(target)
+        fs.delete_file(path)
+    elif exists(marker):
+        try:
+            owner = json.loads(read_bytes(marker)).get("command")
+        except (ValueError, AttributeError):
+            owner = None
+        if owner != command and not overwrite:
+            raise OutputError(f"{uri} holds the output of `ray-rec {owner}`, not of {command}; pass --overwrite to replace it")
+    elif list_files(target) and not overwrite:
+        raise OutputError(
+            f"{uri} already holds files that no ray-rec {command} wrote; choose an empty or new folder, "
+            f"or pass --overwrite to let {command} replace them"
+        )
+    mark_output(target, command)
+
+
+def mark_output(uri: str, command: str) -> None:
+    """Write the marker that says ``uri`` is ``command``'s output (see `claim_output`)."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_bytes(join(uri, OUTPUT_MARKER), json.dumps({"command": command, "created": stamp}).encode())

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_rec import storage
+from ray_rec.data.schema import read_checked
 
 RawId = int | str
 
@@ -79,6 +80,7 @@ class Vocabulary:
         return table
 
     def to_arrow(self) -> pa.Table:
+        """The ``items.parquet`` table (its schema is `schema`)."""
         cols: dict[str, object] = {
             "index": pa.array(np.arange(1, len(self.ids) + 1, dtype=np.int32)),
             "item_id": pa.array(self.ids, pa.string()),
@@ -87,7 +89,7 @@ class Vocabulary:
         for j, name in enumerate(self.side_names):
             assert self.side_table is not None
             cols[f"side:{name}"] = pa.array(self.side_table[:, j].astype(np.int32))
-        return pa.table(cols)
+        return pa.table(cols, schema=self.schema(self.side_names))
 
     def save(self, folder: str) -> None:
         """Write ``items.parquet`` and ``side_features.json`` into a folder (local or s3://)."""
@@ -97,11 +99,28 @@ class Vocabulary:
         meta = {"id_type": self.id_type, "side_features": self.side_values}
         storage.write_bytes(storage.join(folder, "side_features.json"), json.dumps(meta).encode())
 
+    @staticmethod
+    def schema(side_names: Iterable[str]) -> pa.Schema:
+        """The exact schema of ``items.parquet`` for these side features."""
+        fields = [("index", pa.int32()), ("item_id", pa.string()), ("count", pa.int64())]
+        return pa.schema(fields + [(f"side:{name}", pa.int32()) for name in sorted(side_names)])
+
     @classmethod
     def load(cls, folder: str) -> Vocabulary:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(folder, "items.parquet"))))
+        """Read a vocabulary written by `save`; ``items.parquet`` must have exactly its schema.
+
+        Raises:
+            UnsafeSchemaError: items.parquet has another schema (an extension type, say).
+        """
         meta = json.loads(storage.read_bytes(storage.join(folder, "side_features.json")))
+        if not isinstance(meta, dict) or not isinstance(meta.get("side_features"), dict):
+            raise ValueError(f"{folder}/side_features.json is not a ray_rec vocabulary description")
         names = sorted(meta["side_features"])
+        table = read_checked(
+            io.BytesIO(storage.read_bytes(storage.join(folder, "items.parquet"))),
+            f"{folder}/items.parquet",
+            cls.schema(names),
+        )
         side_table = None
         if names:
             side_table = np.stack([table.column(f"side:{n}").to_numpy() for n in names], 1).astype(np.int64)

@@ -156,3 +156,28 @@ def trained(ray_cluster: None, s3_data: str, s3: S3):
 
     config = load_config(None, {"model.dim": 16, "train.epochs": 3, "train.batch_size": 64})
     return train(s3_data, s3.uri("runs/main"), config, workers=2)
+
+
+class Payload:
+    """Unpickling this runs code: the attack a pickle-based checkpoint would allow."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def tiny_artifact(folder: Path) -> str:
+    import numpy as np
+
+    from ray_rec.config import ModelConfig
+    from ray_rec.model.artifact import save_model
+    from ray_rec.model.interest_model import InterestModel
+    from ray_rec.vocab import Vocabulary
+
+    model = InterestModel(ModelConfig(num_items=20, dim=8, max_len=5, heads=1)).eval()
+    vocab = Vocabulary(ids=[f"i{i}" for i in range(1, 21)], counts=np.ones(20, dtype=np.int64), side_values={},
+                       side_table=np.zeros((20, 0), dtype=np.int64))
+    save_model(model, vocab, str(folder))
+    return str(folder)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 CLUSTER = Path(__file__).parents[1] / "cluster.yaml"
@@ -31,9 +33,22 @@ def test_dashboard_is_not_open_and_token_auth_is_on():
     config = load()
     start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in start and "RAY_AUTH_MODE=token" in start
-    ports = config["provider"]["security_group"]["IpPermissions"]
-    assert [(p["FromPort"], p["ToPort"]) for p in ports] == [(22, 22)]
-    assert all(r["CidrIp"] != "0.0.0.0/0" for p in ports for r in p["IpRanges"])
+    # Every node uses a security group the user made: Ray then creates none (the group it creates
+    # admits SSH from 0.0.0.0/0 whatever the config says).
+    assert "security_group" not in config["provider"]
+    assert all(node["node_config"]["SecurityGroupIds"] for node in config["available_node_types"].values())
+
+
+def test_the_auth_token_reaches_every_node_without_being_printed():
+    """The token file is mounted on every node (the launcher syncs file_mounts to workers too) and
+    no command prints it (`ray get-auth-token` writes the token to stdout, into `ray up`'s output)."""
+    config = load()
+    assert config["file_mounts"]["~/.ray/auth_token"]
+    commands = [c for key, cs in config.items() if key.endswith("_commands") for c in cs]
+    assert not any("get-auth-token" in c for c in commands)
+    assert all("RAY_AUTH_MODE=token" in c for c in config["worker_start_ray_commands"] if "ray start" in c)
+    install = " ".join(config["setup_commands"])
+    assert "ray-rec @ git+" in install and re.search(r"@[0-9a-f]{40}\"", install)  # pinned, not from the index
 
 
 def test_no_credentials_in_the_file():
@@ -43,12 +58,83 @@ def test_no_credentials_in_the_file():
         assert "IamInstanceProfile" in node["node_config"]
 
 
-def test_kuberay_manifests_are_valid_yaml_with_a_serve_config():
-    root = Path(__file__).parents[1] / "deploy" / "kuberay"
-    job = yaml.safe_load((root / "rayjob-train.yaml").read_text())
-    assert job["kind"] == "RayJob" and "ray_rec.cli train" in job["spec"]["entrypoint"]
-    service = yaml.safe_load((root / "rayservice.yaml").read_text())
-    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
-    assert serve_config["applications"][0]["import_path"] == "ray_rec.serve.app:build_app"
-    for manifest in (job["spec"]["rayClusterSpec"], service["spec"]["rayClusterConfig"]):
-        assert manifest["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+KUBERAY = Path(__file__).parents[1] / "deploy" / "kuberay"
+CRDS = Path(__file__).parents[2] / "shared" / "kuberay-crds"
+
+
+def _manifests() -> dict[str, dict]:
+    return {p.name: yaml.safe_load(p.read_text()) for p in sorted(KUBERAY.glob("*.yaml"))}
+
+
+def _ray_clusters() -> list[dict]:
+    m = _manifests()
+    return [m["rayjob-train.yaml"]["spec"]["rayClusterSpec"], m["rayservice.yaml"]["spec"]["rayClusterConfig"]]
+
+
+def _unknown_fields(value: object, schema: dict, where: str = "") -> list[str]:
+    """Fields the CRD's structural schema does not declare: Kubernetes would silently drop them."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    found = []
+    if isinstance(value, dict) and "properties" in schema:
+        for key, item in value.items():
+            if key not in schema["properties"]:
+                found.append(f"{where}.{key}")
+            else:
+                found += _unknown_fields(item, schema["properties"][key], f"{where}.{key}")
+    elif isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
+        for key, item in value.items():
+            found += _unknown_fields(item, schema["additionalProperties"], f"{where}.{key}")
+    elif isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            found += _unknown_fields(item, schema["items"], f"{where}[{i}]")
+    return found
+
+
+def test_kuberay_manifests_satisfy_kuberays_own_schemas():
+    """Each manifest against KubeRay 1.7.0's CRD schema: types, enums, required fields, and no
+    field the operator does not know (a typo would otherwise be dropped without a word)."""
+    import jsonschema
+
+    if not CRDS.is_dir():
+        pytest.skip(f"{CRDS} is absent (it comes with ../shared)")
+    schemas = {}
+    for path in CRDS.glob("*.yaml"):
+        for crd in yaml.safe_load_all(path.read_text()):
+            if crd:
+                schemas[crd["spec"]["names"]["kind"]] = {v["name"]: v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"]}
+    for name, manifest in _manifests().items():
+        schema = schemas[manifest["kind"]][manifest["apiVersion"].split("/")[1]]
+        errors = [e.message for e in jsonschema.Draft7Validator(schema).iter_errors(manifest)]
+        assert not errors, (name, errors[:3])
+        assert not _unknown_fields(manifest, schema), (name, _unknown_fields(manifest, schema))
+    broken = _manifests()["rayservice.yaml"]
+    broken["spec"]["rayClusterConfig"]["authOptionz"] = {"mode": "token"}  # the check can fail
+    assert _unknown_fields(broken, schemas["RayService"]["v1"]) == [".spec.rayClusterConfig.authOptionz"]
+
+
+def test_kuberay_clusters_use_token_auth_a_network_policy_and_locked_down_pods():
+    for cluster in _ray_clusters():
+        assert cluster["authOptions"]["mode"] == "token"
+        assert cluster["networkPolicy"]["mode"].startswith("DenyAll")
+        groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+        for group in groups:
+            pod = group["template"]["spec"]
+            assert pod["securityContext"]["runAsNonRoot"] is True
+            for container in pod["containers"]:
+                sc = container["securityContext"]
+                assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+                assert sc["capabilities"]["drop"] == ["ALL"]
+                assert not [e for e in container.get("env", []) if "value" in e and "KEY" in e["name"].upper()]
+
+
+def test_the_rayservice_runs_the_serve_app_with_the_key_from_a_secret():
+    service = _manifests()["rayservice.yaml"]
+    app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
+    assert app["import_path"] == "ray_rec.serve.app:build_app"
+    key_env = app["args"]["api_key_env"]
+    workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    sources = [e["valueFrom"]["secretKeyRef"] for g in workers for c in g["template"]["spec"]["containers"]
+               for e in c.get("env", []) if e["name"] == key_env]
+    assert sources and all(s["name"] for s in sources)
+    assert "ray_rec.cli train" in _manifests()["rayjob-train.yaml"]["spec"]["entrypoint"]

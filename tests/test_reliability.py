@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import threading
 import time
@@ -20,7 +21,7 @@ import requests
 from ray_rec import load_model
 from ray_rec.config import load_config
 
-from .conftest import ACCESS_KEY_ID, API_KEY, API_KEY_ENV, SECRET_KEY, free_port
+from .conftest import ACCESS_KEY_ID, API_KEY, API_KEY_ENV, SECRET_KEY, Payload, free_port, tiny_artifact
 
 FIGURES = Path(__file__).resolve().parents[1] / "bench" / "results" / "reliability.json"
 
@@ -351,63 +352,55 @@ def test_api_key_and_credentials_never_reach_logs_or_outputs(keyed_service, trai
     record("secrets in logs and outputs", files_checked=sum(1 for p in logs.rglob("*") if p.is_file()) + len(objects), leaks=0)
 
 
-class Payload:
-    """Unpickling this runs code: the attack a pickle-based checkpoint would allow."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def _tiny_artifact(folder: Path) -> str:
-    import numpy as np
-
-    from ray_rec.config import ModelConfig
-    from ray_rec.model.artifact import save_model
-    from ray_rec.model.interest_model import InterestModel
-    from ray_rec.vocab import Vocabulary
-
-    model = InterestModel(ModelConfig(num_items=20, dim=8, max_len=5, heads=1)).eval()
-    vocab = Vocabulary(ids=[f"i{i}" for i in range(1, 21)], counts=np.ones(20, dtype=np.int64), side_values={},
-                       side_table=np.zeros((20, 0), dtype=np.int64))
-    save_model(model, vocab, str(folder))
-    return str(folder)
-
-
-# torch's weights-only loader remarks on the planted pickle's protocol (4, Python's default) before
-# it refuses the pickle; the remark is about the attacker's file, not a problem of ours.
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 def test_malicious_pickles_in_artifacts_and_checkpoints_are_refused(tmp_path):
-    import pickle
+    import shutil
 
     import torch
 
     from ray_rec.model.artifact import ArtifactError
-    from ray_rec.train.checkpoint import STATE_FILE, read_checkpoint
+    from ray_rec.train.checkpoint import (
+        HISTORY_FILE,
+        LEGACY_STATE_FILE,
+        OPTIMIZER_META,
+        OPTIMIZER_TENSORS,
+        read_checkpoint,
+        write_checkpoint,
+    )
 
     marker = tmp_path / "pwned"
     evil = pickle.dumps(Payload(str(marker)))
     # 1. the weights file replaced by a pickle
-    art = _tiny_artifact(tmp_path / "a")
+    art = tiny_artifact(tmp_path / "a")
     (Path(art) / "weights.safetensors").write_bytes(evil)
     with pytest.raises(ArtifactError, match="safetensors"):
         load_model(art)
     # 2. a pickle planted beside the weights, under names torch users load by habit
-    art2 = _tiny_artifact(tmp_path / "b")
+    art2 = tiny_artifact(tmp_path / "b")
     for name in ("model.pt", "weights.pt", "pytorch_model.bin"):
         (Path(art2) / name).write_bytes(evil)
     load_model(art2)
-    # 3. the optimizer state of a checkpoint replaced by a pickle
-    art3 = _tiny_artifact(tmp_path / "c")
-    (Path(art3) / STATE_FILE).write_bytes(evil)
-    (Path(art3) / "history.json").write_text("{}")
-    rec = load_model(art3)
-    with pytest.raises(pickle.UnpicklingError):
-        read_checkpoint(art3, rec.model, torch.optim.Adam(rec.model.parameters()))
+    # 3. each file of a checkpoint's trainer state replaced by a pickle
+    rec = load_model(art2)
+    good = tmp_path / "ckpt"
+    write_checkpoint(str(good), rec.model, rec.vocab, torch.optim.Adam(rec.model.parameters()), {"epoch": 1, "history": []})
+    for name in (OPTIMIZER_TENSORS, OPTIMIZER_META, HISTORY_FILE):
+        bad = tmp_path / f"ckpt-{name}"
+        shutil.copytree(good, bad)
+        (bad / name).write_bytes(evil)
+        with pytest.raises(ArtifactError, match="cannot be read"):
+            read_checkpoint(str(bad), rec.model, torch.optim.Adam(rec.model.parameters()))
+    # 4. a checkpoint in the old layout, whose optimizer state was a pickle: refused unread
+    old = tmp_path / "ckpt-old"
+    shutil.copytree(good, old)
+    for name in (OPTIMIZER_TENSORS, OPTIMIZER_META):
+        (old / name).unlink()
+    (old / LEGACY_STATE_FILE).write_bytes(evil)
+    with pytest.raises(ArtifactError, match="pickle"):
+        read_checkpoint(str(old), rec.model, torch.optim.Adam(rec.model.parameters()))
     assert not marker.exists(), "a planted pickle ran"
-    record("malicious pickles planted in artifacts and checkpoints", planted=5, executed=0)
+    pickle.loads(evil)  # the payload is live: loading it the usual way does run it
+    assert marker.exists()
+    record("malicious pickles planted in artifacts and checkpoints", planted=8, executed=0)
 
 
 # ------------------------------------------------------------------------------------- bad input

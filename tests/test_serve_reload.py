@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -64,6 +65,16 @@ def test_reload_swaps_the_version_without_failed_requests_and_rejects_bad_artifa
         old.model.features.item.weight.mul_(1.5)
     new_uri = s3.uri("models/reloaded")
     new_version = save_model(old.model, old.vocab, new_uri)
+    oversized, nan_weights = s3.uri("models/oversized"), s3.uri("models/nan")
+    save_model(old.model, old.vocab, oversized)
+    key = oversized.split("/", 3)[3] + "/config.json"
+    meta = json.loads(s3.client.get_object(Bucket=s3.bucket, Key=key)["Body"].read())
+    meta["model"].update(num_items=3_000_000, dim=1024)
+    s3.client.put_object(Bucket=s3.bucket, Key=key, Body=json.dumps(meta).encode())
+    broken = load_model(new_uri)
+    with torch.no_grad():
+        broken.model.features.item.weight[1, 0] = float("nan")
+    save_model(broken.model, broken.vocab, nan_weights)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     deploy(tmp_path, port, trained.model_uri, trained.model_uri)
@@ -91,6 +102,11 @@ def test_reload_swaps_the_version_without_failed_requests_and_rejects_bad_artifa
         time.sleep(1.0)
         deploy(tmp_path, port, trained.model_uri, s3.uri("models/does-not-exist"))
         info = wait_for(url, lambda m: m["last_reload_error"] is not None)
+        # Tampered artifacts: a config that asks for ~12 GB, and weights that answer NaN.
+        for uri, reason in ((oversized, "budget"), (nan_weights, "NaN")):
+            deploy(tmp_path, port, trained.model_uri, uri)
+            refused = wait_for(url, lambda m, uri=uri: uri in (m["last_reload_error"] or ""))
+            assert reason in refused["last_reload_error"] and refused["model_version"] == new_version
         time.sleep(1.0)
     finally:
         stop.set()

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
+from ray_rec.data.schema import check_schema
+
 if TYPE_CHECKING:
     import torch
 
@@ -54,6 +56,7 @@ class _Clicks:
     """Clicks of a batch of sequences, flattened, with per-click time deltas and browsed negatives."""
 
     def __init__(self, table: pa.Table, max_browse: int) -> None:
+        check_schema(table.schema, "sequence batch", required=("items", "events", "timestamps"))
         items, lengths = _flat_list(table, "items", np.int64)
         events, _ = _flat_list(table, "events", np.int8)
         stamps, _ = _flat_list(table, "timestamps", np.int64)

@@ -23,10 +23,12 @@ import pyarrow.parquet as pq
 
 from ray_rec import storage
 from ray_rec.data.examples import MAX_ABS_SECONDS
+from ray_rec.data.schema import check_schema, read_checked
 
 FORMATS = ("events", "movielens", "seqtxt")
 BATCH_ROWS = 1 << 18
 TEXT_CHUNK_BYTES = 1 << 24
+MAX_LINE_BYTES = 1 << 26  # a longer "line" is not a log (a compressed file of zeros, say): refused
 STANDARD = pa.schema(
     [("user_id", pa.string()), ("item_id", pa.string()), ("timestamp", pa.int64()), ("event", pa.int8())]
 )
@@ -161,6 +163,7 @@ def read_events_format(uri: str) -> Iterator[pa.Table]:
             if path.lower().endswith((".parquet", ".pq")):
                 schema = pq.read_schema(fpath, filesystem=fs)
                 _require(schema.names, ("user_id", "item_id", "timestamp"), path)
+                check_schema(schema, path)
                 cols = [c for c in ("user_id", "item_id", "timestamp", "event") if c in schema.names]
                 source = pads.dataset(fpath, format="parquet", filesystem=fs)
                 for batch in source.to_batches(columns=cols, batch_size=BATCH_ROWS):
@@ -189,7 +192,11 @@ def _read_csv(path: str, fs: pafs.FileSystem, fpath: str) -> Iterator[pa.Table]:
 
 
 def _text_chunks(path: str) -> Iterator[bytes]:
-    """A text file in chunks that end on line boundaries."""
+    """A text file in chunks that end on line boundaries.
+
+    Raises:
+        InputError: a line runs past `MAX_LINE_BYTES` (memory stays bounded whatever the file holds).
+    """
     fs, fpath = storage.resolve(path)
     rest = b""
     with fs.open_input_stream(fpath, compression="detect") as stream:
@@ -200,6 +207,8 @@ def _text_chunks(path: str) -> Iterator[bytes]:
             block = rest + block
             cut = block.rfind(b"\n")
             if cut < 0:
+                if len(block) > MAX_LINE_BYTES:
+                    raise InputError(f"{path}: a line runs past {MAX_LINE_BYTES:,} bytes without a newline: not a text log")
                 rest = block
                 continue
             rest = block[cut + 1 :]
@@ -306,7 +315,7 @@ def read_item_features(uri: str) -> pa.Table:
         if name in ("u.item", "movies.dat", "movies.csv"):
             return _movielens_items(uri, name)
         if name.endswith((".parquet", ".pq")):
-            table = pq.read_table(path, filesystem=fs)
+            table = read_checked(path, uri, filesystem=fs)
         else:
             with fs.open_input_stream(path, compression="detect") as stream:
                 table = pacsv.read_csv(stream, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))

@@ -7,12 +7,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from ray_rec import storage
 from ray_rec.data.examples import BUCKET_WINDOW, collate, evaluation_examples, length_buckets, training_examples
 from ray_rec.data.prepare import read_manifest
+from ray_rec.data.schema import SEQUENCE_SCHEMA, read_checked
 
 
 def read_split(data: str, split: str) -> pa.Table:
@@ -21,7 +21,7 @@ def read_split(data: str, split: str) -> pa.Table:
     tables = []
     for rel in manifest["files"][split]:
         fs, path = storage.resolve(storage.join(data, rel))
-        tables.append(pq.read_table(path, filesystem=fs))
+        tables.append(read_checked(path, storage.join(data, rel), SEQUENCE_SCHEMA, filesystem=fs))
     return pa.concat_tables(tables)
 
 

@@ -21,6 +21,7 @@ from ray_rec import storage
 from ray_rec.config import ModelConfig
 from ray_rec.data.examples import training_examples
 from ray_rec.data.prepare import read_manifest
+from ray_rec.data.schema import SEQUENCE_SCHEMA, check_files
 
 # Sequences per map_batches call: large enough to amortise task overhead, small enough to stream.
 SEQUENCES_PER_TASK = 4096
@@ -38,12 +39,17 @@ def to_training_examples(batch: pa.Table, max_len: int, time_buckets: int, max_b
 
 
 def split_paths(data: str, split: str, manifest: dict[str, Any] | None = None) -> tuple[list[str], Any]:
-    """Shard paths of a split as Ray Data wants them, and the filesystem to read them with."""
+    """Shard paths of a split as Ray Data wants them, and the filesystem to read them with.
+
+    Raises:
+        UnsafeSchemaError: a shard's schema is not `SEQUENCE_SCHEMA` (checked on its footer)."""
     manifest = manifest or read_manifest(data)
     fs, _ = storage.resolve(data)
-    paths = [storage.resolve(storage.join(data, rel))[1] for rel in manifest["files"][split]]
-    if not paths:
+    uris = [storage.join(data, rel) for rel in manifest["files"][split]]
+    if not uris:
         raise ValueError(f"{data}: split {split!r} has no shards")
+    paths = [storage.resolve(uri)[1] for uri in uris]
+    check_files(paths, fs, SEQUENCE_SCHEMA, uris)  # a clear error here, before Ray Data's tasks read them
     return paths, fs
 
 

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from ray_rec import storage
 from ray_rec.data.formats import InputError, estimate_events, read_input, read_item_features
+from ray_rec.data.schema import SEQUENCE_SCHEMA
 from ray_rec.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -44,14 +45,6 @@ ROW_GROUP_USERS = 8192
 SPILL_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
 MAX_BUCKETS = 512  # open spill files in pass 1; past 512M events the buckets grow instead
 DROP_REASONS = ("null_ids", "bad_timestamps", "bad_events", "duplicates", "short_users", "short_user_events")
-SEQUENCE_SCHEMA = pa.schema(
-    [
-        ("user_id", pa.string()),
-        ("items", pa.list_(pa.int32())),
-        ("events", pa.list_(pa.int8())),
-        ("timestamps", pa.list_(pa.int64())),
-    ]
-)
 
 
 @dataclass
@@ -67,6 +60,7 @@ class PrepareOptions:
     split: str = "leave_one_out"  # or "time"
     cutoff: int | None = None  # epoch seconds, for split="time"
     expected_events: int | None = None  # sizes the spill buckets; None = estimate from the input (`estimate_events`)
+    overwrite: bool = False  # replace an output folder that holds files `prepare` did not write
 
     def __post_init__(self) -> None:
         if self.num_shards < 1:
@@ -283,8 +277,10 @@ def prepare(opts: PrepareOptions, progress: Callable[[str], None] | None = None)
 
     Raises:
         InputError: the input or items file is missing, unreadable or lacks a column.
+        OutputError: the output holds files `prepare` did not write (see `storage.claim_output`).
     """
     say = progress or (lambda msg: logger.info(msg))
+    storage.claim_output(opts.output, "prepare", opts.overwrite, reads=(opts.input, opts.items or ""))
     run_id = uuid.uuid4().hex[:8]
     staging = storage.join(opts.output, f"_staging-{run_id}")
     with tempfile.TemporaryDirectory(prefix="ray-rec-prepare-") as scratch:
@@ -366,7 +362,15 @@ def read_manifest(data: str) -> dict[str, Any]:
             f"{data} is not a prepared dataset (no manifest.json): run `ray-rec prepare` first, "
             f"or an earlier import did not finish"
         )
-    manifest = json.loads(storage.read_bytes(uri))
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise InputError(f"{data}: dataset schema version {manifest.get('schema_version')} is not {SCHEMA_VERSION}")
+    try:
+        manifest = json.loads(storage.read_bytes(uri))
+    except ValueError as exc:
+        raise InputError(f"{uri} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
+        found = manifest.get("schema_version") if isinstance(manifest, dict) else None
+        raise InputError(f"{data}: dataset schema version {found} is not {SCHEMA_VERSION}")
+    for split in SPLITS:
+        for rel in manifest.get("files", {}).get(split, []):
+            if not isinstance(rel, str) or rel.startswith("/") or ".." in rel.split("/") or "://" in rel:
+                raise InputError(f"{uri}: shard path {rel!r} is not a path inside the data set")
     return manifest

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ray_rec import storage
@@ -252,50 +253,133 @@ class Recommender:
             self._by_clicks = np.argsort(-np.asarray(self.vocab.counts, dtype=np.float64), kind="stable")
         return [(self.vocab.raw_id(int(i) + 1), float(self.vocab.counts[i])) for i in self._by_clicks[:k]]
 
+    def self_check(self) -> None:
+        """One trial ``recommend`` and ``score``; raises `ArtifactError` unless every score is a
+        finite number (a model that loads but answers NaN must not replace a working one)."""
+        first = self.vocab.raw_id(1)
+        top = self.recommend([[first]], k=min(10, len(self.vocab)), exclude_seen=False)[0]
+        scores = [s for _, s in top] + [s for s in self.score([[first]], [[first]])[0] if s is not None]
+        if not scores or not np.isfinite(scores).all():
+            raise ArtifactError(f"{self.uri}: a trial prediction gave {scores[:3]}: the model does not answer with finite scores")
 
-def _read_local(folder: str) -> Recommender:
+
+# Largest model (weights and buffers) `load_model` allocates unless told otherwise, and the largest
+# config.json it parses: a tampered config must not make a replica allocate until it is killed.
+DEFAULT_MAX_MODEL_MB = 4096
+MAX_CONFIG_BYTES = 1 << 20
+HASH_BLOCK = 8 << 20
+
+
+def _read_meta(folder: str) -> dict[str, Any]:
+    path = os.path.join(folder, "config.json")
+    if os.path.getsize(path) > MAX_CONFIG_BYTES:
+        raise ArtifactError(f"{path} is over {MAX_CONFIG_BYTES} bytes: not a ray_rec model config")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ArtifactError(f"{folder}: format {found!r} is not {ARTIFACT_FORMAT!r}")
+    if not isinstance(meta.get("model"), dict):
+        raise ArtifactError(f"{path} has no model section")
+    return meta
+
+
+def _check_weights(folder: str, config: ModelConfig, max_model_mb: float) -> str:
+    """Check the weights file against the config before anything is allocated; returns its version.
+
+    The model is built on the ``meta`` device (no memory) to learn the tensors the config implies;
+    their size must fit ``max_model_mb``, and the file must hold exactly those names and shapes.
+    """
+    with torch.device("meta"):
+        skeleton = InterestModel(config)
+    expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    need = sum(t.numel() * t.element_size() for t in itertools.chain(skeleton.parameters(), skeleton.buffers()))
+    if need > max_model_mb * 2**20:
+        raise ArtifactError(
+            f"{folder}: the config asks for a {need / 2**20:,.0f} MB model ({config.num_items:,} items, dim {config.dim}), "
+            f"over the {max_model_mb:,.0f} MB budget (max_model_mb)"
+        )
+    path = os.path.join(folder, "weights.safetensors")
+    try:
+        with safe_open(path, "pt") as f:
+            found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as exc:  # safetensors raises several types for a corrupt file
+        raise ArtifactError(f"{path} cannot be read as safetensors: {exc}") from None
+    if found != expected:
+        diff = sorted(set(found) ^ set(expected)) or [n for n in expected if found[n] != expected[n]]
+        name = diff[0]
+        raise ArtifactError(
+            f"{folder}: weights do not match the config: {name} is {found.get(name, 'missing')} in the weights, "
+            f"{expected.get(name, 'absent')} by the config ({len(diff)} tensor(s) differ)"
+        )
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(HASH_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def _read_local(folder: str, max_model_mb: float = DEFAULT_MAX_MODEL_MB) -> Recommender:
     missing = [f for f in REQUIRED_FILES if not os.path.exists(os.path.join(folder, f))]
     if missing:
         raise ArtifactError(f"{folder} is not a complete ray_rec model: missing {', '.join(missing)}")
-    try:
-        with open(os.path.join(folder, "config.json")) as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{folder}/config.json is not valid JSON: {exc}") from None
-    if meta.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{folder}: format {meta.get('format')!r} is not {ARTIFACT_FORMAT!r}")
+    meta = _read_meta(folder)
     config = build(ModelConfig, meta["model"], "model")
+    version = _check_weights(folder, config, max_model_mb)
+    if meta.get("version") != version:
+        raise ArtifactError(
+            f"{folder}: config.json names version {meta.get('version')!r} but the weights are {version!r}: "
+            f"the files come from different models or were altered"
+        )
+    state = load_file(os.path.join(folder, "weights.safetensors"))
+    bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ArtifactError(f"{folder}: weights hold NaN or infinite values ({', '.join(bad[:3])})")
     model = InterestModel(config)
-    try:
-        state = load_file(os.path.join(folder, "weights.safetensors"))
-    except Exception as exc:  # safetensors raises several types for a corrupt file
-        raise ArtifactError(f"{folder}/weights.safetensors cannot be read as safetensors: {exc}") from None
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ArtifactError(f"{folder}: weights do not match the config: {exc}") from None
+    model.load_state_dict(state)
     vocab = Vocabulary.load(folder)
     if len(vocab) != config.num_items:
         raise ArtifactError(f"{folder}: vocabulary has {len(vocab)} items, the model {config.num_items}")
-    return Recommender(model, vocab, meta, folder)
+    rec = Recommender(model, vocab, meta, folder)
+    rec.self_check()
+    return rec
 
 
-def load_model(uri: str) -> Recommender:
+def load_model(uri: str, max_model_mb: float = DEFAULT_MAX_MODEL_MB) -> Recommender:
     """Load an artifact from a local folder or an s3:// URI.
 
+    Everything is checked before it is used: the config's model size against ``max_model_mb``, the
+    weights' names and shapes against the config (before the model is allocated), the version
+    against the weights' own hash, every weight finite, and one trial prediction.
+
     Raises:
-        ArtifactError: the folder is missing, incomplete, corrupt or of another format.
+        ArtifactError: the folder is missing, incomplete, corrupt, too large or of another format.
     """
     if storage.is_s3(uri):
         with tempfile.TemporaryDirectory() as tmp:
-            if not storage.exists(storage.join(uri, "config.json")):
-                raise ArtifactError(f"{uri} holds no ray_rec model (no config.json)")
-            storage.copy_dir(uri, tmp)
-            rec = _read_local(tmp)
+            _fetch(uri, tmp, max_model_mb)
+            rec = _read_local(tmp, max_model_mb)
     else:
         if not os.path.isdir(uri):
             raise ArtifactError(f"{uri} is not a folder holding a ray_rec model")
-        rec = _read_local(uri)
+        rec = _read_local(uri, max_model_mb)
     rec.uri = uri
     logger.info("loaded model %s from %s (%d items)", rec.version, uri, len(rec.vocab))
     return rec
+
+
+def _fetch(uri: str, folder: str, max_model_mb: float) -> None:
+    """Download the artifact's own files (nothing else under the prefix), refusing any file larger
+    than the model budget before it is fetched."""
+    if not storage.exists(storage.join(uri, "config.json")):
+        raise ArtifactError(f"{uri} holds no ray_rec model (no config.json)")
+    for name in REQUIRED_FILES:
+        size = storage.size(storage.join(uri, name))
+        if size is None:
+            raise ArtifactError(f"{uri} is not a complete ray_rec model: missing {name}")
+        if size > max_model_mb * 2**20 + MAX_CONFIG_BYTES:
+            raise ArtifactError(f"{uri}/{name} is {size / 2**20:,.0f} MB, over the {max_model_mb:,.0f} MB budget (max_model_mb)")
+        storage.download(storage.join(uri, name), os.path.join(folder, name))

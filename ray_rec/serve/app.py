@@ -7,11 +7,10 @@ the new artifact is bad).
 
 
 import logging
-import os
 from typing import Any
 
 import torch
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from ray import serve
 from ray.serve import Application
@@ -19,7 +18,7 @@ from ray.serve import Application
 from ray_rec.model.artifact import Recommender, load_model
 from ray_rec.serve import http as replica_http
 from ray_rec.serve.batching import Job, run_jobs
-from ray_rec.serve.http import BodyLimit, check_key, validation_error
+from ray_rec.serve.http import BodyLimit, RequireKey, validation_error
 from ray_rec.serve.schemas import (
     ModelInfo,
     RecommendRequest,
@@ -37,6 +36,7 @@ api = FastAPI(
     version="1",
 )
 api.add_middleware(BodyLimit)
+api.add_middleware(RequireKey)  # added last, runs first: no body is read without the key
 api.add_exception_handler(RequestValidationError, validation_error)
 
 
@@ -47,12 +47,10 @@ class RecommenderService:
 
     def __init__(self, args: dict[str, Any]) -> None:
         self.args = ServeArgs(**args)
-        self.api_key: str | None = None
-        if self.args.api_key_env:
-            self.api_key = os.environ.get(self.args.api_key_env) or None
-            if self.api_key is None:
-                raise RuntimeError(f"api_key_env={self.args.api_key_env!r} is set but that variable is empty")
-        self.rec: Recommender = load_model(self.args.model_uri)
+        self.api_key = replica_http.api_key_from_env(self.args.api_key_env)
+        if self.api_key is None:
+            logger.info("no API key (api_key_env): every client that reaches this endpoint is served")
+        self.rec: Recommender = load_model(self.args.model_uri, self.args.max_model_mb)
         self.reload_error: str | None = None
         self._batched.set_max_batch_size(self.args.max_batch_size)  # type: ignore[attr-defined]
         self._batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)  # type: ignore[attr-defined]
@@ -61,12 +59,15 @@ class RecommenderService:
         logger.info("serving model %s from %s", self.rec.version, self.args.model_uri)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Hot reload: ``user_config: {model_uri: ...}`` swaps the model if the new one loads."""
+        """Hot reload: ``user_config: {model_uri: ...}`` swaps the model if the new one loads and
+        passes `load_model`'s checks (size budget, shapes, hash, finite weights, a trial prediction)."""
         uri = (user_config or {}).get("model_uri")
         if not uri or uri == self.rec.uri:
             return
         try:
-            new = load_model(uri)
+            if not isinstance(uri, str):
+                raise ValueError(f"user_config.model_uri must be a string, got {type(uri).__name__}")
+            new = load_model(uri, self.args.max_model_mb)
         except Exception as exc:  # any failure keeps the old model serving
             self.reload_error = f"{uri}: {exc}"
             logger.error("model reload rejected, still serving %s: %s", self.rec.version, self.reload_error)
@@ -85,7 +86,7 @@ class RecommenderService:
         except ValueError as exc:  # the click times do not fit the history
             raise HTTPException(422, str(exc)) from None
 
-    @api.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(check_key)])
+    @api.post("/v1/score", response_model=ScoreResponse)
     async def score(self, body: ScoreRequest) -> dict[str, Any]:
         """Relevance of each candidate to the history, in order (null for unknown candidates)."""
         history, unknown, times = self._history(body.history, body.timestamps)
@@ -107,7 +108,7 @@ class RecommenderService:
             "fallback": fallback,
         }
 
-    @api.post("/v1/recommend", response_model=RecommendResponse, dependencies=[Depends(check_key)])
+    @api.post("/v1/recommend", response_model=RecommendResponse)
     async def recommend(self, body: RecommendRequest) -> dict[str, Any]:
         """The top-k items of the catalog for the history."""
         history, unknown, times = self._history(body.history, body.timestamps)
@@ -121,7 +122,7 @@ class RecommenderService:
         items = [{"item_id": rec.vocab.raw_id(i), "score": s} for i, s in pairs]
         return {"model_version": rec.version, "items": items, "unknown_history": unknown, "fallback": None}
 
-    @api.get("/v1/model", response_model=ModelInfo, dependencies=[Depends(check_key)])
+    @api.get("/v1/model", response_model=ModelInfo)
     async def model_info(self) -> dict[str, Any]:
         """Which model is serving, since when, and its configuration."""
         rec = self.rec

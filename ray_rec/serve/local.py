@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 
@@ -24,9 +25,23 @@ def start(model_uri: str, host: str = "127.0.0.1", port: int = 8000, request_tim
     """Deploy the app on the current Ray and return its base URL. A request that gets no answer
     within ``request_timeout_s`` (a replica died mid-request, say) is answered with an error
     rather than left hanging."""
+    warn_if_open(host, port, str(args.get("api_key_env") or ""))
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s})
     serve.run(build_app(ServeArgs(model_uri=model_uri, **args)), name=APP_NAME, route_prefix="/")  # type: ignore[arg-type]
     return f"http://{host}:{port}"
+
+
+def warn_if_open(host: str, port: int, api_key_env: str) -> bool:
+    """Log a warning (and return True) when the endpoint listens beyond loopback without a key."""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback or api_key_env:
+        return False
+    logger.warning("serving on %s:%d without an API key: anyone who reaches it can query the model "
+                   "(set --api-key-env)", host, port)
+    return True
 
 
 def serve_foreground(model_uri: str, host: str, port: int, max_batch_size: int, api_key_env: str) -> None:

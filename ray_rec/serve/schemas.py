@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from typing import Annotated
 
-ItemId = StrictInt | StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
+
+# Hard ceilings of every request list and id, checked while the body is parsed: a list past its
+# ceiling fails at once with one error, instead of one error per element (each echoing its input).
+# The replica's own limits (`ServeArgs.max_history`, ...) are lower and configurable.
+MAX_LIST = 10_000
+MAX_ID_CHARS = 512
+
+
+# Strict strings also refuse a lone surrogate (JSON's "\\ud800", which UTF-8 cannot encode).
+TextId = Annotated[StrictStr, StringConstraints(max_length=MAX_ID_CHARS)]
+ItemId = StrictInt | TextId
+Ids = Annotated[list[ItemId], Field(max_length=MAX_LIST)]
+Times = Annotated[list[float], Field(max_length=MAX_LIST)]
+AnswerId = StrictInt | StrictStr  # ids in answers come from the catalog, unchecked
 
 
 class ScoreRequest(BaseModel):
     """Score given candidates for one user."""
 
     model_config = ConfigDict(extra="forbid")
-    history: list[ItemId] = Field(..., description="clicked item ids, oldest first (raw ids)")
-    candidates: list[ItemId] = Field(..., description="item ids to score, in the order to return")
-    timestamps: list[float] | None = Field(
+    history: Ids = Field(..., description="clicked item ids, oldest first (raw ids)")
+    candidates: Ids = Field(..., description="item ids to score, in the order to return")
+    timestamps: Times | None = Field(
         None, description="optional click time of each history item (epoch seconds or milliseconds), oldest first"
     )
 
@@ -22,10 +36,10 @@ class RecommendRequest(BaseModel):
     """Top-k of the whole catalog for one user."""
 
     model_config = ConfigDict(extra="forbid")
-    history: list[ItemId] = Field(..., description="clicked item ids, oldest first (raw ids)")
+    history: Ids = Field(..., description="clicked item ids, oldest first (raw ids)")
     k: StrictInt = Field(10, description="how many items to return")
     exclude_history: bool = Field(True, description="never recommend an item of the history")
-    timestamps: list[float] | None = Field(
+    timestamps: Times | None = Field(
         None, description="optional click time of each history item (epoch seconds or milliseconds), oldest first"
     )
 
@@ -33,22 +47,22 @@ class RecommendRequest(BaseModel):
 class ScoreResponse(BaseModel):
     model_version: str
     scores: list[float | None] = Field(..., description="relevance per candidate, in order; null = unknown item")
-    unknown_history: list[ItemId]
-    unknown_candidates: list[ItemId]
+    unknown_history: list[AnswerId]
+    unknown_candidates: list[AnswerId]
     fallback: str | None = Field(
         None, description="'popularity' when no history item was known: scores are training click counts"
     )
 
 
 class RecommendedItem(BaseModel):
-    item_id: ItemId
+    item_id: AnswerId
     score: float
 
 
 class RecommendResponse(BaseModel):
     model_version: str
     items: list[RecommendedItem]
-    unknown_history: list[ItemId]
+    unknown_history: list[AnswerId]
     fallback: str | None = Field(None, description="'popularity' when no history item was known")
 
 
@@ -64,13 +78,15 @@ class ModelInfo(BaseModel):
 class ServeArgs(BaseModel):
     """Typed arguments of the application builder (``serve run ray_rec.serve.app:build_app model_uri=...``)."""
 
+    model_config = ConfigDict(extra="forbid")
     model_uri: str
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=10)
     batching: bool = True
-    max_history: int = Field(1000, ge=1)
-    max_candidates: int = Field(1000, ge=1)
-    max_k: int = Field(1000, ge=1)
+    max_history: int = Field(1000, ge=1, le=MAX_LIST)
+    max_candidates: int = Field(1000, ge=1, le=MAX_LIST)
+    max_k: int = Field(1000, ge=1, le=MAX_LIST)
+    max_model_mb: float = Field(4096, gt=0, description="refuse (at start and on reload) a model larger than this")
     max_body_bytes: int = Field(1_000_000, ge=1024)
     api_key_env: str = Field("", description="environment variable holding the API key; empty = no key")
     num_replicas: int | str = 1

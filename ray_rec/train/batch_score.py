@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 
 import numpy as np
@@ -61,10 +62,12 @@ def top_k_columns(vocab: Vocabulary, ids: torch.Tensor, scores: torch.Tensor) ->
 
 def batch_score(data: str, model_uri: str, output: str, split: str = "test", k: int = 10,
                 progress: Callable[[str], None] | None = None, progress_s: float = 60.0,
-                model: Recommender | None = None) -> int:
+                model: Recommender | None = None, overwrite: bool = False) -> int:
     """Write Parquet files (user_id, items: top-k raw ids as strings, scores) to ``output``.
 
-    Files go to ``<output>-staging`` first and replace ``output`` only when all are written.
+    Files go to a new ``<output>.staging-<id>`` first and replace ``output`` only when all are
+    written. ``output`` must be new, empty or an earlier batch-score output unless ``overwrite``, and
+    never holds the model or the data (`storage.claim_output`).
     ``progress`` gets a line on each stage and, every ``progress_s`` seconds, the users scored so far.
     ``model``: the artifact at ``model_uri`` when the caller has loaded it already (the scoring
     actors load their own copies either way). Returns the number of users scored.
@@ -73,15 +76,20 @@ def batch_score(data: str, model_uri: str, output: str, split: str = "test", k: 
         raise ValueError(f"k must be at least 1, got {k}")
     say = progress or (lambda msg: logger.info(msg))
     rec = model if model is not None else load_model(model_uri)  # fail fast on a bad artifact
-    staging = output.rstrip("/") + "-staging"
-    storage.delete_dir(staging)
+    storage.claim_output(output, "batch-score", overwrite, reads=(data, model_uri))
+    staging = f"{output.rstrip('/')}.staging-{uuid.uuid4().hex[:8]}"
     fs, staging_path = storage.resolve(staging)
     say(f"ranking the {split} split's users over {rec.config.num_items:,} items, top {k} each, to {staging}")
-    with reported_user_count(progress_s, say, "scored") as counter:
-        read_sequences(data, split).map_batches(
-            TopK, fn_constructor_args=(model_uri, k, counter), batch_format="pyarrow", batch_size=512,
-            compute=scoring_pool(),
-        ).write_parquet(staging_path, filesystem=fs)
+    try:
+        with reported_user_count(progress_s, say, "scored") as counter:
+            read_sequences(data, split).map_batches(
+                TopK, fn_constructor_args=(model_uri, k, counter), batch_format="pyarrow", batch_size=512,
+                compute=scoring_pool(),
+            ).write_parquet(staging_path, filesystem=fs)
+        storage.mark_output(staging, "batch-score")
+    except BaseException:
+        storage.delete_dir(staging)  # this run's own staging folder, nothing else
+        raise
     say(f"all users written; moving them to {output}")
     storage.delete_dir(output)
     storage.move_dir(staging, output)

@@ -1,4 +1,9 @@
-"""Training checkpoints: the model artifact plus the trainer's state, both pickle-free to read."""
+"""Training checkpoints: the model artifact plus the trainer's state, nothing of it pickled.
+
+The optimizer's tensors go to ``optimizer.safetensors`` and the rest of its state (hyperparameters,
+which tensor belongs to which parameter) to ``optimizer.json``; the loop state is ``history.json``.
+``torch.load`` is never called: its ``weights_only`` unpickler has had bypasses (CVE-2025-32434).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,44 @@ import os
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-from ray_rec.model.artifact import save_model
+from ray_rec.model.artifact import ArtifactError, save_model
 from ray_rec.model.interest_model import InterestModel
 from ray_rec.vocab import Vocabulary
 
-STATE_FILE = "trainer_state.pt"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_META = "optimizer.json"
 HISTORY_FILE = "history.json"
+STATE_FILES = (OPTIMIZER_TENSORS, OPTIMIZER_META, HISTORY_FILE)
+LEGACY_STATE_FILE = "trainer_state.pt"  # a pickle, written before 0.1.1; never read
+
+
+def optimizer_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer's ``state_dict`` split into tensors (named ``<param>/<field>``) and JSON."""
+    saved = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for param, fields in saved["state"].items():
+        plain[str(param)] = {}
+        for name, value in fields.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{param}/{name}"] = value.detach().cpu().contiguous()
+            else:
+                plain[str(param)][name] = value
+    return tensors, {"param_groups": saved["param_groups"], "state": plain}
+
+
+def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `optimizer_files`: a ``state_dict`` for ``Optimizer.load_state_dict``."""
+    state: dict[int, dict[str, Any]] = {int(param): dict(fields) for param, fields in meta["state"].items()}
+    for key, value in tensors.items():
+        param, _, name = key.partition("/")
+        state.setdefault(int(param), {})[name] = value
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
+              for group in meta["param_groups"]]  # JSON made Adam's betas a list
+    return {"state": state, "param_groups": groups}
 
 
 def write_checkpoint(
@@ -21,20 +57,40 @@ def write_checkpoint(
 ) -> None:
     """Write the artifact, the optimizer state and the loop state (epoch, best, history)."""
     save_model(model, vocab, folder, extra={"training": {k: v for k, v in state.items() if k != "history"}})
-    torch.save({"optimizer": optimizer.state_dict(), "epoch": state["epoch"]}, os.path.join(folder, STATE_FILE))
+    tensors, meta = optimizer_files(optimizer)
+    save_file(tensors, os.path.join(folder, OPTIMIZER_TENSORS))
+    with open(os.path.join(folder, OPTIMIZER_META), "w") as f:
+        json.dump(meta, f)
     with open(os.path.join(folder, HISTORY_FILE), "w") as f:
         json.dump(state, f)
 
 
 def read_checkpoint(folder: str, model: InterestModel, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model and optimizer from a checkpoint folder; returns the loop state."""
-    from safetensors.torch import load_file
+    """Restore model and optimizer from a checkpoint folder; returns the loop state.
 
-    model.load_state_dict(load_file(os.path.join(folder, "weights.safetensors")))
-    saved = torch.load(os.path.join(folder, STATE_FILE), weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
-    with open(os.path.join(folder, HISTORY_FILE)) as f:
-        return json.load(f)
+    Raises:
+        ArtifactError: a file is missing or is not what ray_rec writes (a planted pickle, say).
+    """
+    missing = [name for name in STATE_FILES if not os.path.exists(os.path.join(folder, name))]
+    if missing:
+        old = os.path.exists(os.path.join(folder, LEGACY_STATE_FILE))
+        raise ArtifactError(
+            f"checkpoint {folder} lacks {', '.join(missing)}"
+            + (f": it was written by an older ray_rec whose {LEGACY_STATE_FILE} is a pickle, which is not read; "
+               "start the run again without --resume" if old else "")
+        )
+    try:
+        weights = load_file(os.path.join(folder, "weights.safetensors"))
+        tensors = load_file(os.path.join(folder, OPTIMIZER_TENSORS))
+        with open(os.path.join(folder, OPTIMIZER_META)) as f:
+            meta = json.load(f)
+        with open(os.path.join(folder, HISTORY_FILE)) as f:
+            history = json.load(f)
+    except (SafetensorError, ValueError, OSError) as exc:  # JSONDecodeError is a ValueError
+        raise ArtifactError(f"checkpoint {folder} cannot be read: {exc}") from None
+    model.load_state_dict(weights)
+    optimizer.load_state_dict(optimizer_state(tensors, meta))
+    return history
 
 
 def newest_complete_checkpoint(run_uri: str) -> tuple[str, int] | None:
@@ -55,7 +111,7 @@ def newest_complete_checkpoint(run_uri: str) -> tuple[str, int] | None:
             by_folder.setdefault(folder, set()).add(name)
     best: tuple[str, int] | None = None
     for folder, names in by_folder.items():
-        if not {*REQUIRED_FILES, STATE_FILE, HISTORY_FILE} <= names:
+        if not {*REQUIRED_FILES, *STATE_FILES} <= names:
             continue  # a partial upload
         try:
             epoch = int(json.loads(storage.read_bytes(storage.join(run_uri, folder, HISTORY_FILE)))["epoch"])

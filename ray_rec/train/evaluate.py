@@ -22,6 +22,7 @@ from ray_rec import storage
 from ray_rec.data.examples import CLICK, evaluation_examples
 from ray_rec.data.pipeline import read_sequences
 from ray_rec.data.prepare import read_manifest
+from ray_rec.data.schema import check_schema
 from ray_rec.metrics import DEFAULT_KS, RankingMetrics, full_ranks, user_negatives
 from ray_rec.model.artifact import Recommender, catalog_blocks, load_model
 from ray_rec.ray_session import scoring_pool, use_node_cores
@@ -69,6 +70,7 @@ class RankUsers:
 
 
 def count_clicks(table: pa.Table) -> dict[str, np.ndarray]:
+    check_schema(table.schema, "sequence batch", required=("items", "events"))
     items = table.column("items").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     events = table.column("events").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return {"item": items[events == CLICK].astype(np.int64)}

@@ -265,6 +265,7 @@ def train(
     use_gpu: bool = False,
     resume: bool = False,
     fail_once: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train on a prepared dataset with ``workers`` data-parallel Ray Train workers.
 
@@ -273,6 +274,7 @@ def train(
 
     Raises:
         TrainingError: the output already holds a run (without ``resume``), or there is nothing to resume.
+        OutputError: the output holds files no training run wrote (unless ``overwrite``), or the data.
     """
     if workers < 1:
         raise TrainingError(f"--workers={workers} must be >= 1")
@@ -283,6 +285,7 @@ def train(
         raise TrainingError(f"{output} already holds a training run: pass --resume to continue it, or choose another --output")
     if resume and not storage.exists(run_dir):
         raise TrainingError(f"--resume: {output} holds no training run to continue")
+    storage.claim_output(output, "train", overwrite, reads=(data,))
     mcfg = for_data(config.model, manifest)
     logger.info("model: %s", mcfg.describe())
     logger.info(batch_line(config.train.batch_size, workers))

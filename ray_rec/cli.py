@@ -18,6 +18,7 @@ logger = logging.getLogger("ray_rec")
 
 
 OVERWRITE_HELP = "replace an --output folder that holds files this command did not write"
+TRACKING_HELP = "MLflow tracking server to log the run to (default: MLFLOW_TRACKING_URI; unset: no tracking)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="data-parallel training workers")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl)")
     p.add_argument("--resume", action="store_true", help="continue the run already in --output")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue with data/train/eval settings that differ from the run's (logged)")
+    p.add_argument("--tracking-uri", help=TRACKING_HELP)
+    p.add_argument("--experiment", default="ray_rec", help="MLflow experiment of a tracked run (default ray_rec)")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     p = sub.add_parser("evaluate", help="ranking metrics of a model on a split")
@@ -54,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model artifact folder (local path or s3://)")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
     p.add_argument("--output", help="also write eval_<split>.json here")
+    p.add_argument("--tracking-uri", help="log the metrics to the MLflow run the model was trained in "
+                                          "(default: MLFLOW_TRACKING_URI)")
 
     p = sub.add_parser("serve", help="serve a model over HTTP in the foreground (Ray Serve)")
     p.add_argument("--model", required=True)
@@ -112,10 +119,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     read_manifest(args.data)  # fail fast, before Ray starts
     init_ray(args.workers)
     result = train(args.data, args.output, config, workers=args.workers, use_gpu=args.gpu, resume=args.resume,
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, allow_changes=args.allow_changes, tracking=args.tracking_uri,
+                   experiment=args.experiment)
     print(f"trained: best epoch {result.best_epoch} of {result.epochs_run}, {json.dumps(result.best_metrics)}; "
           f"{result.seconds:.0f} s")
     print(f"model artifact: {result.model_uri}")
+    if result.tracking:
+        print(f"MLflow run {result.tracking['run_id']} at {result.tracking['uri']}")
     print(f"next: ray-rec evaluate --data {args.data} --model {result.model_uri}")
     return 0
 
@@ -124,15 +134,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ray_rec.data.prepare import read_manifest
     from ray_rec.model.artifact import load_model
     from ray_rec.ray_session import init_ray
-    from ray_rec.train.evaluate import evaluate_model, format_table
+    from ray_rec.train.evaluate import evaluate_model, format_table, log_to_run
+    from ray_rec.train.lineage import describe
 
     read_manifest(args.data)  # fail fast, before Ray starts
     rec = load_model(args.model)
     init_ray(1)
     result = evaluate_model(args.data, args.model, split=args.split, output=args.output, model=rec,
                             progress=lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True))
+    print(describe(result["lineage"]))
     print(format_table(result))
     print(json.dumps(result))
+    log_to_run(result, args.tracking_uri)
     return 0
 
 
@@ -148,6 +161,7 @@ def _cmd_batch_score(args: argparse.Namespace) -> int:
     from ray_rec.model.artifact import load_model
     from ray_rec.ray_session import init_ray
     from ray_rec.train.batch_score import batch_score
+    from ray_rec.train.lineage import describe
 
     if args.k < 1:
         raise ValueError(f"--k must be at least 1, got {args.k}")
@@ -157,6 +171,7 @@ def _cmd_batch_score(args: argparse.Namespace) -> int:
     n = batch_score(args.data, args.model, args.output, split=args.split, k=args.k, model=rec, overwrite=args.overwrite,
                     progress=lambda msg: print(f"[batch-score] {msg}", file=sys.stderr, flush=True))
     print(f"wrote top-{args.k} recommendations for {n:,} users to {args.output}")
+    print(f"model {rec.version}: {describe(rec.meta.get('lineage'))}")
     return 0
 
 

@@ -7,6 +7,7 @@ value is reported once, naming the field and the value. Importing this module do
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -210,12 +211,13 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: float = 5.0
-    patience: int = 10  # validations (every `eval_every` epochs) without a better NDCG@10 before stopping
-    # Halve the learning rate after this many validations without a better NDCG@10 (again after as
-    # many more); 0 = a constant learning rate.
+    patience: int = 10  # validations (every `eval_every` epochs) without a better `select_by` before stopping
+    # Halve the learning rate after this many validations without a better `select_by` (again after
+    # as many more); 0 = a constant learning rate.
     lr_patience: int = 3
     eval_every: int = 1
-    keep_checkpoints: int = 2  # best K by validation NDCG@10
+    select_by: str = "NDCG@10"  # the validation metric that picks the best epoch: HR@k or NDCG@k (k in eval.ks), or MRR
+    keep_checkpoints: int = 2  # best K by validation `select_by`
     eval_batch_size: int = 512
     # Validation users per evaluation: the first shards of the valid split (users are spread over
     # shards by a hash, so these are a fixed random sample) holding about this many; 0 = all.
@@ -244,6 +246,26 @@ class TrainConfig:
         _check_range("train.progress_s", self.progress_s, 0.0)
         if not isinstance(self.sparse_items, bool):
             raise ValueError(f"train.sparse_items={self.sparse_items!r} must be true or false")
+        if not isinstance(self.select_by, str) or not re.fullmatch(r"(HR|NDCG)@[1-9]\d*|MRR", self.select_by):
+            raise ValueError(f"train.select_by={self.select_by!r} must be HR@k, NDCG@k or MRR")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How ranking is measured, in validation and by `ray-rec evaluate` (leave-one-out, full
+    ranking with seen items excluded)."""
+
+    ks: tuple[int, ...] = (5, 10, 20)  # cut-offs of HR@k and NDCG@k
+
+    def __post_init__(self) -> None:
+        ks = self.ks
+        if isinstance(ks, int) and not isinstance(ks, bool):
+            ks = (ks,)
+        if not isinstance(ks, (list, tuple)) or not ks or not all(isinstance(k, int) and not isinstance(k, bool) for k in ks):
+            raise ValueError(f"eval.ks={self.ks!r} must be a list of whole numbers, e.g. [5, 10, 20]")
+        for k in ks:
+            _check_range("eval.ks", k, 1, 10_000)
+        object.__setattr__(self, "ks", tuple(sorted(set(ks))))
 
 
 @dataclass(frozen=True)
@@ -253,9 +275,23 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        k = self.train.select_by.partition("@")[2]
+        if k and int(k) not in self.eval.ks:
+            raise ValueError(f"train.select_by={self.train.select_by!r} needs {k} among eval.ks={list(self.eval.ks)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every section as plain JSON types (``eval.ks`` as a list)."""
+        out = dataclasses.asdict(self)
+        out["eval"]["ks"] = list(self.eval.ks)
+        return out
+
+    @property
+    def score(self) -> str:
+        """The name of the validation metric that picks the best epoch in a run's metrics."""
+        return f"val_{self.train.select_by}"
 
 
 T = TypeVar("T")
@@ -277,18 +313,17 @@ def build(cls: type[T], values: dict[str, Any] | None, section: str) -> T:
         raise ValueError(f"bad settings in section {section!r}: {exc}") from None
 
 
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build a `Config` from a nested dict (as read from YAML)."""
     if not isinstance(raw, dict):
-        raise ValueError("a config must be a mapping with sections model, data, train")
-    unknown = sorted(set(raw) - {"model", "data", "train"})
+        raise ValueError("a config must be a mapping with sections model, data, train, eval")
+    unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise ValueError(f"unknown config section(s): {', '.join(unknown)}; known: model, data, train")
-    return Config(
-        model=build(ModelConfig, raw.get("model"), "model"),
-        data=build(DataConfig, raw.get("data"), "data"),
-        train=build(TrainConfig, raw.get("train"), "train"),
-    )
+        raise ValueError(f"unknown config section(s): {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+    return Config(**{name: build(cls, raw.get(name), name) for name, cls in SECTIONS.items()})  # type: ignore[arg-type]
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -330,7 +365,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         except yaml.YAMLError as exc:
             raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
-            raise ValueError(f"config file {path} must hold a mapping with sections model, data, train")
+            raise ValueError(f"config file {path} must hold a mapping with sections model, data, train, eval")
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         if not key:

@@ -242,7 +242,8 @@ def claim_output(uri: str, command: str, overwrite: bool = False, reads: tuple[s
     mark_output(target, command)
 
 
-def mark_output(uri: str, command: str) -> None:
-    """Write the marker that says ``uri`` is ``command``'s output (see `claim_output`)."""
+def mark_output(uri: str, command: str, extra: dict[str, Any] | None = None) -> None:
+    """Write the marker that says ``uri`` is ``command``'s output (see `claim_output`), with
+    ``extra`` facts about it (batch-score: the model and its lineage)."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    write_bytes(join(uri, OUTPUT_MARKER), json.dumps({"command": command, "created": stamp}).encode())
+    write_bytes(join(uri, OUTPUT_MARKER), json.dumps({"command": command, "created": stamp, **(extra or {})}, indent=2).encode())

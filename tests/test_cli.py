@@ -93,7 +93,7 @@ def test_readme_configuration_table_matches_the_defaults():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     cfg, wrong = Config(), []
-    for section in ("model", "data", "train"):
+    for section in ("model", "data", "train", "eval"):
         values = getattr(cfg, section)
         for f in dataclasses.fields(values):
             if f.name in ("num_items", "side_features"):  # filled from the data set's manifest

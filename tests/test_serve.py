@@ -132,6 +132,7 @@ def test_unknown_history_falls_back_to_popularity(service):
 def test_model_info_health_and_openapi(service, trained):
     info = requests.get(service + "/v1/model", timeout=10).json()
     assert info["catalog_size"] == load_model(trained.model_uri).config.num_items
+    assert info["lineage"] == load_model(trained.model_uri).info["lineage"] and info["lineage"]["workers"] == 2
     assert requests.get(service + "/healthz", timeout=10).json()["status"] == "ok"
     paths = requests.get(service + "/openapi.json", timeout=10).json()["paths"]
     assert {"/v1/score", "/v1/recommend", "/v1/model", "/healthz"} <= set(paths)

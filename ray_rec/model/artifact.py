@@ -148,6 +148,14 @@ class Recommender:
     def config(self) -> ModelConfig:
         return self.model.config
 
+    @property
+    def info(self) -> dict[str, Any]:
+        """What this model is and where it came from: version, location, creation time, and the
+        run's ``lineage`` (configuration, data set, code and versions, seeds, workers, device,
+        tracking; None for artifacts written before it was recorded) and ``training`` summary."""
+        return {"version": self.version, "uri": self.uri, "created": self.meta.get("created"),
+                "lineage": self.meta.get("lineage"), "training": self.meta.get("training")}
+
     def window(self, known: Sequence[Sequence[int]]) -> torch.Tensor:
         """Item-index histories -> the left-padded (B, L) last ``history_len`` steps the model reads."""
         return pad_rows([row[-self.config.history_len :] for row in known], left=True)

@@ -132,6 +132,7 @@ class RecommenderService:
             "loaded_at": rec.loaded_at,
             "catalog_size": len(rec.vocab),
             "config": rec.meta["model"],
+            "lineage": rec.meta.get("lineage"),
             "last_reload_error": self.reload_error,
         }
 

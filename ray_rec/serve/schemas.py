@@ -72,6 +72,7 @@ class ModelInfo(BaseModel):
     loaded_at: str
     catalog_size: int
     config: dict
+    lineage: dict | None = Field(None, description="the training run: configuration, data set, code, versions, seeds")
     last_reload_error: str | None
 
 

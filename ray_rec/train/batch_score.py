@@ -86,7 +86,8 @@ def batch_score(data: str, model_uri: str, output: str, split: str = "test", k: 
                 TopK, fn_constructor_args=(model_uri, k, counter), batch_format="pyarrow", batch_size=512,
                 compute=scoring_pool(),
             ).write_parquet(staging_path, filesystem=fs)
-        storage.mark_output(staging, "batch-score")
+        storage.mark_output(staging, "batch-score", {"model": {"uri": model_uri, "version": rec.version,
+                                                                "lineage": rec.meta.get("lineage")}})
     except BaseException:
         storage.delete_dir(staging)  # this run's own staging folder, nothing else
         raise

@@ -53,10 +53,13 @@ def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
 
 
 def write_checkpoint(
-    folder: str, model: InterestModel, vocab: Vocabulary, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    folder: str, model: InterestModel, vocab: Vocabulary, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+    lineage: dict[str, Any] | None = None,
 ) -> None:
-    """Write the artifact, the optimizer state and the loop state (epoch, best, history)."""
-    save_model(model, vocab, folder, extra={"training": {k: v for k, v in state.items() if k != "history"}})
+    """Write the artifact (with the run's ``lineage``), the optimizer state and the loop state
+    (epoch, best, history)."""
+    training = {k: v for k, v in state.items() if k != "history"}
+    save_model(model, vocab, folder, extra={"training": training, "lineage": lineage})
     tensors, meta = optimizer_files(optimizer)
     save_file(tensors, os.path.join(folder, OPTIMIZER_TENSORS))
     with open(os.path.join(folder, OPTIMIZER_META), "w") as f:

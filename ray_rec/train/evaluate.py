@@ -112,7 +112,9 @@ def evaluate_model(data: str, model_uri: str, split: str = "test", output: str |
     say("counting the train split's clicks (the popularity baseline)")
     popularity = train_popularity(data, rec.config.num_items, manifest)
     say(f"ranking the {split} split's users over {rec.config.num_items:,} items")
-    acc = {name: RankingMetrics(DEFAULT_KS) for name in ("full", "sampled", "popularity")}
+    lineage = rec.meta.get("lineage") or {}
+    ks = tuple(lineage.get("config", {}).get("eval", {}).get("ks", DEFAULT_KS))  # the run's own cut-offs
+    acc = {name: RankingMetrics(ks) for name in ("full", "sampled", "popularity")}
     start, users = time.monotonic(), 0
     with reported_user_count(progress_s, say, "ranked") as counter:
         ranks = read_sequences(data, split, manifest).map_batches(
@@ -134,10 +136,26 @@ def evaluate_model(data: str, model_uri: str, split: str = "test", output: str |
         "full_ranking": acc["full"].result(),
         "sampled_100": acc["sampled"].result(),
         "popularity_full_ranking": acc["popularity"].result(),
+        "lineage": rec.meta.get("lineage"),
     }
     if output:
         storage.write_bytes(storage.join(output, f"eval_{split}.json"), json.dumps(result, indent=2).encode())
     return result
+
+
+def log_to_run(result: dict[str, Any], tracking: str | None) -> bool:
+    """Log an evaluation's full-ranking metrics (``test_NDCG_at_10``, ...) to the MLflow run the
+    model was trained in, when a tracking URI is given (or set) and the model names a tracked run.
+    Returns whether it was sent."""
+    from ray_rec.train.tracking import Tracker, tracking_uri
+
+    uri, run = tracking_uri(tracking), (result.get("lineage") or {}).get("tracking")
+    if uri is None or not run:
+        return False
+    tracker = Tracker(uri, run["run_id"])
+    tracker.log_metrics({k: v for k, v in result["full_ranking"].items() if k != "count"}, step=0,
+                        prefix=f"{result['split']}_")
+    return tracker.ok
 
 
 def format_table(result: dict[str, Any]) -> str:

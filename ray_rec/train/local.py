@@ -44,7 +44,7 @@ class LocalRun:
 def train_local(
     data: str, config: Config, evaluate_test: bool = True, log: Callable[[str], None] | None = None
 ) -> LocalRun:
-    """Train on a prepared dataset in this process; keeps the epoch with the best validation NDCG@10."""
+    """Train on a prepared dataset in this process; keeps the epoch with the best validation ``train.select_by``."""
     say = log or logger.info
     manifest = read_manifest(data)
     mcfg = for_data(config.model, manifest)
@@ -73,11 +73,11 @@ def train_local(
         train_seconds += time.monotonic() - t0
         row: dict[str, Any] = {"epoch": epoch, "loss": total / max(n, 1), "epoch_s": time.monotonic() - t0}
         if epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs:
-            full, _ = evaluate(model, valid.batches(tcfg.eval_batch_size))
+            full, _ = evaluate(model, valid.batches(tcfg.eval_batch_size), config.eval.ks)
             metrics = full.result()
-            row.update({"val_HR@10": metrics["HR@10"], "val_NDCG@10": metrics["NDCG@10"]})
-            if metrics["NDCG@10"] > best:
-                best, best_state, bad, run.best_epoch = metrics["NDCG@10"], copy.deepcopy(model.state_dict()), 0, epoch
+            row.update({f"val_{name}": value for name, value in metrics.items() if name != "count"})
+            if metrics[tcfg.select_by] > best:
+                best, best_state, bad, run.best_epoch = metrics[tcfg.select_by], copy.deepcopy(model.state_dict()), 0, epoch
             else:
                 bad += 1
                 decay_on_plateau(optimizer, bad, tcfg, say)
@@ -85,13 +85,13 @@ def train_local(
         run.history.append(row)
         say(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         if bad >= tcfg.patience:
-            say(f"early stop at epoch {epoch}: no better validation NDCG@10 for {bad} evaluations")
+            say(f"early stop at epoch {epoch}: no better validation {tcfg.select_by} for {bad} evaluations")
             break
     model.load_state_dict(best_state)
     run.seconds = time.monotonic() - started
     run.examples_per_s = examples / max(train_seconds, 1e-9)
     if evaluate_test:
         test = InMemoryExamples.evaluation(data, "test", mcfg.history_len, mcfg.time_buckets)
-        full, _ = evaluate(model, test.batches(tcfg.eval_batch_size))
+        full, _ = evaluate(model, test.batches(tcfg.eval_batch_size), config.eval.ks)
         run.test = full.result()
     return run

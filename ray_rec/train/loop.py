@@ -165,7 +165,7 @@ def batch_line(batch_size: int, workers: int) -> str:
 
 def decay_on_plateau(optimizer: torch.optim.Optimizer, bad: int, cfg: TrainConfig,
                      say: Callable[[str], None] = lambda line: None) -> float | None:
-    """Halve the learning rate when ``bad`` (validations in a row without a better NDCG@10) reaches
+    """Halve the learning rate when ``bad`` (validations in a row without a better ``select_by``) reaches
     a multiple of ``cfg.lr_patience``, unless training stops there (``cfg.patience``), and ``say``
     so; returns the new rate, or None when it stays. The rate lives in the optimizer's state, so a
     resumed run continues at the rate its checkpoint reached."""
@@ -174,7 +174,7 @@ def decay_on_plateau(optimizer: torch.optim.Optimizer, bad: int, cfg: TrainConfi
     for group in optimizer.param_groups:
         group["lr"] *= 0.5
     lr = float(optimizer.param_groups[0]["lr"])
-    say(f"learning rate halved to {lr:g}: no better validation NDCG@10 for {bad} evaluations")
+    say(f"learning rate halved to {lr:g}: no better validation {cfg.select_by} for {bad} evaluations")
     return lr
 
 

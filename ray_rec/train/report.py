@@ -13,7 +13,7 @@ logger = logging.getLogger(__name__)
 
 
 def plot_curves(history: list[dict[str, Any]]) -> bytes:
-    """Loss and validation NDCG@10 / HR@10 per epoch, as PNG bytes."""
+    """Loss and the validation metrics (every HR@k and NDCG@k recorded, and MRR) per epoch, as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,9 +23,10 @@ def plot_curves(history: list[dict[str, Any]]) -> bytes:
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [r["loss"] for r in history], marker="o")
     ax_loss.set(title="training loss", xlabel="epoch")
-    evaluated = [r for r in history if "val_HR@10" in r]
-    ax_val.plot([r["epoch"] for r in evaluated], [r["val_NDCG@10"] for r in evaluated], marker="o", label="NDCG@10")
-    ax_val.plot([r["epoch"] for r in evaluated], [r["val_HR@10"] for r in evaluated], marker="s", label="HR@10")
+    evaluated = [r for r in history if "eval_users" in r]
+    names = [k for k in (evaluated[-1] if evaluated else {}) if k.startswith("val_")]
+    for name in names:
+        ax_val.plot([r["epoch"] for r in evaluated], [r[name] for r in evaluated], marker=".", label=name[4:])
     ax_val.set(title="validation (full ranking)", xlabel="epoch")
     ax_val.legend()
     fig.tight_layout()

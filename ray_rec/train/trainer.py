@@ -38,6 +38,7 @@ from ray_rec.model.interest_model import InterestModel
 from ray_rec.ray_session import usable_cores
 from ray_rec.train.checkpoint import newest_complete_checkpoint, read_checkpoint, write_checkpoint
 from ray_rec.train.feed import EpochPrefetcher, ExampleCache, epoch_chunks, training_batches
+from ray_rec.train.lineage import read_lineage, resume_lineage, run_lineage, write_lineage
 from ray_rec.train.loop import (
     Progress,
     batch_line,
@@ -51,12 +52,12 @@ from ray_rec.train.loop import (
     worker_batch,
 )
 from ray_rec.train.report import write_metrics_files
+from ray_rec.train.tracking import EXPERIMENT, Tracker, flatten, tracking_uri
 from ray_rec.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
 
 RUN_NAME = "run"
-SCORE = "val_NDCG@10"
 
 
 @dataclass
@@ -69,6 +70,7 @@ class TrainResult:
     epochs_run: int
     best_metrics: dict[str, float]
     seconds: float
+    tracking: dict[str, str] | None = None  # the MLflow tracking URI and run id, when tracked
 
 
 def _log(msg: str) -> None:
@@ -100,7 +102,7 @@ def _evaluate_shard(model: InterestModel, shard: Any, cfg: Config, cache: Exampl
     batches = (collate(examples) for examples in cache.chunks(stream))
     paced = Progress(cfg.train.progress_s).users(batches, _log, f"epoch {epoch} validation",
                                                  ray.train.get_context().get_world_size())
-    full, _ = evaluate(model, paced)
+    full, _ = evaluate(model, paced, cfg.eval.ks)
     sums = full.sums.clone()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
@@ -209,33 +211,35 @@ def _epochs(loop_config: dict[str, Any], cfg: Config, state: dict[str, Any], mod
         if evaluated:
             t_val = time.monotonic()
             val = _evaluate_shard(model, valid_shard, cfg, valid_cache, epoch)
-            metrics.update({"val_HR@10": val["HR@10"], SCORE: val["NDCG@10"], "eval_users": int(val["count"]),
-                            "eval_s": time.monotonic() - t_val})
-            if val["NDCG@10"] > state["best"]:
-                state.update(best=val["NDCG@10"], best_epoch=epoch, bad=0)
+            metrics.update({f"val_{name}": value for name, value in val.items() if name != "count"})
+            metrics.update({"eval_users": int(val["count"]), "eval_s": time.monotonic() - t_val})
+            if val[tcfg.select_by] > state["best"]:
+                state.update(best=val[tcfg.select_by], best_epoch=epoch, bad=0)
             else:
                 state["bad"] += 1
                 decay_on_plateau(optimizer, state["bad"], tcfg, _log)
         metrics["lr"] = optimizer.param_groups[0]["lr"]
-        metrics.setdefault(SCORE, state["best"])
+        metrics.setdefault(cfg.score, state["best"])  # Ray Train ranks checkpoints by it on every report
         state["epoch"] = epoch
         state["history"].append(metrics)
         stop = state["bad"] >= tcfg.patience
         _log(
             f"epoch {epoch}/{tcfg.epochs} loss {metrics['loss']:.4f} "
-            + (f"val HR@10 {metrics['val_HR@10']:.4f} NDCG@10 {metrics[SCORE]:.4f} "
+            + (f"val {tcfg.select_by} {metrics[cfg.score]:.4f} "
                f"on {metrics['eval_users']:,} users in {metrics['eval_s']:.1f} s " if evaluated else "")
             + f"({metrics['examples_per_s']:,.0f} examples/s)"
         )
         with tempfile.TemporaryDirectory() as folder:
             ckpt = None
             if rank == 0:
-                write_checkpoint(folder, model, vocab, optimizer, state)
+                write_checkpoint(folder, model, vocab, optimizer, state, loop_config.get("lineage"))
                 write_metrics_files(output, state["history"])
+                if loop_config.get("tracker") is not None:
+                    loop_config["tracker"].log_metrics(metrics, step=epoch)
                 ckpt = Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=ckpt)
         if stop:
-            _log(f"early stop: no better validation NDCG@10 for {state['bad']} evaluations (best epoch {state['best_epoch']})")
+            _log(f"early stop: no better validation {tcfg.select_by} for {state['bad']} evaluations (best epoch {state['best_epoch']})")
             break
 
 
@@ -257,6 +261,53 @@ def _aws_env() -> dict[str, str]:
     return {n: os.environ[n] for n in names if n in os.environ}
 
 
+def _start_lineage(output: str, config: Config, mcfg: Any, data: str, manifest: dict[str, Any], workers: int,
+                   use_gpu: bool, resume: bool, allow_changes: bool, tracking: str | None,
+                   experiment: str) -> tuple[dict[str, Any], Tracker | None]:
+    """The run's lineage (new, or the stored one checked against this resume) and its tracker,
+    written to ``<output>/lineage.json`` before any training starts."""
+    lineage = run_lineage(config, mcfg, data, manifest, workers, "cuda" if use_gpu else "cpu")
+    stored = read_lineage(output) if resume else None
+    if resume and stored is None:
+        logger.warning("--resume: this run recorded no lineage (an older ray_rec): its settings cannot be compared")
+    changes: list[str] = []
+    if stored is not None:
+        lineage, changes = resume_lineage(stored, lineage, allow_changes)
+        for line in changes:
+            logger.warning("--resume with a changed setting: %s", line)
+    uri = tracking_uri(tracking)
+    tracker = None
+    if uri is not None:
+        before = lineage.get("tracking") or {}
+        tracker = Tracker.open(uri, before.get("run_id") if before.get("uri") == uri else None,
+                               run_name=output.rstrip("/").rsplit("/", 1)[-1], experiment=experiment)
+        lineage["tracking"] = {"uri": uri, "run_id": tracker.run_id}
+        if tracker.run_id != before.get("run_id"):
+            tracker.log_params({**flatten(lineage["config"]), "data.uri": data, "data.manifest_sha256":
+                                lineage["data"]["manifest_sha256"], "run.workers": str(workers),
+                                "run.device": lineage["device"], "code.commit": str(lineage["code"]["commit"])})
+        if changes:
+            tracker.set_tags({f"ray_rec.resume_change.{len(lineage['changes'])}": "; ".join(changes)})
+        logger.info("tracking: MLflow run %s at %s", tracker.run_id, uri)
+    elif lineage.get("tracking"):
+        logger.warning("this run was tracked at %s (MLflow run %s): pass --tracking-uri to go on logging it",
+                       lineage["tracking"]["uri"], lineage["tracking"]["run_id"])
+    write_lineage(output, lineage)
+    return lineage, tracker
+
+
+def _finish_tracking(tracker: Tracker, output: str, model_uri: str, best_row: dict[str, Any]) -> None:
+    """The driver's last words to the tracked run: the plot, the artifact's location, the best epoch."""
+    with tempfile.TemporaryDirectory() as tmp:
+        plot = os.path.join(tmp, "metrics.png")
+        if storage.exists(storage.join(output, "metrics.png")):
+            storage.download(storage.join(output, "metrics.png"), plot)
+            tracker.log_file(plot)
+    tracker.set_tags({"ray_rec.model_uri": model_uri, "ray_rec.output": output})
+    tracker.log_metrics({k: v for k, v in best_row.items() if k.startswith("val_") or k == "epoch"}, step=0, prefix="best_")
+    tracker.finish()
+
+
 def train(
     data: str,
     output: str,
@@ -266,14 +317,21 @@ def train(
     resume: bool = False,
     fail_once: dict[str, Any] | None = None,
     overwrite: bool = False,
+    allow_changes: bool = False,
+    tracking: str | None = None,
+    experiment: str = EXPERIMENT,
 ) -> TrainResult:
     """Train on a prepared dataset with ``workers`` data-parallel Ray Train workers.
 
-    Writes checkpoints under ``<output>/run``, ``metrics.jsonl`` and ``metrics.png``, and the model
-    artifact of the best epoch to ``<output>/model``.
+    Writes checkpoints under ``<output>/run``, ``metrics.jsonl`` and ``metrics.png``, the run's
+    ``lineage.json``, and the model artifact of the best epoch to ``<output>/model``; every
+    checkpoint and the artifact carry the lineage. ``resume`` continues the run in ``output``
+    with the same settings (changed ones only with ``allow_changes``). ``tracking``: an MLflow
+    tracking URI (default ``MLFLOW_TRACKING_URI``; none: no tracking), runs go to ``experiment``.
 
     Raises:
-        TrainingError: the output already holds a run (without ``resume``), or there is nothing to resume.
+        TrainingError: the output already holds a run (without ``resume``), there is nothing to
+            resume, or a resume changes the data set, the model or (without ``allow_changes``) a setting.
         OutputError: the output holds files no training run wrote (unless ``overwrite``), or the data.
     """
     if workers < 1:
@@ -287,6 +345,8 @@ def train(
         raise TrainingError(f"--resume: {output} holds no training run to continue")
     storage.claim_output(output, "train", overwrite, reads=(data,))
     mcfg = for_data(config.model, manifest)
+    lineage, tracker = _start_lineage(output, config, mcfg, data, manifest, workers, use_gpu, resume, allow_changes,
+                                      tracking, experiment)
     logger.info("model: %s", mcfg.describe())
     logger.info(batch_line(config.train.batch_size, workers))
     if manifest["has_browse"] and mcfg.resolved_loss != "bce":
@@ -312,6 +372,8 @@ def train(
             "output": output,
             "fail_once": fail_once,
             "use_gpu": use_gpu,
+            "lineage": lineage,
+            "tracker": tracker,
         },
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         datasets={
@@ -324,7 +386,7 @@ def train(
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=config.train.max_failures),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=config.train.keep_checkpoints, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+                num_to_keep=config.train.keep_checkpoints, checkpoint_score_attribute=config.score, checkpoint_score_order="max"
             ),
             worker_runtime_env={"env_vars": _aws_env()},  # type: ignore[call-arg]
         ),
@@ -332,13 +394,15 @@ def train(
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
+        if tracker is not None:
+            tracker.finish("FAILED")
         raise TrainingError(
             f"training failed after {config.train.max_failures} recoveries: {exc}. "
             f"Fix the cause, then rerun with --resume to continue from the last checkpoint"
         ) from None
     if result.error is not None:
         raise TrainingError(f"training failed: {result.error}")
-    best = result.get_best_checkpoint(SCORE, "max") if result.best_checkpoints else result.checkpoint
+    best = result.get_best_checkpoint(config.score, "max") if result.best_checkpoints else result.checkpoint
     if best is None:
         raise TrainingError("training finished without a checkpoint")
     model_uri = storage.join(output, "model")
@@ -355,6 +419,8 @@ def train(
         storage.move_dir(staging, model_uri)
     best_row: dict[str, Any] = next((r for r in state["history"] if r["epoch"] == state["best_epoch"]), {})
     final_history = result.metrics or {}
+    if tracker is not None:
+        _finish_tracking(tracker, output, model_uri, best_row)
     return TrainResult(
         output=output,
         model_uri=model_uri,
@@ -362,5 +428,6 @@ def train(
         epochs_run=int(final_history.get("epoch", state["epoch"])),
         best_metrics={k: v for k, v in best_row.items() if k.startswith("val_")},
         seconds=time.monotonic() - started,
+        tracking=lineage.get("tracking"),
     )
 

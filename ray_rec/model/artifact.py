@@ -356,16 +356,18 @@ def _read_local(folder: str, max_model_mb: float = DEFAULT_MAX_MODEL_MB) -> Reco
     return rec
 
 
-def load_model(uri: str, max_model_mb: float = DEFAULT_MAX_MODEL_MB) -> Recommender:
+def load_model(uri: str, max_model_mb: float | None = None) -> Recommender:
     """Load an artifact from a local folder or an s3:// URI.
 
     Everything is checked before it is used: the config's model size against ``max_model_mb``, the
     weights' names and shapes against the config (before the model is allocated), the version
-    against the weights' own hash, every weight finite, and one trial prediction.
+    against the weights' own hash, every weight finite, and one trial prediction. ``max_model_mb``:
+    `DEFAULT_MAX_MODEL_MB` when None.
 
     Raises:
         ArtifactError: the folder is missing, incomplete, corrupt, too large or of another format.
     """
+    max_model_mb = DEFAULT_MAX_MODEL_MB if max_model_mb is None else max_model_mb
     if storage.is_s3(uri):
         with tempfile.TemporaryDirectory() as tmp:
             _fetch(uri, tmp, max_model_mb)

@@ -87,7 +87,8 @@ class ServeArgs(BaseModel):
     max_history: int = Field(1000, ge=1, le=MAX_LIST)
     max_candidates: int = Field(1000, ge=1, le=MAX_LIST)
     max_k: int = Field(1000, ge=1, le=MAX_LIST)
-    max_model_mb: float = Field(4096, gt=0, description="refuse (at start and on reload) a model larger than this")
+    max_model_mb: float | None = Field(None, gt=0, description="refuse (at start and on reload) a model larger than this; "
+                                                               "default: load_model's (4096)")
     max_body_bytes: int = Field(1_000_000, ge=1024)
     api_key_env: str = Field("", description="environment variable holding the API key; empty = no key")
     num_replicas: int | str = 1

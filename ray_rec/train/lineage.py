@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -24,6 +25,8 @@ from typing import Any
 from ray_rec import __version__, storage
 from ray_rec.config import Config, ModelConfig
 from ray_rec.errors import TrainingError
+
+logger = logging.getLogger(__name__)
 
 LINEAGE_FILE = "lineage.json"
 COMMIT_ENV = "RAY_REC_COMMIT"  # set in images built without the repository's .git
@@ -78,6 +81,22 @@ def run_lineage(config: Config, model: ModelConfig, data: str, manifest: dict[st
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "changes": [],
     }
+
+
+def start_lineage(output: str, config: Config, model: ModelConfig, data: str, manifest: dict[str, Any], workers: int,
+                  device: str, resume: bool, allow_changes: bool) -> tuple[dict[str, Any], list[str]]:
+    """The lineage a run goes on with: new, or on ``resume`` the one ``output`` recorded, checked
+    against this start (`resume_lineage`); and the settings the resume changed (logged)."""
+    lineage = run_lineage(config, model, data, manifest, workers, device)
+    stored = read_lineage(output) if resume else None
+    if stored is None:
+        if resume:
+            logger.warning("--resume: this run recorded no lineage (an older ray_rec): its settings cannot be compared")
+        return lineage, []
+    lineage, changes = resume_lineage(stored, lineage, allow_changes)
+    for line in changes:
+        logger.warning("--resume with a changed setting: %s", line)
+    return lineage, changes
 
 
 def read_lineage(output: str) -> dict[str, Any] | None:

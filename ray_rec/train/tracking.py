@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -122,3 +123,41 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self._call("close the run", lambda: self.client.set_terminated(self.run_id, status=status))
+
+
+def track_run(lineage: dict[str, Any], uri: str | None, output: str, experiment: str, changes: list[str]) -> Tracker | None:
+    """The MLflow run of a training run, when ``uri`` is given: the one ``lineage`` names on that
+    server (a resume), else a new one named after ``output`` with every setting as a parameter.
+    Records it in ``lineage["tracking"]``."""
+    before = lineage.get("tracking") or {}
+    if uri is None:
+        if before:
+            logger.warning("this run was tracked at %s (MLflow run %s): pass --tracking-uri to go on logging it",
+                           before["uri"], before["run_id"])
+        return None
+    tracker = Tracker.open(uri, before.get("run_id") if before.get("uri") == uri else None,
+                           run_name=output.rstrip("/").rsplit("/", 1)[-1], experiment=experiment)
+    lineage["tracking"] = {"uri": uri, "run_id": tracker.run_id}
+    if tracker.run_id != before.get("run_id"):
+        tracker.log_params({**flatten(lineage["config"]), "data.uri": lineage["data"]["uri"],
+                            "data.manifest_sha256": lineage["data"]["manifest_sha256"],
+                            "run.workers": str(lineage["workers"]), "run.device": lineage["device"],
+                            "code.commit": str(lineage["code"]["commit"])})
+    if changes:
+        tracker.set_tags({f"ray_rec.resume_change.{len(lineage['changes'])}": "; ".join(changes)})
+    logger.info("tracking: MLflow run %s at %s", tracker.run_id, uri)
+    return tracker
+
+
+def close_run(tracker: Tracker, output: str, model_uri: str, best_row: dict[str, Any]) -> None:
+    """The driver's last words to a tracked run: the curves plot, where the artifact is, the best epoch."""
+    from ray_rec import storage
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plot = os.path.join(tmp, "metrics.png")
+        if storage.exists(storage.join(output, "metrics.png")):
+            storage.download(storage.join(output, "metrics.png"), plot)
+            tracker.log_file(plot)
+    tracker.set_tags({"ray_rec.model_uri": model_uri, "ray_rec.output": output})
+    tracker.log_metrics({k: v for k, v in best_row.items() if k.startswith("val_") or k == "epoch"}, step=0, prefix="best_")
+    tracker.finish()

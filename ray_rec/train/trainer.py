@@ -38,7 +38,7 @@ from ray_rec.model.interest_model import InterestModel
 from ray_rec.ray_session import usable_cores
 from ray_rec.train.checkpoint import newest_complete_checkpoint, read_checkpoint, write_checkpoint
 from ray_rec.train.feed import EpochPrefetcher, ExampleCache, epoch_chunks, training_batches
-from ray_rec.train.lineage import read_lineage, resume_lineage, run_lineage, write_lineage
+from ray_rec.train.lineage import start_lineage, write_lineage
 from ray_rec.train.loop import (
     Progress,
     batch_line,
@@ -52,7 +52,7 @@ from ray_rec.train.loop import (
     worker_batch,
 )
 from ray_rec.train.report import write_metrics_files
-from ray_rec.train.tracking import EXPERIMENT, Tracker, flatten, tracking_uri
+from ray_rec.train.tracking import EXPERIMENT, close_run, track_run, tracking_uri
 from ray_rec.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -261,53 +261,6 @@ def _aws_env() -> dict[str, str]:
     return {n: os.environ[n] for n in names if n in os.environ}
 
 
-def _start_lineage(output: str, config: Config, mcfg: Any, data: str, manifest: dict[str, Any], workers: int,
-                   use_gpu: bool, resume: bool, allow_changes: bool, tracking: str | None,
-                   experiment: str) -> tuple[dict[str, Any], Tracker | None]:
-    """The run's lineage (new, or the stored one checked against this resume) and its tracker,
-    written to ``<output>/lineage.json`` before any training starts."""
-    lineage = run_lineage(config, mcfg, data, manifest, workers, "cuda" if use_gpu else "cpu")
-    stored = read_lineage(output) if resume else None
-    if resume and stored is None:
-        logger.warning("--resume: this run recorded no lineage (an older ray_rec): its settings cannot be compared")
-    changes: list[str] = []
-    if stored is not None:
-        lineage, changes = resume_lineage(stored, lineage, allow_changes)
-        for line in changes:
-            logger.warning("--resume with a changed setting: %s", line)
-    uri = tracking_uri(tracking)
-    tracker = None
-    if uri is not None:
-        before = lineage.get("tracking") or {}
-        tracker = Tracker.open(uri, before.get("run_id") if before.get("uri") == uri else None,
-                               run_name=output.rstrip("/").rsplit("/", 1)[-1], experiment=experiment)
-        lineage["tracking"] = {"uri": uri, "run_id": tracker.run_id}
-        if tracker.run_id != before.get("run_id"):
-            tracker.log_params({**flatten(lineage["config"]), "data.uri": data, "data.manifest_sha256":
-                                lineage["data"]["manifest_sha256"], "run.workers": str(workers),
-                                "run.device": lineage["device"], "code.commit": str(lineage["code"]["commit"])})
-        if changes:
-            tracker.set_tags({f"ray_rec.resume_change.{len(lineage['changes'])}": "; ".join(changes)})
-        logger.info("tracking: MLflow run %s at %s", tracker.run_id, uri)
-    elif lineage.get("tracking"):
-        logger.warning("this run was tracked at %s (MLflow run %s): pass --tracking-uri to go on logging it",
-                       lineage["tracking"]["uri"], lineage["tracking"]["run_id"])
-    write_lineage(output, lineage)
-    return lineage, tracker
-
-
-def _finish_tracking(tracker: Tracker, output: str, model_uri: str, best_row: dict[str, Any]) -> None:
-    """The driver's last words to the tracked run: the plot, the artifact's location, the best epoch."""
-    with tempfile.TemporaryDirectory() as tmp:
-        plot = os.path.join(tmp, "metrics.png")
-        if storage.exists(storage.join(output, "metrics.png")):
-            storage.download(storage.join(output, "metrics.png"), plot)
-            tracker.log_file(plot)
-    tracker.set_tags({"ray_rec.model_uri": model_uri, "ray_rec.output": output})
-    tracker.log_metrics({k: v for k, v in best_row.items() if k.startswith("val_") or k == "epoch"}, step=0, prefix="best_")
-    tracker.finish()
-
-
 def train(
     data: str,
     output: str,
@@ -345,8 +298,10 @@ def train(
         raise TrainingError(f"--resume: {output} holds no training run to continue")
     storage.claim_output(output, "train", overwrite, reads=(data,))
     mcfg = for_data(config.model, manifest)
-    lineage, tracker = _start_lineage(output, config, mcfg, data, manifest, workers, use_gpu, resume, allow_changes,
-                                      tracking, experiment)
+    lineage, changes = start_lineage(output, config, mcfg, data, manifest, workers, "cuda" if use_gpu else "cpu",
+                                     resume, allow_changes)
+    tracker = track_run(lineage, tracking_uri(tracking), output, experiment, changes)
+    write_lineage(output, lineage)  # before any training: a resume compares against it
     logger.info("model: %s", mcfg.describe())
     logger.info(batch_line(config.train.batch_size, workers))
     if manifest["has_browse"] and mcfg.resolved_loss != "bce":
@@ -420,7 +375,7 @@ def train(
     best_row: dict[str, Any] = next((r for r in state["history"] if r["epoch"] == state["best_epoch"]), {})
     final_history = result.metrics or {}
     if tracker is not None:
-        _finish_tracking(tracker, output, model_uri, best_row)
+        close_run(tracker, output, model_uri, best_row)
     return TrainResult(
         output=output,
         model_uri=model_uri,

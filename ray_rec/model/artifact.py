@@ -31,11 +31,21 @@ from ray_rec.vocab import RawId, Vocabulary
 logger = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = "ray_rec.model/1"
+HASH_BLOCK = 8 << 20  # bytes of the weights file hashed at a time
 REQUIRED_FILES = ("config.json", "weights.safetensors", "items.parquet", "side_features.json")
 
 
 class ArtifactError(ValueError):
     """The artifact is missing, incomplete or not a ray_rec model."""
+
+
+def weights_version(path: str) -> str:
+    """An artifact's version: the first 12 hex digits of its weights file's SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(HASH_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def save_model(model: InterestModel, vocab: Vocabulary, folder: str, extra: dict[str, Any] | None = None) -> str:
@@ -44,8 +54,7 @@ def save_model(model: InterestModel, vocab: Vocabulary, folder: str, extra: dict
         weights = os.path.join(tmp, "weights.safetensors")
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, weights)
-        with open(weights, "rb") as f:
-            version = hashlib.sha256(f.read()).hexdigest()[:12]
+        version = weights_version(weights)
         meta = {
             "format": ARTIFACT_FORMAT,
             "version": version,
@@ -275,7 +284,6 @@ class Recommender:
 # config.json it parses: a tampered config must not make a replica allocate until it is killed.
 DEFAULT_MAX_MODEL_MB = 4096
 MAX_CONFIG_BYTES = 1 << 20
-HASH_BLOCK = 8 << 20
 
 
 def _read_meta(folder: str) -> dict[str, Any]:
@@ -323,11 +331,7 @@ def _check_weights(folder: str, config: ModelConfig, max_model_mb: float) -> str
             f"{folder}: weights do not match the config: {name} is {found.get(name, 'missing')} in the weights, "
             f"{expected.get(name, 'absent')} by the config ({len(diff)} tensor(s) differ)"
         )
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(HASH_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+    return weights_version(path)
 
 
 def _read_local(folder: str, max_model_mb: float = DEFAULT_MAX_MODEL_MB) -> Recommender:
@@ -384,10 +388,10 @@ def load_model(uri: str, max_model_mb: float | None = None) -> Recommender:
 def _fetch(uri: str, folder: str, max_model_mb: float) -> None:
     """Download the artifact's own files (nothing else under the prefix), refusing any file larger
     than the model budget before it is fetched."""
-    if not storage.exists(storage.join(uri, "config.json")):
-        raise ArtifactError(f"{uri} holds no ray_rec model (no config.json)")
-    for name in REQUIRED_FILES:
+    for name in REQUIRED_FILES:  # config.json first: a folder without it holds no model at all
         size = storage.size(storage.join(uri, name))
+        if size is None and name == "config.json":
+            raise ArtifactError(f"{uri} holds no ray_rec model (no config.json)")
         if size is None:
             raise ArtifactError(f"{uri} is not a complete ray_rec model: missing {name}")
         if size > max_model_mb * 2**20 + MAX_CONFIG_BYTES:

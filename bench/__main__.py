@@ -73,6 +73,11 @@ FULL = {
         quality("Sports_and_Outdoors", "--variants", "default", "--set", "model.tracker_layers=1", "--set", "train.lr_patience=3",
                 "--seeds", "0", "1"),
     ],
+    # The product as a user runs it (final fit included) against a plain SASRec, on the real next click.
+    # and the default under the schedule and window it had before they followed the data's shape.
+    "next_click": [["bench.next_click", "--dataset", "ml-100k", "--variants", *v, "--seeds", "0", "1", "2"] for v in (
+        ["default"], ["default", "--set", "train.patience_steps=0", "--set", "train.lr_patience_steps=0", "--set", "model.max_len=200"],
+        ["plain-sasrec"], ["sasrec-all-windows"])],
     "speed": [["bench.train_speed"], ["bench.shared_cores"], ["bench.loss_memory"], ["bench.sparse_items"], ["bench.ray_train_beauty"], ["bench.relevance_cost"],
               ["bench.enhancer_cost"]],
     "serve": [["bench.serve_load", "--requests", "300", "--rounds", "3"], ["bench.serve_start", "--rounds", "3"]],
@@ -83,6 +88,7 @@ FULL = {
 }
 QUICK = {
     "quality": [["bench.model_quality", "--dataset", "Beauty", "--epochs", "2", "--variants", "default", "sasrec"]],
+    "next_click": [["bench.next_click", "--dataset", "ml-100k", "--variants", "default", "--set", "train.epochs=2"]],
     "speed": [["bench.train_speed", "--synthetic", "--epochs", "2", "--rounds", "1"],
               ["bench.shared_cores", "--synthetic", "--epochs", "2", "--rounds", "1"],
               ["bench.loss_memory", "--sizes", "20000x1280"], ["bench.sparse_items", "--items", "200000", "--steps", "3"],

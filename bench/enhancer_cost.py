@@ -37,7 +37,7 @@ import torch
 from bench.model_quality import cached, prepared
 from bench.output import machine, write_result
 from bench.report import enhancer_cost_table
-from ray_rec.config import ModelConfig, for_data, load_config
+from ray_rec.config import LONG_HISTORY, ModelConfig, for_data, load_config
 from ray_rec.data.local import InMemoryExamples
 from ray_rec.data.prepare import PrepareOptions, prepare, read_manifest
 from ray_rec.data.synthetic import bulk_log
@@ -99,9 +99,10 @@ class Case:
                 "recommend_512_users_ms": self.recommend_ms(self.data["users"])}
 
 
-def shape_data(data: str, steps: int) -> tuple[ModelConfig, dict[str, Any]]:
-    """The model config the product picks for ``data`` and the batches every enhancer is timed on."""
-    mcfg = for_data(load_config(None).model, read_manifest(data))
+def shape_data(data: str, steps: int, max_len: int | None = None) -> tuple[ModelConfig, dict[str, Any]]:
+    """The model config the product picks for ``data`` (with ``max_len``, that history length) and
+    the batches every enhancer is timed on."""
+    mcfg = for_data(load_config(None, {"model.max_len": max_len} if max_len else {}).model, read_manifest(data))
     train = InMemoryExamples.training(data, "train", mcfg.history_len, mcfg.time_buckets, 0)
     valid = InMemoryExamples.evaluation(data, "valid", mcfg.history_len, mcfg.time_buckets)
     return mcfg, {
@@ -112,8 +113,8 @@ def shape_data(data: str, steps: int) -> tuple[ModelConfig, dict[str, Any]]:
     }
 
 
-def run_shape(name: str, data: str, steps: int, rounds: int) -> dict[str, Any]:
-    mcfg, batches = shape_data(data, steps)
+def run_shape(name: str, data: str, steps: int, rounds: int, max_len: int | None = None) -> dict[str, Any]:
+    mcfg, batches = shape_data(data, steps, max_len)
     cases = {e: Case(e, mcfg, batches) for e in ENHANCERS}
     for case in cases.values():
         case.warm_up()
@@ -145,7 +146,9 @@ def main() -> None:
     report: dict[str, Any] = {"machine": machine(), "threads": torch.get_num_threads(), "shapes": {},
                               "command": " ".join(["python -m bench.enhancer_cost", *sys.argv[1:]])}
     for name, data in shapes.items():
-        shape = report["shapes"][name] = run_shape(name, data, args.steps, args.rounds)
+        # Long histories at the longest window the product reads (`LONG_HISTORY.max_len`): the dearest case.
+        longest = LONG_HISTORY.max_len if name.startswith("long") else None
+        shape = report["shapes"][name] = run_shape(name, data, args.steps, args.rounds, longest)
         print(f"{name}: history length {shape['history_len']}, {shape['items']:,} items", flush=True)
     print("\n".join(enhancer_cost_table(report)), flush=True)
     write_result("enhancer_cost.json", report)

@@ -57,7 +57,8 @@ def plain_loop(data: str, overrides: dict, epochs: int) -> float:
 def ray_trainer(data: str, overrides: dict, epochs: int, workers: int) -> dict:
     from ray_rec.train.trainer import train
 
-    cfg = load_config(None, {**overrides, "train.epochs": epochs, "train.eval_every": 1000, "train.patience": 1000})
+    cfg = load_config(None, {**overrides, "train.epochs": epochs, "train.eval_every": 1000, "train.patience": 1000,
+                             "train.final_fit": False})  # the epochs timed are the split run's
     with tempfile.TemporaryDirectory() as out:
         t0 = time.monotonic()
         train(data, out, cfg, workers=workers)

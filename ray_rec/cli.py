@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="data-parallel training workers")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl)")
     p.add_argument("--resume", action="store_true", help="continue the run already in --output")
+    p.add_argument("--no-final-fit", action="store_true",
+                   help="export the split run's best model instead of training it again on every click (train.final_fit=false)")
     p.add_argument("--allow-changes", action="store_true",
                    help="with --resume: continue with data/train/eval settings that differ from the run's (logged)")
     p.add_argument("--tracking-uri", help=TRACKING_HELP)
@@ -115,7 +117,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ray_rec.ray_session import init_ray
     from ray_rec.train.trainer import train
 
-    config = load_config(args.config, parse_overrides(args.set))
+    overrides = parse_overrides(args.set)
+    if args.no_final_fit:
+        overrides["train.final_fit"] = False
+    config = load_config(args.config, overrides)
     read_manifest(args.data)  # fail fast, before Ray starts
     init_ray(args.workers)
     result = train(args.data, args.output, config, workers=args.workers, use_gpu=args.gpu, resume=args.resume,
@@ -123,10 +128,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
                    experiment=args.experiment)
     print(f"trained: best epoch {result.best_epoch} of {result.epochs_run}, {json.dumps(result.best_metrics)}; "
           f"{result.seconds:.0f} s")
-    print(f"model artifact: {result.model_uri}")
+    print(f"model artifact: {result.model_uri}" + (" (the final fit: trained again on every click)" if result.final_fit else ""))
     if result.tracking:
         print(f"MLflow run {result.tracking['run_id']} at {result.tracking['uri']}")
-    print(f"next: ray-rec evaluate --data {args.data} --model {result.model_uri}")
+    print(f"next: ray-rec evaluate --data {args.data} --model {result.split_model_uri or result.model_uri}")
     return 0
 
 

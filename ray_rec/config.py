@@ -10,7 +10,9 @@ import dataclasses
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
+
+from ray_rec.shape import LONG_HISTORY, LONG_HISTORY_CLICKS, SHORT_HISTORY, history_window
 
 TRACKERS = ("transformer", "gru")
 ENHANCERS = ("augru", "trend", "none")
@@ -23,24 +25,6 @@ LOSSES = ("auto", "ce", "sampled_softmax", "bce")
 # At the short-history length of 50 that is a catalog of 200,000 items.
 FULL_SOFTMAX_MAX_CELLS = 200_000 * 50
 
-# History length and dropout follow the data set unless set, after SASRec's own choices: 50 and
-# 0.5 on the sparse sets whose users average 7-11 clicks (Amazon, Steam), 200 and 0.2 on
-# MovieLens-1M (165 clicks per user). The data set is "long" from this many clicks per user on.
-# So does the tracker's depth: one layer under the AUGRU on short histories (measured on Beauty
-# and Sports, README "One tracker layer"), SASRec's two on long ones (not measured here).
-LONG_HISTORY_CLICKS = 40.0
-
-
-class HistoryDefaults(NamedTuple):
-    """The ``ModelConfig`` fields a data set fills while they are unset, by their names there."""
-
-    max_len: int
-    dropout: float
-    tracker_layers: int
-
-
-SHORT_HISTORY = HistoryDefaults(max_len=50, dropout=0.5, tracker_layers=1)
-LONG_HISTORY = HistoryDefaults(max_len=200, dropout=0.2, tracker_layers=2)
 # In-batch negatives a sampled-softmax step draws at most (a random subset of its positions' next
 # clicks past that): 128 windows x 200 steps would otherwise score 25,600 x 25,600 pairs.
 IN_BATCH_NEGATIVES = 2048
@@ -67,7 +51,7 @@ class ModelConfig:
 
     num_items: int = 0  # catalog size; valid item indices are 1..num_items, 0 is padding
     side_features: dict[str, int] = field(default_factory=dict)  # name -> vocabulary size
-    max_len: int | None = None  # history length read; None: 50, or 200 when users average >= 40 clicks
+    max_len: int | None = None  # history length read; None: half the users' average clicks, within [50, 200]
     dim: int = 64
     use_time: bool = True  # bucketed time since the previous click (ignored if data has none)
     time_buckets: int = 24
@@ -184,6 +168,7 @@ class ModelConfig:
         """Fill the unset ``max_len``, ``dropout`` and ``tracker_layers`` from how many clicks a user
         has on average."""
         defaults = LONG_HISTORY if clicks_per_user >= LONG_HISTORY_CLICKS else SHORT_HISTORY
+        defaults = defaults._replace(max_len=history_window(clicks_per_user))
         return dataclasses.replace(self, **{k: v for k, v in defaults._asdict().items() if getattr(self, k) is None})
 
 
@@ -211,10 +196,17 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: float = 5.0
-    patience: int = 10  # validations (every `eval_every` epochs) without a better `select_by` before stopping
-    # Halve the learning rate after this many validations without a better `select_by` (again after
-    # as many more); 0 = a constant learning rate.
+    # Stop after this many validations (every `eval_every` epochs) without a better `select_by`, and
+    # no fewer than `patience_steps` optimizer steps since the best (`ray_rec.train.schedule.Plateau`).
+    patience: int = 10
+    patience_steps: int = 1500
+    # Halve the learning rate after this many validations and `lr_patience_steps` steps without a
+    # better `select_by` (again after as many more); 0 = a constant learning rate.
     lr_patience: int = 3
+    lr_patience_steps: int = 500
+    # After the split run, train the exported model again on every click (the valid and test targets
+    # too) for the best epoch's steps, replaying its learning rates; false: export the split run's model.
+    final_fit: bool = True
     eval_every: int = 1
     select_by: str = "NDCG@10"  # the validation metric that picks the best epoch: HR@k or NDCG@k (k in eval.ks), or MRR
     keep_checkpoints: int = 2  # best K by validation `select_by`
@@ -237,15 +229,18 @@ class TrainConfig:
         _check_range("train.weight_decay", self.weight_decay, 0.0)
         _check_range("train.grad_clip", self.grad_clip, 0.0)
         _check_range("train.patience", self.patience, 1)
+        _check_range("train.patience_steps", self.patience_steps, 0)
         _check_range("train.lr_patience", self.lr_patience, 0)
+        _check_range("train.lr_patience_steps", self.lr_patience_steps, 0)
         _check_range("train.eval_every", self.eval_every, 1)
         _check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
         _check_range("train.eval_batch_size", self.eval_batch_size, 1)
         _check_range("train.eval_users", self.eval_users, 0)
         _check_range("train.max_failures", self.max_failures, 0)
         _check_range("train.progress_s", self.progress_s, 0.0)
-        if not isinstance(self.sparse_items, bool):
-            raise ValueError(f"train.sparse_items={self.sparse_items!r} must be true or false")
+        for name in ("sparse_items", "final_fit"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"train.{name}={getattr(self, name)!r} must be true or false")
         if not isinstance(self.select_by, str) or not re.fullmatch(r"(HR|NDCG)@[1-9]\d*|MRR", self.select_by):
             raise ValueError(f"train.select_by={self.select_by!r} must be HR@k, NDCG@k or MRR")
 

@@ -126,12 +126,13 @@ def _run(opts: DemoOptions, workdir: str, root: str) -> int:
     init_ray(2, serving=True)  # step 5 serves from this Ray
     config = load_config(None, {"model.dim": 32, "train.epochs": opts.epochs, "train.patience": 3, "train.batch_size": 128})
     result = train(data, storage.join(root, "run"), config, workers=2)
-    print(f"best epoch {result.best_epoch}/{result.epochs_run}; artifact: {result.model_uri} ({result.seconds:.0f} s)")
+    print(f"best epoch {result.best_epoch}/{result.epochs_run}; artifact: {result.model_uri}"
+          f"{' (the final fit: trained again on every click)' if result.final_fit else ''} ({result.seconds:.0f} s)")
 
-    _step(4, "ray-rec evaluate: test split, full catalog ranking")
+    _step(4, "ray-rec evaluate: the split run's model on the test split, full catalog ranking")
     from ray_rec.train.evaluate import evaluate_model, format_table
 
-    metrics = evaluate_model(data, result.model_uri, split="test")
+    metrics = evaluate_model(data, result.split_model_uri or result.model_uri, split="test")
     print(format_table(metrics))
     model_ndcg, pop_ndcg = metrics["full_ranking"]["NDCG@10"], metrics["popularity_full_ranking"]["NDCG@10"]
     print(f"NDCG@10: model {model_ndcg:.4f} vs popularity {pop_ndcg:.4f} ({model_ndcg / max(pop_ndcg, 1e-9):.1f}x)")
@@ -162,7 +163,7 @@ def _run(opts: DemoOptions, workdir: str, root: str) -> int:
         "\nNext steps:\n"
         "  your own data:  ray-rec prepare --input s3://bucket/logs/ --format events --output s3://bucket/ds\n"
         "                  ray-rec train --data s3://bucket/ds --output s3://bucket/runs/r1 --workers 2\n"
-        "                  ray-rec evaluate --data s3://bucket/ds --model s3://bucket/runs/r1/model\n"
+        "                  ray-rec evaluate --data s3://bucket/ds --model s3://bucket/runs/r1/split_model\n"
         "                  ray-rec serve --model s3://bucket/runs/r1/model\n"
         "  a cluster:      see README.md, 'Running on a cluster' (ray up cluster.yaml; ray job submit ...)"
     )

@@ -62,7 +62,9 @@ def test_the_full_suite_remakes_every_stored_figure_with_its_own_command():
     commands = {" ".join(["python -m", *cmd]) for cmds in FULL.values() for cmd in cmds}
     for path in results.glob("*.json"):
         stored = json.loads(path.read_text())
-        if path.name.startswith("model_quality_") or "command" not in stored:
+        if path.name.startswith("next_click_"):  # a command per row, with its seeds
+            assert all(row["command"] in commands for row in stored["rows"].values()), path.name
+        if path.name.startswith(("model_quality_", "next_click_")) or "command" not in stored:
             continue
         assert stored["command"].split(" (")[0] in commands, path.name
 
@@ -152,8 +154,8 @@ def test_the_enhancer_cost_benchmark_times_every_enhancer_and_reports_it(tmp_pat
     src, data = tmp_path / "events.parquet", tmp_path / "ds"
     pq.write_table(pa.concat_tables(bulk_log(20_000, items=300, mean_clicks=60, seed=0)), src)
     prepare(PrepareOptions(input=str(src), output=str(data), num_shards=1))
-    shape = run_shape("small", str(data), steps=2, rounds=2)
-    assert shape["history_len"] == 200  # users average over 40 clicks: the product reads 200 steps
+    shape = run_shape("small", str(data), steps=2, rounds=2, max_len=200)  # as the benchmark runs long histories
+    assert (shape["history_len"], shape["dropout"]) == (200, 0.2)  # users average over 40 clicks: long
     assert set(shape["rows"]) == set(ENHANCERS)
     none = shape["rows"]["none"]["runs"]
     for row in shape["rows"].values():
@@ -183,3 +185,30 @@ def test_the_full_training_report_says_how_each_runs_learning_rate_moved(tmp_pat
     rows = {line.split(" | ")[0]: line.split(" | ")[1:3] for line in ray_runs(tmp_path) if line[2:3].isdigit()}
     assert rows == {"| 1": ["not recorded", "halved 2x (after epochs 3, 5)"],
                     "| 2": ["not recorded", "constant (not recorded)"], "| 3": ["129 (43)", "constant"]}
+
+
+def test_next_click_scores_the_held_out_click_after_the_whole_history(tmp_path):
+    """`bench.next_click` ranks each user's held-out click after every click the data set holds;
+    a click on an item the data set never saw counts as a miss, and the plain SASRec trains."""
+    import torch
+
+    from bench.next_click import PlainSASRec, next_click_metrics
+    from ray_rec.config import load_config
+    from ray_rec.data.prepare import PrepareOptions, prepare
+    from ray_rec.train.local import train_local
+
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(str(int(i)) for i in [u, *torch.randperm(40, generator=g)[:12] + 1]) for u in range(1, 31)]
+    (tmp_path / "seq.txt").write_text("\n".join(lines) + "\n")
+    data = str(tmp_path / "data")
+    prepare(PrepareOptions(input=str(tmp_path / "seq.txt"), output=data, format="seqtxt", num_shards=1))
+    model = train_local(data, load_config(None, {"model.dim": 8, "train.epochs": 1}), log=lambda _: None).model
+    seen = {line.split()[0]: line.split()[1:] for line in lines}
+    unseen = {u: "no-such-item" for u in seen}
+    assert next_click_metrics(model, data, unseen) == {"HR@10": 0.0, "HR@20": 0.0, "NDCG@10": 0.0, "NDCG@20": 0.0}
+    fresh = {u: next(str(i) for i in range(1, 41) if str(i) not in items) for u, items in seen.items()}
+    metrics = next_click_metrics(model, data, fresh)
+    assert 0 < metrics["HR@20"] <= 1 and metrics["NDCG@10"] <= metrics["HR@10"]
+    split_model, final, summary = PlainSASRec(data, 0, lambda _: None).fit(patience=1, epochs=2)
+    assert 1 <= summary["best_epoch"] <= 2 and set(summary["split"]) == {"HR@10", "HR@20", "NDCG@10", "NDCG@20"}
+    assert not torch.equal(split_model.features.item.weight, final.features.item.weight)

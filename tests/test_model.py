@@ -370,8 +370,10 @@ def test_history_length_dropout_and_tracker_depth_follow_the_data_unless_set():
 
     short = for_data(ModelConfig(), manifest(100, 900))  # 9 clicks per user, like Amazon Beauty
     long = for_data(ModelConfig(), manifest(100, 16500))  # 165, like MovieLens-1M
+    longer = for_data(ModelConfig(), manifest(100, 50000))  # 500
     assert (short.max_len, short.dropout, short.tracker_layers) == (50, 0.5, 1)
-    assert (long.max_len, long.dropout, long.tracker_layers) == (200, 0.2, 2)
+    assert (long.max_len, long.dropout, long.tracker_layers) == (80, 0.2, 2)  # the window: half the clicks
+    assert longer.max_len == 200  # at most
     mine = for_data(ModelConfig(max_len=80, dropout=0.3, tracker_layers=3), manifest(100, 16500))
     assert (mine.max_len, mine.dropout, mine.tracker_layers) == (80, 0.3, 3)
     unset = ModelConfig(num_items=N)  # built without a data set: the short-history values
@@ -385,7 +387,7 @@ def test_history_length_dropout_and_tracker_depth_follow_the_data_unless_set():
     assert ModelConfig(num_items=FULL_SOFTMAX_MAX_CELLS // 50, max_len=200).resolved_loss == "sampled_softmax"
 
 
-def test_training_on_long_histories_reads_200_steps(tmp_path):
+def test_long_histories_get_sasrecs_long_settings_and_a_window_of_half_their_clicks(tmp_path):
     from ray_rec.config import load_config
     from ray_rec.data.prepare import PrepareOptions, prepare
     from ray_rec.train.local import train_local
@@ -394,10 +396,24 @@ def test_training_on_long_histories_reads_200_steps(tmp_path):
     lines = [" ".join(str(int(i)) for i in [u, *torch.randint(1, 30, (60,), generator=g)]) for u in range(1, 41)]
     (tmp_path / "long.txt").write_text("\n".join(lines) + "\n")
     prepare(PrepareOptions(input=str(tmp_path / "long.txt"), output=str(tmp_path / "data"), format="seqtxt", num_shards=1))
-    run = train_local(str(tmp_path / "data"), load_config(None, {"model.dim": 8, "train.epochs": 1}), log=lambda _: None)
-    assert (run.model.config.max_len, run.model.config.dropout) == (200, 0.2)
-    assert run.model.features.position.num_embeddings == 200
-    assert run.history[0]["lr"] == 0.001
+    said: list[str] = []
+    run = train_local(str(tmp_path / "data"), load_config(None, {"model.dim": 8, "train.epochs": 2}), log=said.append)
+    # ~55 clicks a user: long (dropout 0.2, two layers), a window of 50 (half of 55, at least 50)
+    assert (run.model.config.max_len, run.model.config.dropout, run.model.config.layers) == (50, 0.2, 2)
+    assert run.model.features.position.num_embeddings == 50
+    assert run.history[0]["lr"] == 0.001 and run.history[0]["steps"] == 1  # 40 users x 1-2 windows, batch 128
+    # The final fit: the returned model was trained again on every click for the best epoch count
+    assert run.final_fit and sum(line.startswith("final fit epoch ") for line in said) == run.best_epoch >= 1
+    assert run.test["count"] == 40  # the split run's test figures
+
+
+def test_the_final_fit_reads_whole_sequences_and_skips_time_splits():
+    from ray_rec.train.schedule import final_fit_line, final_fit_split
+
+    assert final_fit_split({"split": {"protocol": "leave_one_out"}}) == "test"
+    assert final_fit_split({"split": {"protocol": "time"}}) is None
+    assert final_fit_line(3, None).startswith("final fit: skipped, the data set was split by time")
+    assert "for 3 epochs at the split run's learning rates" in final_fit_line(3, "test")
 
 
 def test_catalog_features_are_reused_in_inference_until_the_weights_change():

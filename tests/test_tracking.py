@@ -131,7 +131,10 @@ def test_a_tracked_local_run_is_in_mlflow_and_its_artifact_names_the_run(ray_clu
     assert run.data.tags["ray_rec.model_uri"] == result.model_uri
     assert "metrics.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
     # `ray-rec evaluate` adds the test metrics to the same run
-    evaluated = evaluate_model(tiny_data, result.model_uri, split="test")
+    # (the split run's model: the artifact is the final fit, which saw the test targets)
+    for metric in ("final_loss", "final_lr"):  # the final fit's epochs, in the same run
+        assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == list(range(1, result.best_epoch + 1))
+    evaluated = evaluate_model(tiny_data, result.split_model_uri, split="test")
     assert set(evaluated["full_ranking"]) >= {"HR@5", "NDCG@10"} and "NDCG@20" not in evaluated["full_ranking"]
     assert log_to_run(evaluated, mlflow_server.uri)
     _, run = _run(mlflow_server, tracked["run_id"])

@@ -46,6 +46,20 @@ def test_two_workers_write_checkpoints_and_a_loadable_artifact_to_s3(trained, s3
     rec = load_model(trained.model_uri)
     assert rec.config.num_items > 0 and rec.config.side_features == {"category": 6}
     assert len(rec.recommend([["i1", "i2"]], k=5)[0]) == 5
+    # The final fit (on by default): the artifact was trained again on every click for the best
+    # epoch's epochs, at the rates they ran at; the split run's best model sits beside it.
+    assert trained.final_fit and trained.split_model_uri == storage.join(trained.output, "split_model")
+    final, split = rec.info["training"], load_model(trained.split_model_uri).info["training"]
+    assert final["fit"] == "final" and split["fit"] == "split"
+    assert final["epoch"] == final["best_epoch"] == split["best_epoch"] == trained.best_epoch >= 1
+    assert any(k.startswith("runs/main/final/checkpoint_") for k in keys)
+    final_rows = json.loads(storage.read_bytes(storage.join(trained.output, "final", sorted(
+        k for k in storage.list_files(storage.join(trained.output, "final")) if k.endswith("history.json"))[-1])))["history"]
+    assert [r["lr"] for r in final_rows] == [0.001] * trained.best_epoch and all("val_NDCG@10" not in r for r in final_rows)
+    # The final fit reads the test split's whole sequences: one more click a user than training saw.
+    assert sum(r["examples"] for r in final_rows) >= sum(r["examples"] for r in rows[: trained.best_epoch])
+    weights = [load_model(u).model.state_dict()["features.item.weight"] for u in (trained.model_uri, trained.split_model_uri)]
+    assert not np.allclose(weights[0].numpy(), weights[1].numpy())
 
 
 @pytest.mark.slow
@@ -99,26 +113,54 @@ def test_progress_lines_come_at_most_every_interval_and_count_users_over_workers
         load_config(None, {"train.progress_s": -1})
 
 
-def test_learning_rate_halves_on_each_plateau_and_resumes_at_the_halved_rate():
+def test_learning_rate_halves_and_training_stops_after_validations_and_steps_both():
     import torch
 
-    from ray_rec.train.loop import decay_on_plateau, make_optimizer
+    from ray_rec.train.loop import make_optimizer
+    from ray_rec.train.schedule import Plateau, epoch_rates, halve_rate
 
-    cfg = load_config(None, {"train.lr": 0.004, "train.lr_patience": 3}).train
+    def verdicts(cfg, steps_per_epoch: int, epochs: int) -> list[str]:
+        plateau = Plateau(cfg)
+        out = [plateau.validated(1, steps_per_epoch, 0.5)]  # the best, then nothing better
+        for epoch in range(2, epochs + 1):
+            out.append(plateau.validated(epoch, epoch * steps_per_epoch, 0.4))
+            if out[-1] == "stop":
+                break
+        return out
+
+    cfg = load_config(None, {"train.lr_patience": 3, "train.lr_patience_steps": 500,
+                             "train.patience": 10, "train.patience_steps": 1500}).train
+    # Many steps an epoch (Beauty: 176): the counts of validations decide, as they always did.
+    many = verdicts(cfg, 176, 40)
+    assert [i + 1 for i, v in enumerate(many) if v == "halve"] == [4, 7, 10] and many[-1] == "stop" and len(many) == 11
+    # 9 steps an epoch (1,000 users of long histories): halving only after 500 steps without a better
+    # score, stopping only after 1,500 (a minimum budget, where 10 validations would be 90 steps).
+    few = verdicts(cfg, 9, 400)
+    halves = [i + 1 for i, v in enumerate(few) if v == "halve"]
+    assert halves[0] == 1 + 56 and all(b - a == 56 for a, b in zip(halves, halves[1:]))  # ceil(500 / 9) epochs apart
+    assert few[-1] == "stop" and (len(few) - 1) * 9 >= 1500 > (len(few) - 2) * 9
+    # A better score resets both counts; it never halves or stops.
+    plateau = Plateau(cfg)
+    assert [plateau.validated(e, e * 9, 0.1 * e) for e in range(1, 5)] == ["better"] * 4
+    assert plateau.best_epoch == 4 and plateau.best_step == 36
+    restored = Plateau(cfg)
+    restored.restore(plateau.state())  # as a resumed run reads its checkpoint
+    assert restored.state() == plateau.state()
+    constant = load_config(None, {"train.lr_patience": 0}).train
+    assert "halve" not in verdicts(constant, 176, 40)
+
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
-    optimizer = make_optimizer(model, cfg)
-    rates = [decay_on_plateau(optimizer, bad, cfg) for bad in range(8)]
-    assert rates == [None, None, None, 0.002, None, None, 0.001, None]
-    assert {g["lr"] for g in optimizer.param_groups} == {0.001}  # every group, the weight-decayed and the rest
+    optimizer = make_optimizer(model, load_config(None, {"train.lr": 0.004}).train)
+    assert halve_rate(optimizer, "why") == 0.002
+    assert {g["lr"] for g in optimizer.param_groups} == {0.002}  # every group, the weight-decayed and the rest
     resumed = make_optimizer(model, cfg)  # as a resumed run builds it, then loads the checkpoint's state
     resumed.load_state_dict(optimizer.state_dict())
-    assert {g["lr"] for g in resumed.param_groups} == {0.001}
-    stopping = load_config(None, {"train.lr_patience": 3, "train.patience": 6}).train
-    assert [decay_on_plateau(optimizer, bad, stopping) for bad in (3, 6)] == [0.0005, None]  # none as training stops
-    constant = load_config(None, {"train.lr_patience": 0}).train
-    assert all(decay_on_plateau(optimizer, bad, constant) is None for bad in range(8))
-    with pytest.raises(ValueError, match="train.lr_patience=-1"):
-        load_config(None, {"train.lr_patience": -1})
+    assert {g["lr"] for g in resumed.param_groups} == {0.002}
+    # The final fit replays the rates each epoch ran at (a row's lr is the one after its validation).
+    assert epoch_rates([{"lr": 0.001}, {"lr": 0.0005}, {"lr": 0.0005}], 0.001) == [0.001, 0.001, 0.0005]
+    for bad in ({"train.lr_patience": -1}, {"train.patience_steps": -1}, {"train.final_fit": "yes"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            load_config(None, bad)
 
 
 def test_the_batch_is_the_whole_steps_split_evenly_over_the_workers():
@@ -168,7 +210,11 @@ def test_evaluate_reports_full_sampled_and_popularity(trained, s3_data):
     from ray_rec.train.evaluate import evaluate_model
 
     said: list[str] = []
-    result = evaluate_model(s3_data, trained.model_uri, split="test", progress=said.append, progress_s=0)
+    from ray_rec.train.evaluate import EvaluationError
+
+    with pytest.raises(EvaluationError, match="is the final fit: it was trained again on every click"):
+        evaluate_model(s3_data, trained.model_uri, split="test")  # it saw the test targets
+    result = evaluate_model(s3_data, trained.split_model_uri, split="test", progress=said.append, progress_s=0)
     num_items = load_model(trained.model_uri).config.num_items
     assert said[:2] == ["counting the train split's clicks (the popularity baseline)",
                         f"ranking the test split's users over {num_items:,} items"]

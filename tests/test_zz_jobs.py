@@ -68,10 +68,12 @@ def test_jobs_prepare_train_evaluate_batch_score_and_serve_deploy(head, s3, tmp_
     submit(head, "jobs/prepare.py", "--input", s3.uri("jobs/raw/events.parquet"), "--format", "events",
            "--output", data, "--num-shards", "2")
     assert json.loads(storage.read_bytes(data + "/manifest.json"))["counts"]["users"] == 240
+    # --no-final-fit: the artifact is the split run's model (test_train covers the final fit)
     submit(head, "jobs/train.py", "--data", data, "--output", run, "--workers", "2",
-           "--set", "model.dim=16", "--set", "train.epochs=2")
+           "--set", "model.dim=16", "--set", "train.epochs=2", "--no-final-fit")
     rec = load_model(run + "/model")
-    assert rec.config.dim == 16
+    assert rec.config.dim == 16 and rec.info["training"]["fit"] == "split"
+    assert not storage.exists(run + "/split_model") and not storage.exists(run + "/final")
     out = submit(head, "jobs/evaluate.py", "--data", data, "--model", run + "/model", "--output", run)
     assert "NDCG@10" in out
     assert json.loads(storage.read_bytes(run + "/eval_test.json"))["full_ranking"]["count"] == 240

@@ -88,13 +88,14 @@ def limit_memory(object_store_mb: int) -> None:
 
 
 def training_dataset(
-    data: str, model: ModelConfig, max_browse: int, seed: int, manifest: dict[str, Any] | None = None
+    data: str, model: ModelConfig, max_browse: int, seed: int, manifest: dict[str, Any] | None = None,
+    split: str = "train",
 ) -> ray.data.Dataset:
-    """Training examples of the train split, file order shuffled per epoch from ``seed``.
+    """Training examples of a split (``test`` for the final fit), file order shuffled per epoch from ``seed``.
 
     Not ``randomize_block_order``: that is an all-to-all step, which waits for every block of the
     read (the whole split, in the object store) before the first example comes out."""
-    ds = read_sequences(data, "train", manifest, shuffle_seed=seed)
+    ds = read_sequences(data, split, manifest, shuffle_seed=seed)
     return ds.map_batches(
         partial(to_training_examples, max_len=model.history_len, time_buckets=model.time_buckets, max_browse=max_browse),
         batch_format="pyarrow",

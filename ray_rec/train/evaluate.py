@@ -26,6 +26,7 @@ from ray_rec.data.schema import check_schema
 from ray_rec.metrics import DEFAULT_KS, RankingMetrics, full_ranks, user_negatives
 from ray_rec.model.artifact import Recommender, catalog_blocks, load_model
 from ray_rec.ray_session import scoring_pool, use_node_cores
+from ray_rec.train.lineage import manifest_fingerprint
 from ray_rec.train.loop import rank_targets, users_line
 from ray_rec.train.user_count import reported_user_count
 from ray_rec.vocab import Vocabulary
@@ -109,6 +110,12 @@ def evaluate_model(data: str, model_uri: str, split: str = "test", output: str |
             f"the model at {model_uri} was trained on another item vocabulary than {data} "
             f"({len(rec.vocab)} vs {len(data_vocab)} items): evaluate it on the dataset it was trained on"
         )
+    if (rec.info.get("training") or {}).get("fit") == "final" and \
+            ((rec.meta.get("lineage") or {}).get("data") or {}).get("manifest_sha256") == manifest_fingerprint(manifest):
+        raise EvaluationError(
+            f"the model at {model_uri} is the final fit: it was trained again on every click of {data}, the targets of its "
+            f"valid and test splits included, so its figures there would measure nothing. Evaluate the split run's model "
+            f"(split_model beside it), or train with --no-final-fit")
     say("counting the train split's clicks (the popularity baseline)")
     popularity = train_popularity(data, rec.config.num_items, manifest)
     say(f"ranking the {split} split's users over {rec.config.num_items:,} items")

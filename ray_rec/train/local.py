@@ -18,13 +18,13 @@ from ray_rec.data.local import InMemoryExamples
 from ray_rec.data.prepare import read_manifest
 from ray_rec.model.interest_model import InterestModel
 from ray_rec.train.loop import (
-    decay_on_plateau,
     evaluate,
     make_optimizer,
     sparse_item_gradients,
     sparse_items_line,
     train_step,
 )
+from ray_rec.train.schedule import Plateau, epoch_rates, final_fit_line, final_fit_split, halve_rate, set_rate
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +39,17 @@ class LocalRun:
     test: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     examples_per_s: float = 0.0
+    final_fit: bool = False  # whether ``model`` was trained again on every click after the split run
+    split_model: InterestModel | None = None  # the split run's best model (``model`` itself without a final fit)
 
 
 def train_local(
     data: str, config: Config, evaluate_test: bool = True, log: Callable[[str], None] | None = None
 ) -> LocalRun:
-    """Train on a prepared dataset in this process; keeps the epoch with the best validation ``train.select_by``."""
+    """Train on a prepared dataset in this process; keeps the epoch with the best validation
+    ``train.select_by``. With ``train.final_fit`` (where the data set allows it, `final_fit_split`)
+    the returned model is then trained again on every click (`final_fit`); ``test`` always holds
+    the split model's test metrics."""
     say = log or logger.info
     manifest = read_manifest(data)
     mcfg = for_data(config.model, manifest)
@@ -59,39 +64,64 @@ def train_local(
         say(sparse_items_line(mcfg))
     optimizer = make_optimizer(model, tcfg)
     run = LocalRun(model=model)
-    best, best_state, bad = -1.0, copy.deepcopy(model.state_dict()), 0
+    plateau, best_state = Plateau(tcfg), copy.deepcopy(model.state_dict())
     started = time.monotonic()
-    train_seconds, examples = 0.0, 0
+    train_seconds, examples, steps = 0.0, 0, 0
     for epoch in range(1, tcfg.epochs + 1):
         t0 = time.monotonic()
-        total = 0.0
-        n = 0
-        for batch in train.batches(tcfg.batch_size, seed=config.data.seed + epoch):
-            total += train_step(model, batch, optimizer, tcfg.grad_clip)["loss"]
-            n += 1
-            examples += batch["items"].shape[0]
+        total, n = _epoch(model, train, optimizer, config, epoch)
+        steps += n
+        examples += train.size
         train_seconds += time.monotonic() - t0
-        row: dict[str, Any] = {"epoch": epoch, "loss": total / max(n, 1), "epoch_s": time.monotonic() - t0}
+        row: dict[str, Any] = {"epoch": epoch, "loss": total / max(n, 1), "epoch_s": time.monotonic() - t0, "steps": n}
+        verdict = "same"
         if epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs:
             full, _ = evaluate(model, valid.batches(tcfg.eval_batch_size), config.eval.ks)
             metrics = full.result()
             row.update({f"val_{name}": value for name, value in metrics.items() if name != "count"})
-            if metrics[tcfg.select_by] > best:
-                best, best_state, bad, run.best_epoch = metrics[tcfg.select_by], copy.deepcopy(model.state_dict()), 0, epoch
-            else:
-                bad += 1
-                decay_on_plateau(optimizer, bad, tcfg, say)
+            verdict = plateau.validated(epoch, steps, metrics[tcfg.select_by])
+            if verdict == "better":
+                best_state = copy.deepcopy(model.state_dict())
+            elif verdict == "halve":
+                halve_rate(optimizer, f"no better validation {tcfg.select_by} for {plateau.bad} evaluations", say)
         row["lr"] = optimizer.param_groups[0]["lr"]
         run.history.append(row)
         say(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        if bad >= tcfg.patience:
-            say(f"early stop at epoch {epoch}: no better validation {tcfg.select_by} for {bad} evaluations")
+        if verdict == "stop":
+            say(f"early stop at epoch {epoch}: no better validation {tcfg.select_by} for {plateau.bad} evaluations "
+                f"({steps - plateau.best_step:,} steps)")
             break
+    run.best_epoch = plateau.best_epoch
     model.load_state_dict(best_state)
-    run.seconds = time.monotonic() - started
     run.examples_per_s = examples / max(train_seconds, 1e-9)
     if evaluate_test:
         test = InMemoryExamples.evaluation(data, "test", mcfg.history_len, mcfg.time_buckets)
         full, _ = evaluate(model, test.batches(tcfg.eval_batch_size), config.eval.ks)
         run.test = full.result()
+    split = final_fit_split(manifest) if tcfg.final_fit else None
+    if tcfg.final_fit:
+        say(final_fit_line(run.best_epoch, split))
+    if split is not None:
+        torch.manual_seed(config.train.seed)
+        run.split_model, run.model = model, InterestModel(mcfg)
+        run.model.features.item.sparse = model.features.item.sparse
+        everything = InMemoryExamples.training(data, split, mcfg.history_len, mcfg.time_buckets,
+                                               browse_width(manifest, mcfg.resolved_loss))
+        optimizer = make_optimizer(run.model, tcfg)
+        for epoch, lr in enumerate(epoch_rates(run.history, tcfg.lr)[: run.best_epoch], 1):
+            set_rate(optimizer, lr)
+            total, n = _epoch(run.model, everything, optimizer, config, epoch)
+            say(f"final fit epoch {epoch}/{run.best_epoch} loss {total / max(n, 1):.4f} lr {lr:g}")
+        run.final_fit = True
+    run.seconds = time.monotonic() - started
     return run
+
+
+def _epoch(model: InterestModel, examples: InMemoryExamples, optimizer: torch.optim.Optimizer, config: Config,
+           epoch: int) -> tuple[float, int]:
+    """One pass over ``examples``: the summed loss and the steps taken."""
+    total, n = 0.0, 0
+    for batch in examples.batches(config.train.batch_size, seed=config.data.seed + epoch):
+        total += train_step(model, batch, optimizer, config.train.grad_clip)["loss"]
+        n += 1
+    return total, n

@@ -163,21 +163,6 @@ def batch_line(batch_size: int, workers: int) -> str:
     return f"batch: {each * workers} windows a step, {each} on each of {workers} workers (train.batch_size={batch_size}{rounded})"
 
 
-def decay_on_plateau(optimizer: torch.optim.Optimizer, bad: int, cfg: TrainConfig,
-                     say: Callable[[str], None] = lambda line: None) -> float | None:
-    """Halve the learning rate when ``bad`` (validations in a row without a better ``select_by``) reaches
-    a multiple of ``cfg.lr_patience``, unless training stops there (``cfg.patience``), and ``say``
-    so; returns the new rate, or None when it stays. The rate lives in the optimizer's state, so a
-    resumed run continues at the rate its checkpoint reached."""
-    if cfg.lr_patience < 1 or bad < 1 or bad % cfg.lr_patience or bad >= cfg.patience:
-        return None
-    for group in optimizer.param_groups:
-        group["lr"] *= 0.5
-    lr = float(optimizer.param_groups[0]["lr"])
-    say(f"learning rate halved to {lr:g}: no better validation {cfg.select_by} for {bad} evaluations")
-    return lr
-
-
 def sparse_item_gradients(model: ModelConfig, train: TrainConfig, on_gpu: bool) -> bool:
     """Whether training gives the item table sparse gradients (set ``features.item.sparse`` before
     DDP wraps the model: DDP reads the flag when it starts). Only on CPU (NCCL has no sparse

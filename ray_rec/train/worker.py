@@ -169,7 +169,9 @@ def _epochs(loop_config: dict[str, Any], cfg: Config, state: dict[str, Any], mod
             output: str, rank: int) -> None:
     tcfg, final = cfg.train, loop_config.get("final")
     plateau = Plateau(tcfg)
-    plateau.restore(state.get("plateau", {}))
+    # (a checkpoint from before the counters were kept holds the best and the misses alone)
+    plateau.restore(state.get("plateau") or {"best": state.get("best", -1.0), "best_epoch": state.get("best_epoch", 0),
+                                             "bad": state.get("bad", 0)})
     last = _last_epoch(loop_config, cfg)
     what = "final fit epoch" if final else "epoch"
     for epoch in range(state["epoch"] + 1, last + 1):

@@ -39,8 +39,12 @@ class LocalRun:
     test: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     examples_per_s: float = 0.0
-    final_fit: bool = False  # whether ``model`` was trained again on every click after the split run
-    split_model: InterestModel | None = None  # the split run's best model (``model`` itself without a final fit)
+    split_model: InterestModel | None = None  # the split run's best model when ``model`` is the final fit
+
+    @property
+    def final_fit(self) -> bool:
+        """Whether ``model`` was trained again on every click after the split run."""
+        return self.split_model is not None
 
 
 def train_local(
@@ -83,13 +87,12 @@ def train_local(
             if verdict == "better":
                 best_state = copy.deepcopy(model.state_dict())
             elif verdict == "halve":
-                halve_rate(optimizer, f"no better validation {tcfg.select_by} for {plateau.bad} evaluations", say)
+                halve_rate(optimizer, plateau.stalled(), say)
         row["lr"] = optimizer.param_groups[0]["lr"]
         run.history.append(row)
         say(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         if verdict == "stop":
-            say(f"early stop at epoch {epoch}: no better validation {tcfg.select_by} for {plateau.bad} evaluations "
-                f"({steps - plateau.best_step:,} steps)")
+            say(f"early stop at epoch {epoch}: {plateau.stalled()} ({steps - plateau.best_step:,} steps)")
             break
     run.best_epoch = plateau.best_epoch
     model.load_state_dict(best_state)
@@ -112,7 +115,6 @@ def train_local(
             set_rate(optimizer, lr)
             total, n = _epoch(run.model, everything, optimizer, config, epoch)
             say(f"final fit epoch {epoch}/{run.best_epoch} loss {total / max(n, 1):.4f} lr {lr:g}")
-        run.final_fit = True
     run.seconds = time.monotonic() - started
     return run
 

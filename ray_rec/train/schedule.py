@@ -1,9 +1,8 @@
 """When training halves its learning rate and when it stops, counted in optimizer steps.
 
 Both epoch loops (the Ray Train worker and the single-process run) feed every validation to one
-`Plateau`. A data set with few steps an epoch (1,000 users of long histories: 9 steps) would
-otherwise halve the rate every 27 steps and stop after 90, long before it learned anything; a data
-set with many steps an epoch validates rarely enough that the step floors never bind there.
+`Plateau`. Counting steps as well as validations keeps a data set with few steps an epoch from
+halving and stopping before it has trained; with many steps an epoch the step floors never bind.
 """
 
 from __future__ import annotations
@@ -60,12 +59,16 @@ class Plateau:
             return "halve"
         return "same"
 
+    def stalled(self) -> str:
+        """Why the rate halves or training stops, e.g. ``no better validation NDCG@10 for 3 evaluations``."""
+        return f"no better validation {self.cfg.select_by} for {self.bad} evaluations"
+
     def state(self) -> dict[str, Any]:
-        """The counters, for a checkpoint (`restore` reads them back)."""
+        """The counters, for a checkpoint's loop state (`restore` reads them back)."""
         return {k: v for k, v in asdict(self).items() if k != "cfg"}
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Counters from `state`; keys an older checkpoint lacks keep their start values."""
+        """Counters from a loop state; keys an older checkpoint lacks keep their start values."""
         for key in self.state():
             if key in state:
                 setattr(self, key, type(getattr(self, key))(state[key]))

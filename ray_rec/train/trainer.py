@@ -49,8 +49,12 @@ class TrainResult:
     best_metrics: dict[str, float]
     seconds: float
     tracking: dict[str, str] | None = None  # the MLflow tracking URI and run id, when tracked
-    final_fit: bool = False  # whether the artifact was trained again on every click (`train.final_fit`)
     split_model_uri: str | None = None  # the split run's best model, when the final fit made the artifact
+
+    @property
+    def final_fit(self) -> bool:
+        """Whether the artifact was trained again on every click (`train.final_fit`)."""
+        return self.split_model_uri is not None
 
 
 def _storage(output: str) -> tuple[str, Any]:
@@ -141,24 +145,25 @@ def train(
     best = result.get_best_checkpoint(config.score, "max") if result.best_checkpoints else result.checkpoint
     if best is None:
         raise TrainingError("training finished without a checkpoint")
-    with best.as_directory() as folder, open(os.path.join(folder, "history.json")) as f:
-        state = json.load(f)
     split = final_fit_split(manifest) if config.train.final_fit else None
+    model_uri, split_model_uri = storage.join(output, "model"), storage.join(output, SPLIT_MODEL) if split else None
+    with best.as_directory() as folder:  # one download: the loop state and the split run's model
+        with open(os.path.join(folder, "history.json")) as f:
+            state = json.load(f)
+        _export(folder, output, split_model_uri or model_uri)
     if config.train.final_fit:
         logger.info(final_fit_line(state["best_epoch"], split))
     if split is not None:
-        _export(best, output, storage.join(output, SPLIT_MODEL))
         rates = epoch_rates(state["history"], config.train.lr)[: state["best_epoch"]]
         loop_config.update(run_name=FINAL_RUN_NAME, fail_once=None, final={
             "epochs": state["best_epoch"], "rates": rates, "split": {"best": state["best"], "best_epoch": state["best_epoch"]}})
         final = _fit(loop_config, workers, {
             "train": training_dataset(data, mcfg, browse_width(manifest, mcfg.resolved_loss), config.data.seed, manifest, split),
         }, CheckpointConfig(num_to_keep=1))
-        best = final.checkpoint
-        if best is None:
+        if final.checkpoint is None:
             raise TrainingError("the final fit finished without a checkpoint")
-    model_uri = storage.join(output, "model")
-    _export(best, output, model_uri)
+        with final.checkpoint.as_directory() as folder:
+            _export(folder, output, model_uri)
     best_row: dict[str, Any] = next((r for r in state["history"] if r["epoch"] == state["best_epoch"]), {})
     final_history = result.metrics or {}
     if tracker is not None:
@@ -171,8 +176,7 @@ def train(
         best_metrics={k: v for k, v in best_row.items() if k.startswith("val_")},
         seconds=time.monotonic() - started,
         tracking=lineage.get("tracking"),
-        final_fit=split is not None,
-        split_model_uri=storage.join(output, SPLIT_MODEL) if split is not None else None,
+        split_model_uri=split_model_uri,
     )
 
 
@@ -213,15 +217,14 @@ def _fit(loop_config: dict[str, Any], workers: int, datasets: dict[str, Any], ch
     return result
 
 
-def _export(checkpoint: Any, output: str, model_uri: str) -> None:
-    """The artifact files of ``checkpoint`` (without the optimizer and loop state) to ``model_uri``,
-    through a staging folder, so a failed copy never leaves a half-written model."""
-    with checkpoint.as_directory() as folder:
-        staging = storage.join(output, "_model-staging")
-        storage.delete_dir(staging)
-        with tempfile.TemporaryDirectory() as tmp:
-            for name in REQUIRED_FILES:
-                shutil.copy(os.path.join(folder, name), tmp)
-            storage.copy_dir(tmp, staging)
-        storage.delete_dir(model_uri)
-        storage.move_dir(staging, model_uri)
+def _export(folder: str, output: str, model_uri: str) -> None:
+    """The artifact files of a checkpoint ``folder`` (without the optimizer and loop state) to
+    ``model_uri``, through a staging folder, so a failed copy never leaves a half-written model."""
+    staging = storage.join(output, "_model-staging")
+    storage.delete_dir(staging)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in REQUIRED_FILES:
+            shutil.copy(os.path.join(folder, name), tmp)
+        storage.copy_dir(tmp, staging)
+    storage.delete_dir(model_uri)
+    storage.move_dir(staging, model_uri)

@@ -169,9 +169,7 @@ def _epochs(loop_config: dict[str, Any], cfg: Config, state: dict[str, Any], mod
             output: str, rank: int) -> None:
     tcfg, final = cfg.train, loop_config.get("final")
     plateau = Plateau(tcfg)
-    # (a checkpoint from before the counters were kept holds the best and the misses alone)
-    plateau.restore(state.get("plateau") or {"best": state.get("best", -1.0), "best_epoch": state.get("best_epoch", 0),
-                                             "bad": state.get("bad", 0)})
+    plateau.restore(state)  # its counters live in the loop state, beside the epoch and history
     last = _last_epoch(loop_config, cfg)
     what = "final fit epoch" if final else "epoch"
     for epoch in range(state["epoch"] + 1, last + 1):
@@ -207,13 +205,13 @@ def _epochs(loop_config: dict[str, Any], cfg: Config, state: dict[str, Any], mod
             metrics.update({"eval_users": int(val["count"]), "eval_s": time.monotonic() - t_val})
             verdict = plateau.validated(epoch, state["steps"], val[tcfg.select_by])
             if verdict == "halve":
-                halve_rate(optimizer, f"no better validation {tcfg.select_by} for {plateau.bad} evaluations", _log)
+                halve_rate(optimizer, plateau.stalled(), _log)
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         if not final:
             metrics.setdefault(cfg.score, plateau.best)  # Ray Train ranks checkpoints by it on every report
         state["epoch"] = epoch
         if not final:
-            state.update(best=plateau.best, best_epoch=plateau.best_epoch, plateau=plateau.state())
+            state.update(plateau.state())
         state["history"].append(metrics)
         _log(
             f"{what} {epoch}/{last} loss {metrics['loss']:.4f} "
@@ -233,6 +231,6 @@ def _epochs(loop_config: dict[str, Any], cfg: Config, state: dict[str, Any], mod
                 ckpt = Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=ckpt)
         if verdict == "stop":
-            _log(f"early stop: no better validation {tcfg.select_by} for {plateau.bad} evaluations, "
-                 f"{state['steps'] - plateau.best_step:,} steps (best epoch {plateau.best_epoch})")
+            _log(f"early stop: {plateau.stalled()}, {state['steps'] - plateau.best_step:,} steps "
+                 f"(best epoch {plateau.best_epoch})")
             break

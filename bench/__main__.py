@@ -82,6 +82,7 @@ FULL = {
               ["bench.enhancer_cost"]],
     "serve": [["bench.serve_load", "--requests", "300", "--rounds", "3"], ["bench.serve_start", "--rounds", "3"]],
     "data": [["bench.data_scale", "--sizes", "2000000", "20000000", "40000000"]],
+    "reliability": [["bench.reliability"]],
     "scale": [["bench.topk_scale", "--catalogs", "10000", "100000", "1000000", "--requests", "200"],
               ["bench.recommend_many", "--users", "20000", "--items", "20000", "--rounds", "3"],
               ["bench.recommend_many", "--call", "evaluate", "--users", "2048", "--items", "1000000", "--rounds", "3"]],

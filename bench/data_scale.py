@@ -19,6 +19,7 @@ same data (plain PyTorch, one process), as a ratio: above 1 means the pipeline k
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -112,7 +113,8 @@ def child_prepare(src: str, out: str) -> dict[str, Any]:
     t0 = time.monotonic()
     manifest = prepare(PrepareOptions(input=src, output=out, num_shards=8))
     seconds = time.monotonic() - t0
-    return {"seconds": seconds, "events_per_s": manifest["counts"]["rows_read"] / seconds, "peak_rss_mb": vm_hwm_mb(), "counts": manifest["counts"]}
+    return {"seconds": seconds, "events_per_s": manifest.counts.rows_read / seconds, "peak_rss_mb": vm_hwm_mb(),
+            "counts": dataclasses.asdict(manifest.counts)}
 
 
 def child_stream(data: str) -> dict[str, Any]:
@@ -121,8 +123,8 @@ def child_stream(data: str) -> dict[str, Any]:
 
     from ray_rec.config import for_data, load_config
     from ray_rec.data.examples import BUCKET_WINDOW, browse_width, collate, length_buckets, shuffle_chunks
+    from ray_rec.data.manifest import read_manifest
     from ray_rec.data.pipeline import limit_memory, training_dataset
-    from ray_rec.data.prepare import read_manifest
     from ray_rec.ray_session import init_ray, local_cpus
 
     ray.init(address="local", num_cpus=local_cpus(1), object_store_memory=OBJECT_STORE_MB * 2**20, logging_level=logging.WARNING)
@@ -153,9 +155,10 @@ def child_train_rate(data: str, steps: int) -> dict[str, Any]:
     from ray_rec.config import for_data, load_config
     from ray_rec.data.examples import BUCKET_WINDOW, browse_width, collate, length_buckets, training_examples
     from ray_rec.data.local import read_split
-    from ray_rec.data.prepare import read_manifest
+    from ray_rec.data.manifest import read_manifest
     from ray_rec.model.interest_model import InterestModel
-    from ray_rec.train.loop import make_optimizer, train_step
+    from ray_rec.train.fit import train_step
+    from ray_rec.train.optim import make_optimizer
 
     cfg = load_config(None, PINNED)
     m = read_manifest(data)
@@ -175,7 +178,7 @@ def child_train_rate(data: str, steps: int) -> dict[str, Any]:
         batch = batches[i % len(batches)]
         train_step(model, batch, opt, cfg.train.grad_clip)
         n += int(batch["items"].shape[0])
-    return {"examples_per_s": n / (time.monotonic() - t0), "steps": steps, "catalog": m["counts"]["items"]}
+    return {"examples_per_s": n / (time.monotonic() - t0), "steps": steps, "catalog": m.counts.items}
 
 
 def _child(kind: str, *args: str) -> dict[str, Any]:

@@ -39,10 +39,13 @@ from bench.output import machine, write_result
 from bench.report import enhancer_cost_table
 from ray_rec.config import LONG_HISTORY, ModelConfig, for_data, load_config
 from ray_rec.data.local import InMemoryExamples
-from ray_rec.data.prepare import PrepareOptions, prepare, read_manifest
+from ray_rec.data.manifest import read_manifest
+from ray_rec.data.prepare import PrepareOptions, prepare
 from ray_rec.data.synthetic import bulk_log
 from ray_rec.model.interest_model import InterestModel
-from ray_rec.train.loop import make_optimizer, train_step
+from ray_rec.predict.ranking import interests, top_k
+from ray_rec.train.fit import train_step
+from ray_rec.train.optim import make_optimizer
 
 ENHANCERS = ("none", "augru", "trend")
 BATCH = 128
@@ -84,7 +87,7 @@ class Case:
     def recommend_ms(self, users: dict[str, torch.Tensor]) -> float:
         self.model.eval()
         t0 = time.perf_counter()
-        self.model.recommend(users["items"], 10, exclude=users["seen"], time_buckets=users.get("time_buckets"))
+        top_k(self.model, interests(self.model, users["items"], users.get("time_buckets")), 10, exclude=users["seen"])
         return (time.perf_counter() - t0) * 1000
 
     def warm_up(self) -> None:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from bench.output import RESULTS, STORED, machine, write_json
 from ray_rec.config import load_config, parse_overrides
-from ray_rec.data.prepare import PrepareOptions, prepare, read_manifest
+from ray_rec.data.manifest import read_manifest
+from ray_rec.data.prepare import PrepareOptions, prepare
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon"
 # Prepared data sets are cached apart from the results (bench.output.RESULTS).
@@ -191,10 +192,10 @@ def popularity(data: str) -> dict[str, float]:
 
     from ray_rec.data.local import InMemoryExamples, read_split
     from ray_rec.metrics import DEFAULT_KS, RankingMetrics, full_ranks
-    from ray_rec.train.evaluate import count_clicks, popularity_scores
+    from ray_rec.predict.evaluate import count_clicks, popularity_scores
 
     clicks = count_clicks(read_split(data, "train"))["item"]
-    counts = np.bincount(clicks, minlength=read_manifest(data)["counts"]["items"] + 1).astype(np.float64)
+    counts = np.bincount(clicks, minlength=read_manifest(data).counts.items + 1).astype(np.float64)
     scores = torch.tensor(popularity_scores(counts), dtype=torch.float64)
     acc = RankingMetrics(DEFAULT_KS)
     for batch in InMemoryExamples.evaluation(data, "test", 50, 16).batches(1024):

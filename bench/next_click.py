@@ -88,13 +88,14 @@ def held_out(dataset: str) -> tuple[str, dict[str, str]]:
         if "timestamp" in rest.column_names:
             raw = CACHE / f"{dataset}-next-click-events.parquet"
             pq.write_table(rest, raw)
-            return prepare(PrepareOptions(input=str(raw), output=out, format="events", num_shards=4))
+            prepare(PrepareOptions(input=str(raw), output=out, format="events", num_shards=4))
+            return
         lines: dict[str, list[str]] = {}
         for user, item in zip(rest["user_id"].to_pylist(), rest["item_id"].to_pylist()):
             lines.setdefault(user, []).append(item)
         raw = CACHE / f"{dataset}-next-click.txt"
         raw.write_text("".join(f"{u} {' '.join(v)}\n" for u, v in lines.items()))
-        return prepare(PrepareOptions(input=str(raw), output=out, format="seqtxt", num_shards=4))
+        prepare(PrepareOptions(input=str(raw), output=out, format="seqtxt", num_shards=4))
 
     return cached(f"{dataset}-next-click", make), answers
 
@@ -108,7 +109,7 @@ def next_click_metrics(model: Any, data: str, answers: dict[str, str]) -> dict[s
     from ray_rec.data.examples import collate, evaluation_examples
     from ray_rec.data.local import read_split
     from ray_rec.metrics import RankingMetrics
-    from ray_rec.train.loop import rank_targets
+    from ray_rec.predict.ranking import interests, rank_targets
     from ray_rec.vocab import Vocabulary
 
     vocab = Vocabulary.load(data)
@@ -125,7 +126,7 @@ def next_click_metrics(model: Any, data: str, answers: dict[str, str]) -> dict[s
         batch = collate({"items": examples["items"][rows], "time_buckets": examples["time_buckets"][rows],
                          "seen": examples["seen"][rows]})
         batch["targets"] = torch.as_tensor(targets[rows])
-        acc.add(rank_targets(model, batch)[0])
+        acc.add(rank_targets(model, interests(model, batch["items"], batch["time_buckets"]), batch["targets"], batch["seen"])[0])
     acc.add(torch.full((int((~known).sum()),), float(model.config.num_items)))  # never ranked
     result = acc.result()
     return {k: result[k] for k in KEYS}
@@ -136,11 +137,11 @@ class PlainSASRec:
 
     def __init__(self, data: str, seed: int, say: Any, all_windows: bool = False) -> None:
         from ray_rec.config import LONG_HISTORY, LONG_HISTORY_CLICKS, SHORT_HISTORY, ModelConfig
-        from ray_rec.data.prepare import read_manifest
+        from ray_rec.data.manifest import read_manifest
 
-        counts = read_manifest(data)["counts"]
-        long = counts["clicks"] / counts["users"] >= LONG_HISTORY_CLICKS
-        self.config = ModelConfig(num_items=counts["items"], max_len=50, dim=64, tracker="transformer", tracker_layers=2,
+        counts = read_manifest(data).counts
+        long = counts.clicks / counts.users >= LONG_HISTORY_CLICKS
+        self.config = ModelConfig(num_items=counts.items, max_len=50, dim=64, tracker="transformer", tracker_layers=2,
                                   heads=1, enhancer="none", relevance="dot", loss="ce", use_time=False,
                                   dropout=(LONG_HISTORY if long else SHORT_HISTORY).dropout)
         self.data, self.seed, self.say, self.all_windows = data, seed, say, all_windows
@@ -161,7 +162,7 @@ class PlainSASRec:
         import numpy as np
 
         from ray_rec.data.examples import collate
-        from ray_rec.train.loop import train_step
+        from ray_rec.train.fit import train_step
 
         order, total = np.random.default_rng([self.seed, epoch]).permutation(windows.size), 0.0
         for start in range(0, windows.size, 128):
@@ -174,7 +175,7 @@ class PlainSASRec:
 
         from ray_rec.config import TrainConfig
         from ray_rec.model.interest_model import InterestModel
-        from ray_rec.train.loop import make_optimizer
+        from ray_rec.train.optim import make_optimizer
 
         torch.manual_seed(self.seed)
         model = InterestModel(self.config)
@@ -183,7 +184,7 @@ class PlainSASRec:
     def fit(self, patience: int = 10, epochs: int = 400) -> tuple[Any, Any, dict[str, Any]]:
         """(the split run's best model, the model trained again on every click, the run's summary)."""
         from ray_rec.data.local import InMemoryExamples
-        from ray_rec.train.loop import evaluate
+        from ray_rec.predict.ranking import evaluate
 
         cfg = self.config
         valid = InMemoryExamples.evaluation(self.data, "valid", cfg.history_len, cfg.time_buckets)

@@ -21,7 +21,7 @@ from pathlib import Path
 from bench.model_quality import prepared
 from bench.output import RESULTS, machine, write_json
 from ray_rec.config import load_config, parse_overrides
-from ray_rec.train.loop import worker_batch
+from ray_rec.train.worker import worker_batch
 
 CLI = [sys.executable, "-m", "ray_rec.cli"]
 

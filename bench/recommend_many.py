@@ -3,7 +3,7 @@
 Two calls score every user against every item. ``--call recommend``:
 ``ray_rec.load_model(...).recommend(histories)`` with every user in one list, how offline jobs call
 the Python API; it encodes at most ``BLOCK_ROWS`` histories and holds at most ``BLOCK_CELLS``
-scores at a time. ``--call evaluate``: full-ranking evaluation (``ray_rec.train.loop.evaluate``,
+scores at a time. ``--call evaluate``: full-ranking evaluation (``ray_rec.predict.ranking.evaluate``,
 with 100 sampled negatives), what `ray-rec train` runs on its validation users every epoch and
 `ray-rec evaluate` on a split, in batches of 512 users (``train.eval_batch_size``), each scored in
 blocks of at most ``BLOCK_CELLS`` scores. The baseline sets the limits past the call's size (one
@@ -45,12 +45,11 @@ def child(uri: str, users: int, mode: str, call: str, out: str) -> None:
     import torch
 
     from ray_rec import load_model
-    from ray_rec.model import artifact as art
-    from ray_rec.train import loop
+    from ray_rec.predict import ranking
 
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     if mode == "one block":
-        art.BLOCK_ROWS = art.BLOCK_CELLS = 1 << 62
+        ranking.BLOCK_ROWS = ranking.BLOCK_CELLS = 1 << 62
     rec = load_model(uri)
     rng = random.Random(0)
     n = len(rec.vocab)
@@ -67,7 +66,7 @@ def child(uri: str, users: int, mode: str, call: str, out: str) -> None:
             items = torch.tensor([[0] * (width - len(h) + 1) + h[:-1] for h in rows])
             batches.append({"items": items, "seen": items, "targets": torch.tensor([h[-1] for h in rows])})
         t0 = time.perf_counter()
-        full, _ = loop.evaluate(rec.model, batches, sampled_negatives=100)
+        full, _ = ranking.evaluate(rec.model, batches, sampled_negatives=100)
         same = full.result()
     seconds = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

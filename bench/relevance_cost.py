@@ -24,10 +24,11 @@ from bench.model_quality import prepared
 from bench.output import machine, write_result
 from ray_rec.config import for_data, load_config
 from ray_rec.data.local import InMemoryExamples
-from ray_rec.data.prepare import read_manifest
+from ray_rec.data.manifest import read_manifest
 from ray_rec.model.interest_model import InterestModel
 from ray_rec.model.relevance import MLPRelevance
-from ray_rec.train.loop import make_optimizer, train_step
+from ray_rec.train.fit import train_step
+from ray_rec.train.optim import make_optimizer
 
 
 def _plain_forward(self: MLPRelevance, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -153,8 +153,8 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from bench.noop_app import build_noop_app
     from ray_rec.serve.app import build_app
-    from ray_rec.serve.noop import build_noop_app
     from ray_rec.serve.schemas import ServeArgs
 
     tmp = tempfile.mkdtemp()
@@ -164,14 +164,14 @@ def main() -> None:
     score = {"history": clicks, "candidates": [f"i{i}" for i in range(100, 200)]}
 
     from ray_rec import load_model
-    from ray_rec.serve.batching import Job, run_jobs
+    from ray_rec.predict import Query
 
     rec = load_model(model_uri)
     idx = rec.vocab.lookup(clicks)[0]
     t0 = time.perf_counter()
     n = 0
     while time.perf_counter() - t0 < 5:
-        run_jobs(rec, [Job(history=idx, k=10) for _ in range(32)])
+        rec.predict([Query(idx, k=10) for _ in range(32)])
         n += 32
     model_only = n / (time.perf_counter() - t0)
     print(f"model only (one replica's forward passes, batches of 32 recommend jobs): {model_only:,.0f} requests/s", flush=True)

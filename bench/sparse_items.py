@@ -58,7 +58,8 @@ def _steps(rank: int, world: int, items: int, mode: str, steps: int, batch: int,
 
     from ray_rec.config import ModelConfig, TrainConfig
     from ray_rec.model.interest_model import InterestModel
-    from ray_rec.train.loop import make_optimizer, sparse_item_gradients, train_step
+    from ray_rec.train.fit import train_step
+    from ray_rec.train.optim import make_optimizer, sparse_item_gradients
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     if world > 1:

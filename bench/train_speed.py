@@ -28,9 +28,11 @@ from bench.output import machine, write_result
 from ray_rec.config import for_data, load_config
 from ray_rec.data.examples import browse_width
 from ray_rec.data.local import InMemoryExamples
-from ray_rec.data.prepare import PrepareOptions, prepare, read_manifest
+from ray_rec.data.manifest import read_manifest
+from ray_rec.data.prepare import PrepareOptions, prepare
 from ray_rec.model.interest_model import InterestModel
-from ray_rec.train.loop import make_optimizer, train_step
+from ray_rec.train.fit import train_step
+from ray_rec.train.optim import make_optimizer
 
 
 def plain_loop(data: str, overrides: dict, epochs: int) -> float:

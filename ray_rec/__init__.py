@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from ray_rec.model.artifact import Recommender
+    from ray_rec.predict import Recommender
 
 
 def load_model(uri: str, max_model_mb: float | None = None) -> Recommender:
     """Load a trained model artifact from a local folder or s3:// URI (see `Recommender`); a model
     larger than ``max_model_mb`` (default 4096) is refused before it is allocated."""
-    from ray_rec.model.artifact import load_model as _load
+    from ray_rec.predict import load_model as _load
 
     return _load(uri, max_model_mb)
 

@@ -1,4 +1,4 @@
-"""`ray-rec`: prepare, train, evaluate, serve, demo, batch-score.
+"""`ray-rec`: prepare, train, evaluate, serve, demo, batch-score, config.
 
 User mistakes (missing paths, bad config, bad input files) end with one clear line and exit 2;
 only bugs show a stack trace.
@@ -13,6 +13,10 @@ import sys
 from collections.abc import Sequence
 
 from ray_rec import __version__
+from ray_rec.config import FORMATS, SPLITS, PrepareOptions, ServeConfig
+
+PREPARE = PrepareOptions(input="", output="")  # the defaults the prepare flags show
+SERVE = ServeConfig.model_fields  # the defaults the serve flags show
 
 logger = logging.getLogger("ray_rec")
 
@@ -29,13 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="import event logs into a sharded sequence dataset")
     p.add_argument("--input", required=True, help="log file or folder (local path or s3://)")
-    p.add_argument("--format", required=True, choices=["events", "movielens", "seqtxt"])
+    p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--output", required=True, help="dataset folder to write (local path or s3://)")
     p.add_argument("--items", help="item side features: Parquet/CSV with item_id, or MovieLens u.item/movies.dat")
-    p.add_argument("--num-shards", type=int, default=8,
-                   help="Parquet files per split, at least; large logs get more, of about 1M events each (default 8)")
-    p.add_argument("--min-clicks", type=int, default=3, help="drop users with fewer clicks (>= 3)")
-    p.add_argument("--split", choices=["leave_one_out", "time"], default="leave_one_out")
+    p.add_argument("--num-shards", type=int, default=PREPARE.num_shards,
+                   help=f"Parquet files per split, at least; large logs get more, of about 1M events each (default {PREPARE.num_shards})")
+    p.add_argument("--min-clicks", type=int, default=PREPARE.min_clicks,
+                   help=f"drop users with fewer clicks (>= 3; default {PREPARE.min_clicks})")
+    p.add_argument("--split", choices=SPLITS, default=PREPARE.split)
     p.add_argument("--cutoff", help="with --split time: epoch seconds or ISO 8601 time")
     p.add_argument("--expected-events", type=int, help="approximate log size, to size the spill buckets")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
@@ -68,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--api-key-env", default="", help="environment variable holding the API key")
+    p.add_argument("--max-batch-size", type=int, default=SERVE["max_batch_size"].default,
+                   help=SERVE["max_batch_size"].description)
+    p.add_argument("--api-key-env", default=SERVE["api_key_env"].default, help=SERVE["api_key_env"].description)
 
     p = sub.add_parser("batch-score", help="top-k recommendations for every user of a split, to Parquet")
     p.add_argument("--data", required=True)
@@ -78,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+    p = sub.add_parser("config", help="print the resolved training configuration as YAML")
+    p.add_argument("--config", help="YAML with model, data, train, eval sections")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
+    p.add_argument("--data", help="prepared dataset: also fill in what training reads from it (catalog, history length, ...)")
+    p.add_argument("--reference", action="store_true", help="print every setting with its type, default and meaning (Markdown)")
 
     p = sub.add_parser("demo", help="the whole product end to end on synthetic data")
     p.add_argument("--workdir", help="keep the demo's files here (default: a temporary folder)")
@@ -104,16 +116,16 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     manifest = prepare(opts, progress=lambda msg: print(f"[prepare] {msg}", file=sys.stderr, flush=True))
-    c, d = manifest["counts"], manifest["dropped"]
-    print(f"prepared {args.output}: {c['users']:,} users, {c['items']:,} items, {c['events']:,} events "
-          f"({c['clicks']:,} clicks) in {manifest['num_shards']} shards")
-    print("dropped: " + ", ".join(f"{k} {v:,}" for k, v in d.items()))
+    c = manifest.counts
+    print(f"prepared {args.output}: {c.users:,} users, {c.items:,} items, {c.events:,} events "
+          f"({c.clicks:,} clicks) in {manifest.num_shards} shards")
+    print("dropped: " + ", ".join(f"{k} {v:,}" for k, v in manifest.dropped.items()))
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from ray_rec.config import load_config, parse_overrides
-    from ray_rec.data.prepare import read_manifest
+    from ray_rec.data.manifest import read_manifest
     from ray_rec.ray_session import init_ray
     from ray_rec.train.trainer import train
 
@@ -136,10 +148,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from ray_rec.data.prepare import read_manifest
-    from ray_rec.model.artifact import load_model
+    from ray_rec.data.manifest import read_manifest
+    from ray_rec.predict import load_model
+    from ray_rec.predict.evaluate import evaluate_model, format_table, log_to_run
     from ray_rec.ray_session import init_ray
-    from ray_rec.train.evaluate import evaluate_model, format_table, log_to_run
     from ray_rec.train.lineage import describe
 
     read_manifest(args.data)  # fail fast, before Ray starts
@@ -162,10 +174,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_batch_score(args: argparse.Namespace) -> int:
-    from ray_rec.data.prepare import read_manifest
-    from ray_rec.model.artifact import load_model
+    from ray_rec.data.manifest import read_manifest
+    from ray_rec.predict import load_model
+    from ray_rec.predict.batch_score import batch_score
     from ray_rec.ray_session import init_ray
-    from ray_rec.train.batch_score import batch_score
     from ray_rec.train.lineage import describe
 
     if args.k < 1:
@@ -177,6 +189,26 @@ def _cmd_batch_score(args: argparse.Namespace) -> int:
                     progress=lambda msg: print(f"[batch-score] {msg}", file=sys.stderr, flush=True))
     print(f"wrote top-{args.k} recommendations for {n:,} users to {args.output}")
     print(f"model {rec.version}: {describe(rec.meta.get('lineage'))}")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import yaml
+
+    from ray_rec.config import for_data, load_config, parse_overrides
+    from ray_rec.reference import reference
+
+    if args.reference:
+        print(reference(), end="")
+        return 0
+    config = load_config(args.config, parse_overrides(args.set))
+    if args.data:
+        from ray_rec.data.manifest import read_manifest
+
+        config = dataclasses.replace(config, model=for_data(config.model, read_manifest(args.data)))
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
     return 0
 
 
@@ -193,6 +225,7 @@ COMMANDS = {
     "serve": _cmd_serve,
     "batch-score": _cmd_batch_score,
     "demo": _cmd_demo,
+    "config": _cmd_config,
 }
 
 

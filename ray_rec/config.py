@@ -1,7 +1,9 @@
-"""Typed, frozen settings for model, data and training (serving: `ray_rec.serve.schemas.ServeArgs`).
+"""Every setting, typed and checked in one place: prepare, model, data, train, eval and serve.
 
-YAML files and CLI flags only fill these in; all validation lives in ``__post_init__`` so a bad
-value is reported once, naming the field and the value. Importing this module does nothing.
+YAML files, CLI flags and Serve's application arguments only fill these in. Types are checked
+(and ``1e-3``, which YAML reads as a string, read as a number) and ranges validated when an object
+is built, so a bad value is reported once, naming the field and the value; `load_config` adds the
+file. Importing this module does nothing.
 """
 
 from __future__ import annotations
@@ -10,80 +12,78 @@ import dataclasses
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from ray_rec.checks import check_choice, check_range, check_types
+from ray_rec.model.loss_policy import LossPolicy
 from ray_rec.shape import LONG_HISTORY, LONG_HISTORY_CLICKS, SHORT_HISTORY, history_window
 
-TRACKERS = ("transformer", "gru")
-ENHANCERS = ("augru", "trend", "none")
-RELEVANCES = ("dot", "mlp")
+if TYPE_CHECKING:
+    from ray_rec.data.manifest import Manifest
+
 LOSSES = ("auto", "ce", "sampled_softmax", "bce")
 
-# Above this many (catalog items x history length) `loss: auto` switches from full cross-entropy
-# to sampled softmax: the full softmax scores every position against every item (its memory is
-# bounded by chunking, its compute is not), sampled softmax against 2048 shared negatives.
-# At the short-history length of 50 that is a catalog of 200,000 items.
-FULL_SOFTMAX_MAX_CELLS = 200_000 * 50
 
-# In-batch negatives a sampled-softmax step draws at most (a random subset of its positions' next
-# clicks past that): 128 windows x 200 steps would otherwise score 25,600 x 25,600 pairs.
-IN_BATCH_NEGATIVES = 2048
+def network_choices(kind: str) -> tuple[str, ...]:
+    """The names registered for a swappable network (``tracker``, ``enhancer``, ``relevance``): the
+    model's registries are the one list of choices (importing them imports torch)."""
+    from ray_rec.model import enhancement, relevance, tracking
 
+    registry = {"tracker": tracking.TRACKERS, "enhancer": enhancement.ENHANCERS, "relevance": relevance.RELEVANCES}[kind]
+    return tuple(registry.names())
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
-
-
-def _check_range(name: str, value: float, low: float, high: float | None = None) -> None:
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name}={value!r} must be {bound}")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(LossPolicy):
     """The interest model's architecture.
 
     ``num_items`` and ``side_features`` describe the catalog and are filled from the data set's
-    manifest at training time; the rest are choices.
+    manifest at training time. ``max_len``, ``dropout`` and ``tracker_layers`` left unset follow
+    the data set (after SASRec's own tuning): a data set whose users average 40 clicks or more is
+    long (dropout 0.2, two tracker layers), else short (0.5, one); the window is half the average
+    clicks, within 50-200. Training prints the choice on its first line; the artifact keeps it.
     """
 
     num_items: int = 0  # catalog size; valid item indices are 1..num_items, 0 is padding
     side_features: dict[str, int] = field(default_factory=dict)  # name -> vocabulary size
     max_len: int | None = None  # history length read; None: half the users' average clicks, within [50, 200]
-    dim: int = 64
+    dim: int = 64  # width of every embedding and interest state
     use_time: bool = True  # bucketed time since the previous click (ignored if data has none)
-    time_buckets: int = 24
-    tracker: str = "transformer"
+    time_buckets: int = 24  # log-scale buckets of the time since the previous click
+    tracker: str = "transformer"  # interest tracking network: transformer (causal self-attention) or gru
     tracker_layers: int | None = None  # None: 1, or 2 when users average >= 40 clicks
-    heads: int = 1
-    enhancer: str = "augru"  # measured best on Beauty over 3 seeds; see README "Model quality"
-    relevance: str = "dot"
+    heads: int = 1  # attention heads of the transformer tracker
+    enhancer: str = "augru"  # interest enhancement network: augru (DIEN's interest evolution), trend (attention over the shifts between states) or none
+    relevance: str = "dot"  # relevance network: dot (u . v) or mlp (u . v + MLP(u, v))
     dropout: float | None = None  # dropout everywhere; None: 0.5, or 0.2 when users average >= 40 clicks
-    loss: str = "auto"
+    loss: str = "auto"  # auto, ce (full softmax), sampled_softmax or bce; auto: ce while the catalog x history fits, else sampled_softmax
     num_negatives: int | None = None  # sampled negatives; None: 2048 for `sampled_softmax` over `dot`, else 256
-    in_batch_negatives: bool = True  # sampled softmax over `dot` also draws the batch's next clicks (logQ-corrected)
-    aux_loss_weight: float = 0.0  # DIEN's auxiliary next-click loss on the interest states (off: see README)
+    # Sampled softmax over `dot` also takes the batch's next clicks (up to 2048) as negatives: the popular
+    # items uniform draws from a long-tailed catalog almost never reach. Every negative is logQ-corrected.
+    in_batch_negatives: bool = True
+    aux_loss_weight: float = 0.0  # DIEN's auxiliary next-click loss on the interest states (0 = off)
 
     def __post_init__(self) -> None:
-        _check_choice("model.tracker", self.tracker, TRACKERS)
-        _check_choice("model.enhancer", self.enhancer, ENHANCERS)
-        _check_choice("model.relevance", self.relevance, RELEVANCES)
-        _check_choice("model.loss", self.loss, LOSSES)
-        _check_range("model.num_items", self.num_items, 0)
+        check_types(self, "model")
+        for kind in ("tracker", "enhancer", "relevance"):
+            check_choice(f"model.{kind}", getattr(self, kind), network_choices(kind))
+        check_choice("model.loss", self.loss, LOSSES)
+        check_range("model.num_items", self.num_items, 0)
         if self.max_len is not None:
-            _check_range("model.max_len", self.max_len, 2, 4096)
-        _check_range("model.dim", self.dim, 4, 4096)
+            check_range("model.max_len", self.max_len, 2, 4096)
+        check_range("model.dim", self.dim, 4, 4096)
         if self.tracker_layers is not None:
-            _check_range("model.tracker_layers", self.tracker_layers, 1, 24)
-        _check_range("model.heads", self.heads, 1, 64)
+            check_range("model.tracker_layers", self.tracker_layers, 1, 24)
+        check_range("model.heads", self.heads, 1, 64)
         if self.dropout is not None:
-            _check_range("model.dropout", self.dropout, 0.0, 0.95)
-        _check_range("model.time_buckets", self.time_buckets, 2, 256)
+            check_range("model.dropout", self.dropout, 0.0, 0.95)
+        check_range("model.time_buckets", self.time_buckets, 2, 256)
         if self.num_negatives is not None:
-            _check_range("model.num_negatives", self.num_negatives, 1)
-        _check_range("model.aux_loss_weight", self.aux_loss_weight, 0.0)
+            check_range("model.num_negatives", self.num_negatives, 1)
+        check_range("model.aux_loss_weight", self.aux_loss_weight, 0.0)
         if self.dim % self.heads:
             raise ValueError(f"model.dim={self.dim} must be divisible by model.heads={self.heads}")
         for name, size in self.side_features.items():
@@ -105,59 +105,6 @@ class ModelConfig:
         """``tracker_layers``, or the short-history default while the data set has not chosen it."""
         return SHORT_HISTORY.tracker_layers if self.tracker_layers is None else self.tracker_layers
 
-    @property
-    def resolved_loss(self) -> str:
-        """The loss actually used: `auto` picks full softmax for dot relevance and small catalogs."""
-        if self.loss != "auto":
-            return self.loss
-        if self.relevance == "dot" and self.num_items * self.history_len <= FULL_SOFTMAX_MAX_CELLS:
-            return "ce"
-        return "sampled_softmax"
-
-    @property
-    def negatives(self) -> int:
-        """``num_negatives``, or by the loss: 2048 negatives shared by the batch when sampled softmax
-        scores them with a dot product (one (positions x 2048) product; measured in README "Model
-        quality"), 256 when an MLP scores every pair or `bce` draws them per position."""
-        if self.num_negatives is not None:
-            return self.num_negatives
-        return 2048 if self.resolved_loss == "sampled_softmax" and self.relevance == "dot" else 256
-
-    @property
-    def mixes_in_batch(self) -> bool:
-        """Whether the sampled softmax also takes the batch's next clicks (up to
-        ``IN_BATCH_NEGATIVES`` of them) as negatives: with the dot product only, where they cost one
-        more (positions x drawn) product; an MLP would score every pair."""
-        return self.in_batch_negatives and self.resolved_loss == "sampled_softmax" and self.relevance == "dot"
-
-    @property
-    def dot_term(self) -> ModelConfig | None:
-        """What the MLP relevance's u . v term also trains under while the MLP trains with sampled
-        softmax: the loss and negatives `relevance: dot` gets by default (the full softmax while the
-        catalog fits, else 2048 shared negatives). None for every other setting."""
-        if self.relevance != "mlp" or self.resolved_loss != "sampled_softmax":
-            return None
-        return dataclasses.replace(self, relevance="dot", loss="auto", num_negatives=None)
-
-    @property
-    def reads_item_sample(self) -> bool:
-        """Whether every training loss reads only some items a step (sampled softmax, `bce`: the
-        batch's items and the negatives drawn), never the whole catalog as the full softmax does."""
-        dot = self.dot_term
-        return self.resolved_loss != "ce" and (dot is None or dot.resolved_loss != "ce")
-
-    def loss_text(self) -> str:
-        """The loss actually used, with its negatives: e.g. `ce`, `sampled_softmax (2048 negatives)`."""
-        if self.resolved_loss == "ce":
-            return "ce"
-        in_batch = f" + up to {IN_BATCH_NEGATIVES} of the batch's next clicks" if self.mixes_in_batch else ""
-        return f"{self.resolved_loss} ({self.negatives} negatives{in_batch})"
-
-    def losses_text(self) -> str:
-        """What training minimises, e.g. ``sampled_softmax (256 negatives) loss + ce on its dot term``."""
-        dot = self.dot_term
-        return f"{self.loss_text()} loss" + (f" + {dot.loss_text()} on its dot term" if dot else "")
-
     def describe(self) -> str:
         """One line naming the networks and the sizes training will use."""
         return (f"{self.tracker} tracker, {self.enhancer} enhancer, {self.relevance} relevance, "
@@ -177,45 +124,48 @@ class DataConfig:
     """How sequences become training examples."""
 
     shuffle_buffer: int = 16384  # rows in the local shuffle buffer of each worker (0 = off)
-    seed: int = 0
+    seed: int = 0  # the shuffle's seed
     pipeline_memory_mb: int = 1024  # object-store memory Ray Data may fill ahead of training
     cache_mb: int = 1024  # per worker: keep examples in memory after the first epoch if they fit (0 = stream every epoch)
 
     def __post_init__(self) -> None:
-        _check_range("data.shuffle_buffer", self.shuffle_buffer, 0)
-        _check_range("data.pipeline_memory_mb", self.pipeline_memory_mb, 64)
-        _check_range("data.cache_mb", self.cache_mb, 0)
+        check_types(self, "data")
+        check_range("data.shuffle_buffer", self.shuffle_buffer, 0)
+        check_range("data.pipeline_memory_mb", self.pipeline_memory_mb, 64)
+        check_range("data.cache_mb", self.cache_mb, 0)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """The optimisation and the run around it."""
 
-    epochs: int = 200
-    batch_size: int = 128  # windows a step, all workers together (each takes its share: `worker_batch`)
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    grad_clip: float = 5.0
+    epochs: int = 200  # at most; early stopping usually ends the run first
+    # Windows a step, all workers together: each takes an equal share (rounded up), so the worker
+    # count leaves the batch, the learning rate and the steps an epoch as they are.
+    batch_size: int = 128
+    lr: float = 1e-3  # Adam's learning rate at the start
+    weight_decay: float = 0.0  # L2 on weight matrices (not norms, biases)
+    grad_clip: float = 5.0  # largest gradient norm (0 = no clipping)
     # Stop after this many validations (every `eval_every` epochs) without a better `select_by`, and
     # no fewer than `patience_steps` optimizer steps since the best (`ray_rec.train.schedule.Plateau`).
     patience: int = 10
-    patience_steps: int = 1500
+    patience_steps: int = 1500  # see patience
     # Halve the learning rate after this many validations and `lr_patience_steps` steps without a
     # better `select_by` (again after as many more); 0 = a constant learning rate.
     lr_patience: int = 3
-    lr_patience_steps: int = 500
+    lr_patience_steps: int = 500  # see lr_patience
     # After the split run, train the exported model again on every click (the valid and test targets
     # too) for the best epoch's steps, replaying its learning rates; false: export the split run's model.
     final_fit: bool = True
-    eval_every: int = 1
+    eval_every: int = 1  # validate every this many epochs
     select_by: str = "NDCG@10"  # the validation metric that picks the best epoch: HR@k or NDCG@k (k in eval.ks), or MRR
     keep_checkpoints: int = 2  # best K by validation `select_by`
-    eval_batch_size: int = 512
+    eval_batch_size: int = 512  # users ranked at a time in validation
     # Validation users per evaluation: the first shards of the valid split (users are spread over
     # shards by a hash, so these are a fixed random sample) holding about this many; 0 = all.
     eval_users: int = 50_000
     max_failures: int = 2  # worker crashes Ray Train recovers from by itself
-    seed: int = 0
+    seed: int = 0  # model initialisation and sampling
     # On CPU, when the loss reads only some items a step (sampled softmax, bce: the catalogs too
     # large for the full softmax), the item table gets sparse gradients and Adam updates only the
     # rows a step read (lazy Adam); false: dense gradients and updates over the whole table.
@@ -223,24 +173,13 @@ class TrainConfig:
     progress_s: float = 60.0  # seconds between progress lines inside an epoch or a validation (0 = every step)
 
     def __post_init__(self) -> None:
-        _check_range("train.epochs", self.epochs, 1)
-        _check_range("train.batch_size", self.batch_size, 1)
-        _check_range("train.lr", self.lr, 1e-7, 10.0)
-        _check_range("train.weight_decay", self.weight_decay, 0.0)
-        _check_range("train.grad_clip", self.grad_clip, 0.0)
-        _check_range("train.patience", self.patience, 1)
-        _check_range("train.patience_steps", self.patience_steps, 0)
-        _check_range("train.lr_patience", self.lr_patience, 0)
-        _check_range("train.lr_patience_steps", self.lr_patience_steps, 0)
-        _check_range("train.eval_every", self.eval_every, 1)
-        _check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
-        _check_range("train.eval_batch_size", self.eval_batch_size, 1)
-        _check_range("train.eval_users", self.eval_users, 0)
-        _check_range("train.max_failures", self.max_failures, 0)
-        _check_range("train.progress_s", self.progress_s, 0.0)
-        for name in ("sparse_items", "final_fit"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"train.{name}={getattr(self, name)!r} must be true or false")
+        check_types(self, "train")
+        check_range("train.lr", self.lr, 1e-7, 10.0)
+        for name, low in (("epochs", 1), ("batch_size", 1), ("weight_decay", 0.0), ("grad_clip", 0.0), ("patience", 1),
+                          ("patience_steps", 0), ("lr_patience", 0), ("lr_patience_steps", 0), ("eval_every", 1),
+                          ("keep_checkpoints", 1), ("eval_batch_size", 1), ("eval_users", 0), ("max_failures", 0),
+                          ("progress_s", 0.0)):
+            check_range(f"train.{name}", getattr(self, name), low)
         if not isinstance(self.select_by, str) or not re.fullmatch(r"(HR|NDCG)@[1-9]\d*|MRR", self.select_by):
             raise ValueError(f"train.select_by={self.select_by!r} must be HR@k, NDCG@k or MRR")
 
@@ -259,7 +198,7 @@ class EvalConfig:
         if not isinstance(ks, (list, tuple)) or not ks or not all(isinstance(k, int) and not isinstance(k, bool) for k in ks):
             raise ValueError(f"eval.ks={self.ks!r} must be a list of whole numbers, e.g. [5, 10, 20]")
         for k in ks:
-            _check_range("eval.ks", k, 1, 10_000)
+            check_range("eval.ks", k, 1, 10_000)
         object.__setattr__(self, "ks", tuple(sorted(set(ks))))
 
 
@@ -287,6 +226,62 @@ class Config:
     def score(self) -> str:
         """The name of the validation metric that picks the best epoch in a run's metrics."""
         return f"val_{self.train.select_by}"
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """What `ray-rec prepare` does (`ray_rec.data.prepare.prepare`); the CLI flags fill it in."""
+
+    input: str  # log file or folder (local path or s3://)
+    output: str  # dataset folder to write (local path or s3://)
+    format: str = "events"  # events, movielens or seqtxt
+    items: str | None = None  # item side features file
+    num_shards: int = 8  # Parquet files per split, at least (large logs get more, about 1M events each)
+    min_clicks: int = 3  # drop users with fewer clicks (at least 3: one each for train, valid, test)
+    split: str = "leave_one_out"  # or "time"
+    cutoff: int | None = None  # epoch seconds, for split="time"
+    expected_events: int | None = None  # sizes the spill buckets; None = estimate from the input
+    overwrite: bool = False  # replace an output folder that holds files `prepare` did not write
+
+    def __post_init__(self) -> None:
+        check_types(self, "prepare")
+        check_choice("prepare.format", self.format, FORMATS)
+        if self.num_shards < 1:
+            raise ValueError(f"num_shards={self.num_shards} must be >= 1")
+        if self.min_clicks < 3:
+            raise ValueError(f"min_clicks={self.min_clicks} must be >= 3 (one click each for train, valid, test)")
+        if self.split not in SPLITS:
+            raise ValueError(f"split={self.split!r} must be leave_one_out or time")
+        if self.split == "time" and self.cutoff is None:
+            raise ValueError("split=time needs a cutoff (epoch seconds or ISO 8601)")
+
+
+FORMATS = ("events", "movielens", "seqtxt")
+SPLITS = ("leave_one_out", "time")
+MAX_REQUEST_LIST = 10_000  # the HTTP API's ceiling on any list in a request (`ray_rec.serve.schemas`)
+
+
+class ServeConfig(BaseModel):
+    """The Serve application's arguments (``serve run ray_rec.serve.app:build_app model_uri=...``,
+    a serve config's ``args``); unknown keys and wrong types are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+    model_uri: str = Field(..., description="model artifact folder (local path or s3://)")
+    max_batch_size: int = Field(32, ge=1, description="requests batched into one model call")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10, description="how long a batch waits to fill")
+    batching: bool = Field(True, description="batch concurrent requests into one model call")
+    max_history: int = Field(1000, ge=1, le=MAX_REQUEST_LIST, description="longest history a request may send")
+    max_candidates: int = Field(1000, ge=1, le=MAX_REQUEST_LIST, description="most candidates a score request may send")
+    max_k: int = Field(1000, ge=1, le=MAX_REQUEST_LIST, description="largest k a recommend request may ask")
+    max_model_mb: float | None = Field(None, gt=0, description="refuse (at start and on reload) a model larger than this; "
+                                                               "default: load_model's (4096)")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413 unread")
+    api_key_env: str = Field("", description="environment variable holding the API key; empty = no key")
+    num_replicas: int | str = Field(1, description="replicas when not autoscaling (max_replicas <= min_replicas)")
+    min_replicas: int = Field(1, ge=0, description="autoscaling: fewest replicas")
+    max_replicas: int = Field(1, ge=1, description="autoscaling (when above min_replicas): most replicas")
+    target_ongoing_requests: float = Field(32, gt=0, description="autoscaling: requests in flight per replica it aims for")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica")
 
 
 T = TypeVar("T")
@@ -369,7 +364,12 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         if not isinstance(raw[section], dict):
             raise ValueError(f"config section {section!r} must be a mapping")
         raw[section][key] = value
-    return config_from_dict(raw)
+    try:
+        return config_from_dict(raw)
+    except ValueError as exc:
+        if path is None or any(str(exc).startswith(f"{dotted}=") for dotted in overrides or {}):
+            raise
+        raise ValueError(f"config file {path}: {exc}") from None
 
 
 def with_catalog(model: ModelConfig, num_items: int, side_features: dict[str, int], has_time: bool) -> ModelConfig:
@@ -379,9 +379,9 @@ def with_catalog(model: ModelConfig, num_items: int, side_features: dict[str, in
     )
 
 
-def for_data(model: ModelConfig, manifest: dict[str, Any]) -> ModelConfig:
+def for_data(model: ModelConfig, manifest: Manifest) -> ModelConfig:
     """``model`` for a prepared data set: its catalog facts, and the settings left to the data
     (history length, dropout, tracker depth) chosen from its clicks per user."""
-    counts = manifest["counts"]
-    catalog = with_catalog(model, counts["items"], manifest["side_features"], manifest["has_time"])
-    return catalog.fit_to_history(counts["clicks"] / max(counts["users"], 1))
+    catalog = with_catalog(model, manifest.counts.items, manifest.side_features, manifest.has_time)
+    return catalog.fit_to_history(manifest.clicks_per_user)
+

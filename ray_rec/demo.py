@@ -8,6 +8,7 @@ workers) -> evaluate -> a Ray Serve endpoint -> real HTTP requests -> shutdown.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -116,7 +117,7 @@ def _run(opts: DemoOptions, workdir: str, root: str) -> int:
     manifest = prepare(PrepareOptions(input=storage.join(root, "raw", "events.parquet"), output=data,
                                       items=storage.join(root, "raw", "items.csv"), num_shards=4),
                        progress=lambda m: print(f"  {m}", flush=True))
-    c = manifest["counts"]
+    c = dataclasses.asdict(manifest.counts)
     print(f"{c['users']:,} users, {c['items']:,} items, {c['events']:,} events ({c['clicks']:,} clicks) -> {data}")
 
     _step(3, f"ray-rec train: 2 Ray Train workers, up to {opts.epochs} epochs")
@@ -130,7 +131,7 @@ def _run(opts: DemoOptions, workdir: str, root: str) -> int:
           f"{' (the final fit: trained again on every click)' if result.final_fit else ''} ({result.seconds:.0f} s)")
 
     _step(4, "ray-rec evaluate: the split run's model on the test split, full catalog ranking")
-    from ray_rec.train.evaluate import evaluate_model, format_table
+    from ray_rec.predict.evaluate import evaluate_model, format_table
 
     metrics = evaluate_model(data, result.split_model_uri or result.model_uri, split="test")
     print(format_table(metrics))
@@ -165,7 +166,7 @@ def _run(opts: DemoOptions, workdir: str, root: str) -> int:
         "                  ray-rec train --data s3://bucket/ds --output s3://bucket/runs/r1 --workers 2\n"
         "                  ray-rec evaluate --data s3://bucket/ds --model s3://bucket/runs/r1/split_model\n"
         "                  ray-rec serve --model s3://bucket/runs/r1/model\n"
-        "  a cluster:      see README.md, 'Running on a cluster' (ray up cluster.yaml; ray job submit ...)"
+        "  a cluster:      README.md, 'Running on a cluster' (ray up cluster.yaml; ray job submit ...)"
     )
     return 0 if model_ndcg > pop_ndcg else 1
 

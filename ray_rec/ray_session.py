@@ -29,16 +29,16 @@ def local_cpus(workers: int) -> int:
 
 # Ray kills a worker process that has been idle for a second once more workers exist than CPUs.
 # Every epoch's Ray Data read and map tasks would then start fresh Python processes (importing
-# pyarrow, numpy and ray_rec again: seconds of CPU each) on the cores the training workers use;
-# measured on Beauty with 1 worker on 2 cores: 1,354 -> 1,433 examples/s. Keep them a while.
+# pyarrow, numpy and ray_rec again: seconds of CPU each) on the cores the training workers use.
+# Keep them a while.
 WARM_WORKERS = {"idle_worker_killing_time_threshold_ms": 600_000, "num_workers_soft_limit": 32}
 
 # Ray starts its worker processes at niceness 15, so that they never slow its own control plane.
 # A Serve proxy and replica are worker processes: when the cores are busy with work at normal
 # priority in the same container or shell session (a training run, another program), they get a
 # few percent of a core. The proxy then misses Serve's 5 s readiness checks three times, is killed
-# and restarted, and `serve.start` fails after 90-100 s (measured in README, "Serving":
-# `python -m bench.serve_start`). A local Ray started to serve runs its workers at niceness 0.
+# and restarted, and `serve.start` fails (`python -m bench.serve_start`). A local Ray started to
+# serve runs its workers at niceness 0.
 SERVING_WORKERS = {"worker_niceness": 0}
 
 
@@ -65,9 +65,8 @@ def worker_env() -> dict[str, str]:
     ``OMP_WAIT_POLICY=PASSIVE``: an OpenMP thread that finds no work sleeps instead of spinning.
     Training workers run several intra-op threads, and Ray Data tasks, Serve replicas or other jobs
     share the node's cores with them; a spinning thread then holds a core the thread it waits for
-    needs, and every parallel region waits out a scheduler time slice. Measured in README,
-    "Training throughput": a large gain with a core busy, a cost on idle cores that grows as the
-    model shrinks (``OMP_WAIT_POLICY=ACTIVE`` in the job's environment takes the spin back).
+    needs, and every parallel region waits out a scheduler time slice (``OMP_WAIT_POLICY=ACTIVE``
+    in the job's environment takes the spin back).
     """
     return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 

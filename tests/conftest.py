@@ -225,3 +225,13 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     server.start()
     yield server
     server.stop()
+
+
+def make_manifest(users: int = 10, items: int = 5, clicks: int = 30, files: dict | None = None, has_browse: bool = False,
+                  protocol: str = "leave_one_out"):
+    """A data set's manifest for unit tests that need one without preparing a data set."""
+    from ray_rec.data.manifest import DataCounts, Manifest, SplitFacts
+
+    return Manifest(counts=DataCounts(users=users, items=items, events=clicks, clicks=clicks, rows_read=clicks),
+                    split=SplitFacts(protocol=protocol, cutoff=0 if protocol == "time" else None, min_clicks=3),
+                    files=files or {}, side_features={}, has_time=False, has_browse=has_browse, num_shards=1, id_type="str")

@@ -86,19 +86,6 @@ def test_the_full_suite_remakes_every_stored_figure_with_its_own_command():
     assert ("Sports_and_Outdoors", "relevance=mlp (60 epochs, validated every 3 epochs, patience 2)") in made
 
 
-def test_the_readme_gives_the_full_suites_training_runs_and_hours_as_the_rows_record_them():
-    """The Benchmarks intro's count of quality runs and their hours is computed from the suite's
-    commands and the stored rows, so a new row cannot leave it stale."""
-    from pathlib import Path
-
-    from bench.__main__ import quality_runs
-
-    runs, seconds = quality_runs()
-    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
-    assert f"({runs} training runs on Beauty and Sports_and_Outdoors, {seconds / 3600:.1f} hours of training" in readme
-    assert f"runs them that way, about {round(seconds / 7200)} hours on a 2-core machine" in readme
-
-
 def test_rows_written_side_by_side_are_all_kept(tmp_path):
     """Quality runs started side by side on one data set each write the report after every seed;
     each write re-reads the stored rows under a lock, so no run drops another's rows."""
@@ -212,3 +199,24 @@ def test_next_click_scores_the_held_out_click_after_the_whole_history(tmp_path):
     split_model, final, summary = PlainSASRec(data, 0, lambda _: None).fit(patience=1, epochs=2)
     assert 1 <= summary["best_epoch"] <= 2 and set(summary["split"]) == {"HR@10", "HR@20", "NDCG@10", "NDCG@20"}
     assert not torch.equal(split_model.features.item.weight, final.features.item.weight)
+
+
+def test_reliability_records_go_only_where_the_benchmark_asks(tmp_path, monkeypatch):
+    """A plain test run writes no tracked file: a reliability test's figures are written only to
+    the file `python -m bench.reliability` names, one JSON line each."""
+    import json
+
+    from bench.reliability import RECORDS_ENV
+
+    from .test_reliability import record
+
+    monkeypatch.delenv(RECORDS_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    record("nothing asked", faults=1)
+    assert list(tmp_path.iterdir()) == []
+    target = tmp_path / "records.jsonl"
+    monkeypatch.setenv(RECORDS_ENV, str(target))
+    record("a fault", faults=1, survived=1)
+    record("another", leaks=0)
+    rows = [json.loads(line) for line in target.read_text().splitlines()]
+    assert [(r["name"], r.get("faults"), r.get("leaks")) for r in rows] == [("a fault", 1, None), ("another", None, 0)]

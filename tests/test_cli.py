@@ -85,26 +85,54 @@ def test_demo_runs_end_to_end(tmp_path):
         assert chatter not in out.stdout + out.stderr, out.stderr[-3000:]
 
 
-def test_readme_configuration_table_matches_the_defaults():
-    """Every setting a user can change is in the README's table, with its real default."""
+def test_the_configuration_reference_is_generated_from_the_code_and_names_every_setting():
+    """docs/configuration.md is `ray-rec config --reference`'s output, which lists every setting of
+    every section with its real default."""
     import dataclasses
 
-    from ray_rec.config import Config
+    from ray_rec.config import Config, ServeConfig
+    from ray_rec.reference import reference
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = reference()
+    assert (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text() == text, \
+        "docs/configuration.md is stale: ray-rec config --reference > docs/configuration.md"
     cfg, wrong = Config(), []
     for section in ("model", "data", "train", "eval"):
         values = getattr(cfg, section)
         for f in dataclasses.fields(values):
-            if f.name in ("num_items", "side_features"):  # filled from the data set's manifest
-                continue
             default = getattr(values, f.name)
-            if default is None:  # chosen from the data set (history length, dropout, tracker depth) or the loss (negatives)
-                if not re.search(rf"\| `{section}\.{f.name}` \| from the (data|loss) \|", readme):
-                    wrong.append(f"{section}.{f.name}: README does not say what chooses it")
-                continue
-            found = re.search(rf"\| `{section}\.{f.name}` \| `([^`]*)`", readme)
-            expected = str(default).lower() if isinstance(default, bool) else str(default)
-            if found is None or found.group(1) != expected:
-                wrong.append(f"{section}.{f.name}: default {expected}, README {found.group(1) if found else 'missing'}")
+            shown = "from the" if default is None else \
+                f"`{str(default).lower() if isinstance(default, bool) else list(default) if isinstance(default, tuple) else default}`"
+            row = re.search(rf"^\| `{section}\.{f.name}` \| `[^`]+` \| ([^|]+) \| (.+) \|$", text, re.M)
+            if row is None or not row.group(1).startswith(shown) or not row.group(2).strip():
+                wrong.append(f"{section}.{f.name}: {row.group(0) if row else 'missing'}")
+    for key in ServeConfig.model_fields:
+        if not re.search(rf"^\| `{key}` \| .+ \| \S.* \|$", text, re.M):
+            wrong.append(f"serve {key}")
     assert not wrong, wrong
+
+
+def test_config_prints_the_resolved_configuration_and_refuses_bad_values_naming_field_and_file(tmp_path, capsys):
+    """`ray-rec config` resolves a YAML file and overrides (YAML's string `1e-3` read as a number);
+    a wrong type or an unknown key exits 2 naming the field and the file."""
+    import yaml
+
+    from ray_rec.cli import main
+
+    good = tmp_path / "good.yaml"
+    good.write_text("train:\n  lr: 1e-3\n  epochs: 7\nmodel:\n  tracker: gru\n")
+    assert main(["config", "--config", str(good), "--set", "model.dim=32"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["train"]["lr"] == 0.001 and resolved["train"]["epochs"] == 7
+    assert resolved["model"]["tracker"] == "gru" and resolved["model"]["dim"] == 32
+    for body, needle in [("train:\n  epochs: 2.5\n", "train.epochs=2.5 must be a whole number"),
+                         ("train:\n  lr: fast\n", "train.lr='fast' must be a number"),
+                         ("train:\n  final_fit: 1\n", "train.final_fit=1 must be true or false"),
+                         ("model:\n  dimm: 32\n", "unknown setting(s) in section 'model': dimm")]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(body)
+        assert main(["config", "--config", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and str(bad) in err, err
+    assert main(["config", "--set", "train.epochs=2.5"]) == 2
+    assert "train.epochs=2.5 must be a whole number" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ from ray_rec import storage
 from ray_rec.data.examples import collate, evaluation_examples, training_examples
 from ray_rec.data.formats import InputError
 from ray_rec.data.local import read_split
-from ray_rec.data.prepare import PrepareOptions, prepare, read_manifest
+from ray_rec.data.manifest import read_manifest
+from ray_rec.data.prepare import PrepareOptions, prepare
 from ray_rec.vocab import Vocabulary
 
 
@@ -43,10 +45,10 @@ carol,ink,1704103300,click
 
 def test_events_csv_counts_drops_split_and_vocab(tmp_path):
     m = run(tmp_path, EVENTS_CSV, "log.csv", "events")
-    assert m["counts"]["users"] == 2  # carol has 2 clicks < 3
-    assert m["dropped"] == {"null_ids": 1, "bad_timestamps": 1, "bad_events": 0, "duplicates": 1,
+    assert m.counts.users == 2  # carol has 2 clicks < 3
+    assert m.dropped == {"null_ids": 1, "bad_timestamps": 1, "bad_events": 0, "duplicates": 1,
                             "short_users": 1, "short_user_events": 2}
-    assert m["has_browse"] and m["has_time"] and m["id_type"] == "str"
+    assert m.has_browse and m.has_time and m.id_type == "str"
     vocab = Vocabulary.load(str(tmp_path / "out"))
     name = {i + 1: raw for i, raw in enumerate(vocab.ids)}
     rows = {r["user_id"]: r for s in ("train", "valid", "test") for r in [] }  # noqa: F841
@@ -64,10 +66,10 @@ def test_events_csv_counts_drops_split_and_vocab(tmp_path):
 def test_movielens_formats(tmp_path):
     udata = "1\t10\t5\t881250949\n1\t20\t3\t881250950\n1\t30\t4\t881250951\n2\t10\t4\t881250952\n"
     m = run(tmp_path, udata, "u.data", "movielens")
-    assert m["counts"] == {"users": 1, "items": 3, "events": 3, "clicks": 3, "rows_read": 4}
-    assert m["id_type"] == "int"
+    assert asdict(m.counts) == {"users": 1, "items": 3, "events": 3, "clicks": 3, "rows_read": 4}
+    assert m.id_type == "int"
     dat = "1::10::5::978300760\n1::20::3::978300761\n1::30::4::978300762\n"
-    assert run(tmp_path, dat, "ratings.dat", "movielens")["counts"]["clicks"] == 3
+    assert run(tmp_path, dat, "ratings.dat", "movielens").counts.clicks == 3
     csv = "userId,movieId,rating,timestamp\n1,10,4.0,964982703\n1,20,4.0,964981247\n1,30,4.0,964982224\n"
     m = run(tmp_path, csv, "ratings.csv", "movielens")
     test = read_split(str(tmp_path / "out"), "test").to_pylist()[0]
@@ -79,7 +81,7 @@ def test_movielens_genres_become_a_side_feature(tmp_path):
     (tmp_path / "movies.dat").write_text("10::A (1995)::Comedy|Drama\n20::B (1996)::Action\n30::C (1997)::Comedy\n")
     m = run(tmp_path, "1::10::5::978300760\n1::20::3::978300761\n1::30::4::978300762\n", "ratings.dat", "movielens",
             items=str(tmp_path / "movies.dat"))
-    assert m["side_features"] == {"genre": 2}
+    assert m.side_features == {"genre": 2}
     vocab = Vocabulary.load(str(tmp_path / "out"))
     genre = dict(zip(vocab.ids, vocab.side_table[:, 0]))
     assert genre["10"] == genre["30"] != genre["20"]
@@ -87,7 +89,7 @@ def test_movielens_genres_become_a_side_feature(tmp_path):
 
 def test_seqtxt(tmp_path):
     m = run(tmp_path, "1 5 6 7 8\n2 5 9 10\n3 1 2\n", "data.txt", "seqtxt")
-    assert m["counts"]["users"] == 2 and m["dropped"]["short_users"] == 1 and not m["has_time"]
+    assert m.counts.users == 2 and m.dropped["short_users"] == 1 and not m.has_time
     assert json.loads(storage.read_bytes(str(tmp_path / "out" / "manifest.json")))["split"]["protocol"] == "leave_one_out"
 
 
@@ -100,7 +102,7 @@ def test_time_split(tmp_path):
     assert names("train") == ["i0", "i1", "i2"]
     assert names("valid") == ["i0", "i1", "i2", "i3"]
     assert names("test") == ["i0", "i1", "i2", "i3", "i4"]
-    assert m["split"]["cutoff"] == 104
+    assert m.split.cutoff == 104
 
 
 def test_missing_column_names_file_and_column(tmp_path):
@@ -137,8 +139,8 @@ def test_failed_commit_leaves_no_complete_looking_dataset(tmp_path, monkeypatch)
         read_manifest(out)
     monkeypatch.undo()
     m = run(tmp_path, "1 5 6 7 8\n2 5 9 10 11\n", "data.txt", "seqtxt")  # a rerun replaces it cleanly
-    assert m["counts"]["events"] == 8
-    assert len(storage.list_files(str(tmp_path / "out" / "train"))) == len(m["files"]["train"])
+    assert m.counts.events == 8
+    assert len(storage.list_files(str(tmp_path / "out" / "train"))) == len(m.files["train"])
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith("_staging")]
 
 
@@ -146,14 +148,14 @@ def test_prepare_from_and_to_s3(s3, tiny_logs):
     s3.client.upload_file(str(tiny_logs / "events.parquet"), s3.bucket, "in/events.parquet")
     out = s3.uri("datasets/s3-roundtrip")
     m = prepare(PrepareOptions(input=s3.uri("in/events.parquet"), output=out, num_shards=3))
-    assert read_manifest(out)["counts"] == m["counts"]
+    assert read_manifest(out).counts == m.counts
     assert sorted(storage.list_files(out + "/train")) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     again = prepare(PrepareOptions(input=s3.uri("in/events.parquet"), output=out, num_shards=3))
-    assert again["counts"] == m["counts"]
+    assert again.counts == m.counts
     keys = [o["Key"] for o in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix="datasets/s3-roundtrip/")["Contents"]]
     assert not [k for k in keys if "_staging" in k]
     assert sum(pq.read_table(storage.resolve(out + "/" + f)[1], filesystem=storage.resolve(out)[0]).num_rows
-               for f in m["files"]["test"]) == m["counts"]["users"]
+               for f in m.files["test"]) == m.counts.users
 
 
 def seqs(rows):
@@ -177,9 +179,12 @@ def test_training_examples_slide_window_and_browsed_negatives():
     # Only the loss that reads browsed items gets them built; the others, and logs without browses, none.
     from ray_rec.data.examples import MAX_BROWSE, browse_width
 
-    assert browse_width({"has_browse": True}, "bce") == MAX_BROWSE
-    assert browse_width({"has_browse": True}, "ce") == browse_width({"has_browse": True}, "sampled_softmax") == 0
-    assert browse_width({"has_browse": False}, "bce") == 0
+    from .conftest import make_manifest
+
+    browsed = make_manifest(has_browse=True)
+    assert browse_width(browsed, "bce") == MAX_BROWSE
+    assert browse_width(browsed, "ce") == browse_width(browsed, "sampled_softmax") == 0
+    assert browse_width(make_manifest(), "bce") == 0
     assert "negatives" not in training_examples(table, max_len=4, num_time_buckets=10, max_browse=0)
 
 
@@ -212,9 +217,11 @@ def test_implausible_timestamps_become_null_not_a_crash():
 def test_validation_sample_keeps_the_first_shards_holding_about_the_users_asked_for():
     from ray_rec.data.pipeline import validation_sample
 
+    from .conftest import make_manifest
+
     files = {"train": [f"train/{i}" for i in range(8)], "valid": [f"valid/{i}" for i in range(8)], "test": ["test/0"]}
-    manifest = {"counts": {"users": 1000}, "files": files}
-    assert validation_sample(manifest, 300)["files"] == {**files, "valid": ["valid/0", "valid/1", "valid/2"]}
-    assert validation_sample(manifest, 1)["files"]["valid"] == ["valid/0"]
+    manifest = make_manifest(users=1000, files=files)
+    assert validation_sample(manifest, 300).files == {**files, "valid": ["valid/0", "valid/1", "valid/2"]}
+    assert validation_sample(manifest, 1).files["valid"] == ["valid/0"]
     assert validation_sample(manifest, 0) == validation_sample(manifest, 1000) == manifest  # 0 = all
-    assert manifest["files"]["valid"] == files["valid"] and len(files["valid"]) == 8  # not changed in place
+    assert manifest.files["valid"] == files["valid"] and len(files["valid"]) == 8  # not changed in place

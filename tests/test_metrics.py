@@ -63,28 +63,27 @@ def test_evaluation_in_blocks_ranks_every_user_as_one_block_does(monkeypatch):
     """Validation and `ray-rec evaluate` score users in blocks of at most BLOCK_CELLS catalog
     scores; the ranks must not depend on where the blocks fall."""
     from ray_rec.config import ModelConfig
-    from ray_rec.model import artifact
     from ray_rec.model.interest_model import InterestModel
-    from ray_rec.train import loop
+    from ray_rec.predict import ranking
 
     torch.manual_seed(0)
     model = InterestModel(ModelConfig(num_items=40, dim=8, max_len=6)).eval()
     lengths = torch.tensor([1, 2, 3, 4, 5, 6, 3])
     items = torch.randint(1, 41, (7, 6)) * (torch.arange(6) >= 6 - lengths.unsqueeze(1))  # left-padded
     targets = torch.randint(1, 41, (7,))
-    batch = {"items": items, "targets": targets, "seen": items}
+    u = ranking.interests(model, items)
     whole = full_ranks(model.score_catalog(items), targets, items)
 
-    monkeypatch.setattr(artifact, "BLOCK_CELLS", 3 * 41)  # three users' catalog scores
-    assert [(s.start, s.stop) for s in artifact.catalog_blocks(7, 40)] == [(0, 3), (3, 6), (6, 9)]
+    monkeypatch.setattr(ranking, "BLOCK_CELLS", 3 * 41)  # three users' catalog scores
+    assert [(s.start, s.stop) for s in ranking.catalog_blocks(7, 40)] == [(0, 3), (3, 6), (6, 9)]
     negatives = torch.randint(1, 41, (7, 5))
-    ranks, negative_ranks = loop.rank_targets(model, batch, negatives)
+    ranks, negative_ranks = ranking.rank_targets(model, u, targets, items, negatives)
     scores = model.score_catalog(items)
     assert torch.equal(ranks, whole)
     assert negative_ranks is not None
     assert torch.equal(negative_ranks, sampled_ranks(scores.gather(1, targets.unsqueeze(1)).squeeze(1), scores.gather(1, negatives)))
 
-    monkeypatch.setattr(artifact, "BLOCK_CELLS", 1)  # not even one user's scores: one user a block
-    assert len(list(artifact.catalog_blocks(7, 40))) == 7
-    ranks, negative_ranks = loop.rank_targets(model, batch)
+    monkeypatch.setattr(ranking, "BLOCK_CELLS", 1)  # not even one user's scores: one user a block
+    assert len(list(ranking.catalog_blocks(7, 40))) == 7
+    ranks, negative_ranks = ranking.rank_targets(model, u, targets, items)
     assert torch.equal(ranks, whole) and negative_ranks is None

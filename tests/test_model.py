@@ -16,6 +16,7 @@ from ray_rec.model.enhancement import ENHANCERS, consecutive_differences
 from ray_rec.model.interest_model import InterestModel
 from ray_rec.model.relevance import RELEVANCES, DotRelevance
 from ray_rec.model.tracking import TRACKERS
+from ray_rec.predict.ranking import interests, top_k
 
 N = 40
 VARIANTS = list(itertools.product(TRACKERS.names(), ENHANCERS.names(), RELEVANCES.names(), ["auto", "bce"]))
@@ -51,7 +52,7 @@ def test_shapes_for_every_variant(tracker, enhancer, relevance, loss):
     data = batch()
     assert model.score(data["items"], torch.randint(1, N + 1, (4, 5))).shape == (4, 5)
     assert model.score_catalog(data["items"]).shape == (4, N + 1)
-    ids, scores = model.recommend(data["items"], 7, exclude=data["items"])
+    ids, scores = top_k(model, interests(model, data["items"]), 7, exclude=data["items"])
     assert ids.shape == scores.shape == (4, 7)
     assert not (ids.unsqueeze(2) == data["items"].unsqueeze(1)).any(), "excluded items were recommended"
 
@@ -98,7 +99,7 @@ def test_a_sparse_gradient_moves_its_row_at_once_as_far_as_adam_does_over_the_ne
     dense Adam spreads each move over the following steps (momentum); `LazyAdam` makes it at once,
     with the second moment decayed over the 59 idle steps in between as Adam decays it. Rows
     without a gradient do not move; clipping reads sparse gradients."""
-    from ray_rec.train.loop import LazyAdam, clip_gradients
+    from ray_rec.train.optim import LazyAdam, clip_gradients
 
     torch.manual_seed(0)
     dense = torch.nn.Embedding(10, 4)
@@ -142,7 +143,8 @@ def test_a_sparse_gradient_moves_its_row_at_once_as_far_as_adam_does_over_the_ne
 
 def test_sparse_item_gradients_update_only_the_rows_a_step_reads():
     from ray_rec.config import TrainConfig
-    from ray_rec.train.loop import make_optimizer, sparse_item_gradients, train_step
+    from ray_rec.train.fit import train_step
+    from ray_rec.train.optim import make_optimizer, sparse_item_gradients
 
     sampled = make(loss="sampled_softmax").config
     assert sparse_item_gradients(sampled, TrainConfig(), on_gpu=False)
@@ -187,7 +189,7 @@ def test_overfits_a_tiny_data_set(enhancer):
         loss.backward()
         opt.step()
     model.eval()
-    ids, _ = model.recommend(seqs[:, :-1], 1)
+    ids, _ = top_k(model, interests(model, seqs[:, :-1]), 1)
     assert (ids[:, 0] == seqs[:, -1]).float().mean() >= 0.9
 
 
@@ -202,7 +204,9 @@ def vocabulary_of(model: InterestModel):
 
 
 def test_save_and_load_give_identical_scores(tmp_path):
-    from ray_rec.model.artifact import load_model, save_model
+    from ray_rec.model.artifact import save_model
+    from ray_rec.predict import load_model
+    from ray_rec.predict.inputs import window
 
     model = make().eval()
     vocab = vocabulary_of(model)
@@ -210,7 +214,7 @@ def test_save_and_load_give_identical_scores(tmp_path):
     rec = load_model(str(tmp_path / "m"))
     assert rec.version == version
     history, cands = [["i3", "i9", "i27"]], [["i1", "i2", "nope", "i40"]]
-    items = rec.window([rec.lookup(h)[0] for h in history])
+    items = window([rec.lookup(h)[0] for h in history], rec.config.history_len)
     expected = model.score(items, torch.tensor([[1, 2, 0, 40]]))
     got = rec.score(history, cands)
     assert got[0][2] is None
@@ -223,8 +227,9 @@ def test_batches_of_ragged_requests_answer_as_one_at_a_time_and_exclude_every_se
     """The Python API and the serving batch pad many histories and candidate lists at once: each
     row's answer is the one it gets alone, and every seen item is excluded, not only the last
     history_len the model reads."""
-    from ray_rec.model.artifact import load_model, pad_rows, save_model
-    from ray_rec.serve.batching import Job, run_jobs
+    from ray_rec.model.artifact import save_model
+    from ray_rec.predict import Query, load_model
+    from ray_rec.predict.inputs import pad_rows
 
     assert pad_rows([[1, 2], [], [3]], left=True).tolist() == [[1, 2], [0, 0], [0, 3]]
     assert pad_rows([[1, 2], [], [3]]).tolist() == [[1, 2], [0, 0], [3, 0]]
@@ -246,18 +251,20 @@ def test_batches_of_ragged_requests_answer_as_one_at_a_time_and_exclude_every_se
     assert [[s is None for s in row] for row in scored] == [[False, False], [True], [False, False, False]]
     assert scored[2] == pytest.approx(rec.score([histories[2]], [cands[2]])[0])
     index = [vocab.lookup(h)[0] for h in histories]
-    jobs = [Job(history=index[0], k=N), Job(history=index[1], candidates=[4, 0, 9]), Job(history=index[2], k=3, exclude=False),
-            Job(history=index[0], candidates=[1]), Job(history=index[2], candidates=[4, 9], time_buckets=[1, 7])]
-    alone = [run_jobs(rec, [j])[0] for j in jobs]
-    together = run_jobs(rec, jobs)
-    assert [i for i, _ in together[0]] == [i for i, _ in alone[0]] and len(together[0]) == N - 20 and not set(range(1, 21)) & {i for i, _ in together[0]}
-    assert together[1] == pytest.approx(alone[1]) and len(together[1]) == 3
-    assert [i for i, _ in together[2]] == [i for i, _ in alone[2]] and len(together[2]) == 3
-    assert together[3] == pytest.approx(alone[3])
-    assert together[4] == pytest.approx(alone[4])  # click times, in a batch with requests that sent none
-    assert together[4] != run_jobs(rec, [Job(history=index[2], candidates=[4, 9])])[0]
-    assert together[4] == pytest.approx(rec.score([histories[2]], [["i4", "i9"]], timestamps=[[0, 30, 3600]])[0], rel=1e-5)
-    assert [vocab.raw_id(i) for i, _ in together[0]] == [i for i, _ in top[0]]
+    queries = [Query(index[0], k=N), Query(index[1], candidates=[4, 0, 9]), Query(index[2], k=3, exclude=False),
+               Query(index[0], candidates=[1]), Query(index[2], candidates=[4, 9], time_buckets=[1, 7]), Query([], k=2)]
+    alone = [rec.predict([q])[0] for q in queries]
+    together = rec.predict(queries)
+    assert together[0].items == alone[0].items and len(together[0].scores) == N - 20
+    assert not set(range(1, 21)) & set(together[0].items or [])
+    assert together[1].scores[1] is None and together[1].scores == pytest.approx(alone[1].scores) and len(together[1].scores) == 3
+    assert together[2].items == alone[2].items and len(together[2].scores) == 3
+    assert together[3].scores == pytest.approx(alone[3].scores)
+    assert together[4].scores == pytest.approx(alone[4].scores)  # click times, in a batch with requests that sent none
+    assert together[4].scores != rec.predict([Query(index[2], candidates=[4, 9])])[0].scores
+    assert together[4].scores == pytest.approx(rec.score([histories[2]], [["i4", "i9"]], timestamps=[[0, 30, 3600]])[0], rel=1e-5)
+    assert [vocab.raw_id(i) for i in together[0].items or []] == [i for i, _ in top[0]]
+    assert together[5].fallback == "popularity" and together[5].items == rec.popular_indices(2) and together[0].fallback is None
 
 
 def test_histories_with_no_known_item_get_the_most_clicked_items(tmp_path):
@@ -266,7 +273,8 @@ def test_histories_with_no_known_item_get_the_most_clicked_items(tmp_path):
     items, as the HTTP API does, and leaves the other rows of the batch to the model."""
     import numpy as np
 
-    from ray_rec.model.artifact import load_model, save_model
+    from ray_rec.model.artifact import save_model
+    from ray_rec.predict import load_model
 
     model = make().eval()
     vocab = vocabulary_of(model)
@@ -292,16 +300,17 @@ def test_histories_with_no_known_item_get_the_most_clicked_items(tmp_path):
 def test_many_histories_in_blocks_answer_as_in_one(tmp_path, monkeypatch):
     """`recommend` and `score` split a long list of histories into blocks (of rows, and of catalog
     scores): the answers are those of one block."""
-    from ray_rec.model import artifact
+    from ray_rec.model.artifact import save_model
+    from ray_rec.predict import load_model, ranking
 
     model = make().eval()
-    artifact.save_model(model, vocabulary_of(model), str(tmp_path / "m"))
-    rec = artifact.load_model(str(tmp_path / "m"))
+    save_model(model, vocabulary_of(model), str(tmp_path / "m"))
+    rec = load_model(str(tmp_path / "m"))
     histories = [[f"i{(7 * u + j) % N + 1}" for j in range(u % 5)] for u in range(23)]  # some empty
     cands = [[f"i{(3 * u) % N + 1}", "nope"] for u in range(23)]
     whole = rec.recommend(histories, k=5), rec.score(histories, cands)
-    monkeypatch.setattr(artifact, "BLOCK_ROWS", 4)
-    monkeypatch.setattr(artifact, "BLOCK_CELLS", 3 * (N + 1))  # 3 histories a block: the catalog bound wins
+    monkeypatch.setattr(ranking, "BLOCK_ROWS", 4)
+    monkeypatch.setattr(ranking, "BLOCK_CELLS", 3 * (N + 1))  # 3 histories a block: the catalog bound wins
     blocks = rec.recommend(histories, k=5), rec.score(histories, cands)
     assert [[i for i, _ in row] for row in blocks[0]] == [[i for i, _ in row] for row in whole[0]]
     assert [s for row in blocks[0] for _, s in row] == pytest.approx([s for row in whole[0] for _, s in row], rel=1e-5)
@@ -313,7 +322,8 @@ def test_click_times_reach_the_model_as_training_buckets_them(tmp_path):
     """`recommend` / `score` take optional click times: each known item gets the bucket training
     gives it (from the gap to the previous click, unknown items included; the first click: 1)."""
     from ray_rec.data.examples import time_buckets
-    from ray_rec.model.artifact import load_model, save_model
+    from ray_rec.model.artifact import save_model
+    from ray_rec.predict import load_model, ranking
 
     model = make().eval()
     assert model.features.time is not None
@@ -324,7 +334,7 @@ def test_click_times_reach_the_model_as_training_buckets_them(tmp_path):
     buckets = [int(b) for i, b in enumerate(time_buckets(deltas, model.config.time_buckets)) if i != 1]
     assert buckets == [1, 7, 12] and rec.lookup(history, stamps)[2] == buckets
     items, tb = torch.tensor([[3, 9, 27]]), torch.tensor([buckets])
-    want_ids, want_scores = model.recommend(items, 5, exclude=items, time_buckets=tb)
+    want_ids, want_scores = ranking.top_k(model, ranking.interests(model, items, tb), 5, exclude=items)
     got = rec.recommend([history], k=5, timestamps=[stamps])[0]
     assert [i for i, _ in got] == [f"i{i}" for i in want_ids[0].tolist()]
     assert [s for _, s in got] == pytest.approx(want_scores[0].tolist(), rel=1e-5)
@@ -344,7 +354,7 @@ def test_click_times_reach_the_model_as_training_buckets_them(tmp_path):
 def test_model_metrics_and_loader_import_without_ray():
     code = (
         "import sys; sys.modules['ray'] = None\n"
-        "import ray_rec, ray_rec.model, ray_rec.metrics, ray_rec.data.examples, ray_rec.model.artifact\n"
+        "import ray_rec, ray_rec.model, ray_rec.metrics, ray_rec.data.examples, ray_rec.model.artifact, ray_rec.predict.recommender\n"
         "from ray_rec.data.examples import collate\n"
         "from ray_rec import load_model\n"
         "assert 'boto3' not in sys.modules\n"
@@ -363,10 +373,13 @@ def test_config_errors_name_the_field():
 
 
 def test_history_length_dropout_and_tracker_depth_follow_the_data_unless_set():
-    from ray_rec.config import FULL_SOFTMAX_MAX_CELLS, for_data
+    from ray_rec.config import for_data
+    from ray_rec.model.loss_policy import FULL_SOFTMAX_MAX_CELLS
 
-    def manifest(users: int, clicks: int) -> dict:
-        return {"counts": {"users": users, "items": 1000, "clicks": clicks}, "side_features": {}, "has_time": False}
+    from .conftest import make_manifest
+
+    def manifest(users: int, clicks: int):
+        return make_manifest(users=users, items=1000, clicks=clicks)
 
     short = for_data(ModelConfig(), manifest(100, 900))  # 9 clicks per user, like Amazon Beauty
     long = for_data(ModelConfig(), manifest(100, 16500))  # 165, like MovieLens-1M
@@ -410,8 +423,10 @@ def test_long_histories_get_sasrecs_long_settings_and_a_window_of_half_their_cli
 def test_the_final_fit_reads_whole_sequences_and_skips_time_splits():
     from ray_rec.train.schedule import final_fit_line, final_fit_split
 
-    assert final_fit_split({"split": {"protocol": "leave_one_out"}}) == "test"
-    assert final_fit_split({"split": {"protocol": "time"}}) is None
+    from .conftest import make_manifest
+
+    assert final_fit_split(make_manifest()) == "test"
+    assert final_fit_split(make_manifest(protocol="time")) is None
     assert final_fit_line(3, None).startswith("final fit: skipped, the data set was split by time")
     assert "for 3 epochs at the split run's learning rates" in final_fit_line(3, "test")
 
@@ -653,11 +668,11 @@ def test_full_softmax_in_chunks_gives_the_same_loss_and_gradients(relevance):
 def test_the_mlp_relevance_also_trains_its_dot_term(monkeypatch, catalog_cells):
     """MLP relevance under sampled softmax adds the dot term's own softmax: over the whole catalog
     while `auto` would give the dot model the full softmax, else over 2048 shared negatives."""
-    from ray_rec import config
+    from ray_rec.model import loss_policy
     from ray_rec.model.losses import full_softmax_loss, sampled_softmax_loss
 
     if catalog_cells == "large":
-        monkeypatch.setattr(config, "FULL_SOFTMAX_MAX_CELLS", N * 8 - 1)
+        monkeypatch.setattr(loss_policy, "FULL_SOFTMAX_MAX_CELLS", N * 8 - 1)
     model = make(relevance="mlp", in_batch_negatives=False).eval()  # eval: no dropout draws
     dot_model = make(relevance="dot", loss="sampled_softmax")
     assert model.dot_term is not None and dot_model.dot_term is None

@@ -1,7 +1,8 @@
 """Faults injected for real, bad input thrown at every entry point, and what must never leak.
 
 Each test that injects a fault records its figures (faults survived, requests sent, errors seen,
-data lost) in ``bench/results/reliability.json`` (see RELIABILITY.md).
+data lost) when ``RAY_REC_RELIABILITY_RECORDS`` names a file: ``python -m bench.reliability`` runs
+these tests that way and keeps the figures for RELIABILITY.md. A plain test run writes nothing.
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ from ray_rec.config import load_config
 
 from .conftest import ACCESS_KEY_ID, API_KEY, API_KEY_ENV, SECRET_KEY, Payload, free_port, tiny_artifact
 
-FIGURES = Path(__file__).resolve().parents[1] / "bench" / "results" / "reliability.json"
+RECORDS_ENV = "RAY_REC_RELIABILITY_RECORDS"
 
 
 def record(name: str, **figures: object) -> None:
-    """Keep this test's figures in the reliability report (one entry per test, last run wins)."""
-    data = json.loads(FIGURES.read_text()) if FIGURES.exists() else {}
-    data[name] = {**figures, "recorded": time.strftime("%Y-%m-%d %H:%M:%S")}
-    FIGURES.parent.mkdir(parents=True, exist_ok=True)
-    FIGURES.write_text(json.dumps(data, indent=2, sort_keys=True))
+    """Add this test's figures to the file ``RAY_REC_RELIABILITY_RECORDS`` names (one JSON line
+    each); nothing without it."""
+    target = os.environ.get(RECORDS_ENV)
+    if target:
+        with open(target, "a") as f:
+            f.write(json.dumps({"name": name, **figures, "recorded": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
 
 
 def history(s3, out: str) -> list[dict]:
@@ -125,7 +127,8 @@ def test_import_during_an_s3_outage_completes_or_leaves_nothing_complete(tiny_lo
     (10 attempts, about 40 s) are ridden out; one they do not (2 attempts against 20 s) fails the
     import, which then leaves no manifest, so nothing looks complete."""
     from ray_rec.data.local import read_split
-    from ray_rec.data.prepare import PrepareOptions, prepare, read_manifest
+    from ray_rec.data.manifest import read_manifest
+    from ray_rec.data.prepare import PrepareOptions, prepare
 
     if retries:
         monkeypatch.setenv("RAY_REC_S3_RETRIES", retries)
@@ -142,7 +145,7 @@ def test_import_during_an_s3_outage_completes_or_leaves_nothing_complete(tiny_lo
     if error is None:
         manifest = read_manifest(out)
         users = read_split(out, "train").num_rows
-        assert users == manifest["counts"]["users"], "the dataset looks complete but is not"
+        assert users == manifest.counts.users, "the dataset looks complete but is not"
         outcome = "completed"
     else:
         assert f"{name}/manifest.json" not in keys(s3, name), "a failed import left a manifest"
@@ -419,12 +422,11 @@ def _prepare(tmp_path: Path, path: Path, fmt: str) -> tuple[int, str]:
 
 
 def _check_outcome(rc: int, err: str, out: Path) -> None:
-    from ray_rec.data.prepare import read_manifest
+    from ray_rec.data.manifest import read_manifest
 
     assert "Traceback" not in err
     if rc == 0:
-        counts = read_manifest(str(out))["counts"]
-        assert counts["users"] >= 1
+        assert read_manifest(str(out)).counts.users >= 1
     else:
         last = err.strip().split("\n")[-1] if err.strip() else ""
         assert rc == 2 and last.startswith("ray-rec prepare: error: ") and len(last) > 30, err
@@ -540,7 +542,7 @@ def test_fuzzed_mostly_valid_logs_import_with_bad_rows_counted(tmp_path):
     from hypothesis import given
     from hypothesis import strategies as st
 
-    from ray_rec.data.prepare import read_manifest
+    from ray_rec.data.manifest import read_manifest
 
     bad = st.one_of(st.none(), st.just(""), st.text(max_size=6), st.integers(2**62, 2**63 - 1).map(str))
     def mostly(valid):  # one_of picks its branches evenly: 4 in 5 values are good
@@ -570,9 +572,9 @@ def test_fuzzed_mostly_valid_logs_import_with_bad_rows_counted(tmp_path):
         _check_outcome(rc, err, case / "out")
         if rc == 0:
             m = read_manifest(str(case / "out"))
-            assert m["counts"]["rows_read"] == len(rows)
-            dropped_rows = sum(v for k, v in m["dropped"].items() if k != "short_users")  # that one counts users
-            assert m["counts"]["events"] + dropped_rows == len(rows), m
+            assert m.counts.rows_read == len(rows)
+            dropped_rows = sum(v for k, v in m.dropped.items() if k != "short_users")  # that one counts users
+            assert m.counts.events + dropped_rows == len(rows), m
         outcomes["imported" if rc == 0 else "clear error"] += 1
 
     outcomes = {"imported": 0, "clear error": 0}

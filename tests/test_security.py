@@ -75,14 +75,14 @@ def test_an_artifacts_items_file_with_an_extension_type_is_refused_unread(tmp_pa
 def test_dataset_shards_with_an_extension_type_are_refused_by_every_reader(tiny_data, tmp_path):
     from ray_rec.data.examples import evaluation_examples, training_examples
     from ray_rec.data.local import read_split
+    from ray_rec.data.manifest import read_manifest
     from ray_rec.data.pipeline import split_paths
-    from ray_rec.data.prepare import read_manifest
     from ray_rec.vocab import Vocabulary
 
     marker = tmp_path / "pwned"
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
-    shard = data / read_manifest(str(data))["files"]["valid"][0]
+    shard = data / read_manifest(str(data)).files["valid"][0]
     table = pq.read_table(shard)
     plant(table, "items", marker, shard)
     with pytest.raises(UnsafeSchemaError, match="items"):
@@ -102,7 +102,7 @@ def test_dataset_shards_with_an_extension_type_are_refused_by_every_reader(tiny_
 
 def test_a_manifest_cannot_point_readers_outside_the_data_set(tiny_data, tmp_path):
     from ray_rec.data.formats import InputError
-    from ray_rec.data.prepare import read_manifest
+    from ray_rec.data.manifest import read_manifest
 
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
@@ -262,8 +262,8 @@ def test_outputs_never_replace_what_the_command_did_not_write(tmp_path, monkeypa
 def test_batch_score_into_the_run_folder_deletes_nothing(tiny_data, s3, tmp_path):
     """The issue's case: `batch-score --output s3://B/runs/r1` would have deleted the model it
     reads and every checkpoint. It is refused before anything is written, --overwrite or not."""
+    from ray_rec.predict.batch_score import batch_score
     from ray_rec.storage import OutputError
-    from ray_rec.train.batch_score import batch_score
 
     model = s3.uri("security/runs/r1/model")
     storage.copy_dir(tiny_artifact(tmp_path / "m"), model)

@@ -34,7 +34,9 @@ def _lineage(**changes):
     from ray_rec.train.lineage import run_lineage
 
     config = load_config(None, changes)
-    manifest = {"counts": {"users": 10, "items": 5}, "files": {}}
+    from .conftest import make_manifest
+
+    manifest = make_manifest(users=10, items=5)
     return run_lineage(config, ModelConfig(num_items=5, dim=config.model.dim), "s3://b/ds", manifest, 2, "cpu")
 
 
@@ -75,7 +77,7 @@ def test_resume_of_a_real_run_is_checked_before_training_starts(trained, s3_data
 
 
 def _check_lineage(lineage: dict, data: str, workers: int) -> None:
-    from ray_rec.data.prepare import read_manifest
+    from ray_rec.data.manifest import read_manifest
     from ray_rec.train.lineage import manifest_fingerprint
 
     assert set(lineage["config"]) == {"model", "data", "train", "eval"}
@@ -110,7 +112,7 @@ def _run(mlflow_server, run_id: str):
 
 @pytest.mark.slow
 def test_a_tracked_local_run_is_in_mlflow_and_its_artifact_names_the_run(ray_cluster, tiny_data, mlflow_server, tmp_path):
-    from ray_rec.train.evaluate import evaluate_model, log_to_run
+    from ray_rec.predict.evaluate import evaluate_model, log_to_run
     from ray_rec.train.trainer import train
 
     config = load_config(None, {"model.dim": 16, "train.epochs": 2, "train.batch_size": 64, "eval.ks": [5, 10]})

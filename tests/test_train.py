@@ -98,7 +98,8 @@ def test_resume_continues_a_stopped_run(ray_cluster, s3_data, s3, tmp_path, capl
 def test_progress_lines_come_at_most_every_interval_and_count_users_over_workers():
     import torch
 
-    from ray_rec.train.loop import Progress, steps_line
+    from ray_rec.progress import Progress
+    from ray_rec.train.fit import steps_line
 
     pace = Progress(60.0, iter([0.0, 20.0, 61.0, 70.0, 125.0, 130.0]).__next__)  # starts at 0
     assert [pace.due() for _ in range(5)] == [None, 61.0, None, 125.0, None]
@@ -116,7 +117,7 @@ def test_progress_lines_come_at_most_every_interval_and_count_users_over_workers
 def test_learning_rate_halves_and_training_stops_after_validations_and_steps_both():
     import torch
 
-    from ray_rec.train.loop import make_optimizer
+    from ray_rec.train.optim import make_optimizer
     from ray_rec.train.schedule import Plateau, epoch_rates, halve_rate
 
     def verdicts(cfg, steps_per_epoch: int, epochs: int) -> list[str]:
@@ -164,7 +165,7 @@ def test_learning_rate_halves_and_training_stops_after_validations_and_steps_bot
 
 
 def test_the_batch_is_the_whole_steps_split_evenly_over_the_workers():
-    from ray_rec.train.loop import batch_line, worker_batch
+    from ray_rec.train.worker import batch_line, worker_batch
 
     assert [worker_batch(128, w) for w in (1, 2, 3, 4, 200)] == [128, 64, 43, 32, 1]
     assert batch_line(128, 1) == "batch: 128 windows a step (1 worker)"
@@ -207,10 +208,10 @@ def test_scoring_actors_use_their_nodes_cores_and_one_per_node(ray_cluster):
 
 @pytest.mark.slow
 def test_evaluate_reports_full_sampled_and_popularity(trained, s3_data):
-    from ray_rec.train.evaluate import evaluate_model
+    from ray_rec.predict.evaluate import evaluate_model
 
     said: list[str] = []
-    from ray_rec.train.evaluate import EvaluationError
+    from ray_rec.predict.evaluate import EvaluationError
 
     with pytest.raises(EvaluationError, match="is the final fit: it was trained again on every click"):
         evaluate_model(s3_data, trained.model_uri, split="test")  # it saw the test targets
@@ -234,7 +235,7 @@ def test_evaluate_reports_full_sampled_and_popularity(trained, s3_data):
 
 @pytest.mark.slow
 def test_batch_score_writes_top_k_for_every_user(trained, s3_data, s3):
-    from ray_rec.train.batch_score import batch_score
+    from ray_rec.predict.batch_score import batch_score
 
     out, lines = s3.uri("scores/test"), []
     assert batch_score(s3_data, trained.model_uri, out, k=5, progress=lines.append, progress_s=0) == 240

@@ -18,6 +18,9 @@ import pyarrow as pa
 from ray_rec.data.schema import check_schema
 
 if TYPE_CHECKING:
+    from ray_rec.data.manifest import Manifest
+
+if TYPE_CHECKING:
     import torch
 
 CLICK = 1
@@ -26,11 +29,11 @@ BUCKET_WINDOW = 64  # batches per chunk that `length_buckets` regroups by length
 MAX_BROWSE = 8  # browsed negatives kept per step when the log has impressions
 
 
-def browse_width(manifest: dict, loss: str) -> int:
+def browse_width(manifest: Manifest, loss: str) -> int:
     """Browsed negatives per step: `MAX_BROWSE` if the data set's log has browses and the loss
     (`ModelConfig.resolved_loss`) reads them (only `bce` does), else 0: with them, building a
     generated log's examples took about twice as long (0.27 s against 0.14 s for 31,570 users)."""
-    return MAX_BROWSE if manifest["has_browse"] and loss == "bce" else 0
+    return MAX_BROWSE if manifest.has_browse and loss == "bce" else 0
 
 
 MAX_ABS_SECONDS = 1e11  # about year 5138: a larger click time is in milliseconds (or not a click time)
@@ -153,9 +156,8 @@ def length_buckets(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Split a chunk of examples into batches of rows of similar history length, in random order.
 
-    With `collate` cutting off all-padding columns, this halves the work of an epoch on data with
-    short histories (measured 1.9x examples/s on Amazon Beauty), while the batch order and the rows
-    within each length range stay random.
+    With `collate` cutting off all-padding columns, this saves the work on padding, while the batch
+    order and the rows within each length range stay random.
     """
     lengths = (examples["items"] != 0).sum(1)
     order = rng.permutation(len(lengths))
@@ -173,9 +175,8 @@ def shuffle_chunks(
     buffer of about ``buffer_rows + size`` rows: a local shuffle, reproducible from ``rng``.
 
     Every input row comes out exactly once, and the number of output chunks depends only on the
-    number of input rows, so data-parallel workers with equal row counts stay in step. Done with
-    numpy here because Ray Data's ``local_shuffle_buffer_size`` cost 1.2 s of a 14 s epoch on
-    Amazon Beauty (2 cores); this costs milliseconds.
+    number of input rows, so data-parallel workers with equal row counts stay in step. (Ray Data's
+    ``local_shuffle_buffer_size`` costs about a second an epoch; this, milliseconds.)
     """
     pool: dict[str, np.ndarray] | None = None
     for chunk in chunks:

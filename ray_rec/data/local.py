@@ -11,7 +11,7 @@ import torch
 
 from ray_rec import storage
 from ray_rec.data.examples import BUCKET_WINDOW, collate, evaluation_examples, length_buckets, training_examples
-from ray_rec.data.prepare import read_manifest
+from ray_rec.data.manifest import read_manifest
 from ray_rec.data.schema import SEQUENCE_SCHEMA, read_checked
 
 
@@ -19,7 +19,7 @@ def read_split(data: str, split: str) -> pa.Table:
     """Every sequence of one split as one table."""
     manifest = read_manifest(data)
     tables = []
-    for rel in manifest["files"][split]:
+    for rel in manifest.files[split]:
         fs, path = storage.resolve(storage.join(data, rel))
         tables.append(read_checked(path, storage.join(data, rel), SEQUENCE_SCHEMA, filesystem=fs))
     return pa.concat_tables(tables)

@@ -8,9 +8,10 @@ regroups each chunk by history length and collates it with the plain `collate` f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,8 +21,11 @@ from ray.data import FileShuffleConfig
 from ray_rec import storage
 from ray_rec.config import ModelConfig
 from ray_rec.data.examples import training_examples
-from ray_rec.data.prepare import read_manifest
+from ray_rec.data.manifest import read_manifest
 from ray_rec.data.schema import SEQUENCE_SCHEMA, check_files
+
+if TYPE_CHECKING:
+    from ray_rec.data.manifest import Manifest
 
 # Sequences per map_batches call: large enough to amortise task overhead, small enough to stream.
 SEQUENCES_PER_TASK = 4096
@@ -38,14 +42,14 @@ def to_training_examples(batch: pa.Table, max_len: int, time_buckets: int, max_b
     return training_examples(batch, max_len, time_buckets, max_browse)
 
 
-def split_paths(data: str, split: str, manifest: dict[str, Any] | None = None) -> tuple[list[str], Any]:
+def split_paths(data: str, split: str, manifest: Manifest | None = None) -> tuple[list[str], Any]:
     """Shard paths of a split as Ray Data wants them, and the filesystem to read them with.
 
     Raises:
         UnsafeSchemaError: a shard's schema is not `SEQUENCE_SCHEMA` (checked on its footer)."""
     manifest = manifest or read_manifest(data)
     fs, _ = storage.resolve(data)
-    uris = [storage.join(data, rel) for rel in manifest["files"][split]]
+    uris = [storage.join(data, rel) for rel in manifest.files[split]]
     if not uris:
         raise ValueError(f"{data}: split {split!r} has no shards")
     paths = [storage.resolve(uri)[1] for uri in uris]
@@ -54,7 +58,7 @@ def split_paths(data: str, split: str, manifest: dict[str, Any] | None = None) -
 
 
 def read_sequences(
-    data: str, split: str, manifest: dict[str, Any] | None = None, shuffle_seed: int | None = None
+    data: str, split: str, manifest: Manifest | None = None, shuffle_seed: int | None = None
 ) -> ray.data.Dataset:
     """The raw per-user sequences of one split; with ``shuffle_seed``, files are read in an order
     drawn from the seed anew for every execution (every epoch), reproducibly."""
@@ -63,15 +67,15 @@ def read_sequences(
     return ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle)
 
 
-def validation_sample(manifest: dict[str, Any], max_users: int) -> dict[str, Any]:
+def validation_sample(manifest: Manifest, max_users: int) -> Manifest:
     """The manifest with its valid split cut to its first shards, holding about ``max_users``
     users (0 = all). `ray-rec prepare` spreads users over shards by a hash of their id, so the
     first shards are a fixed random sample: every evaluation compares epochs on the same users."""
-    files, users = manifest["files"]["valid"], manifest["counts"]["users"]
+    files, users = manifest.files["valid"], manifest.counts.users
     if max_users <= 0 or users <= max_users:
         return manifest
     keep = max(1, math.ceil(len(files) * max_users / users))
-    return {**manifest, "files": {**manifest["files"], "valid": files[:keep]}}
+    return dataclasses.replace(manifest, files={**manifest.files, "valid": files[:keep]})
 
 
 def limit_memory(object_store_mb: int) -> None:
@@ -88,7 +92,7 @@ def limit_memory(object_store_mb: int) -> None:
 
 
 def training_dataset(
-    data: str, model: ModelConfig, max_browse: int, seed: int, manifest: dict[str, Any] | None = None,
+    data: str, model: ModelConfig, max_browse: int, seed: int, manifest: Manifest | None = None,
     split: str = "train",
 ) -> ray.data.Dataset:
     """Training examples of a split (``test`` for the final fit), file order shuffled per epoch from ``seed``.

@@ -24,7 +24,6 @@ import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,45 +31,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ray_rec import storage
+from ray_rec.config import PrepareOptions
 from ray_rec.data.formats import InputError, estimate_events, read_input, read_item_features
+from ray_rec.data.manifest import SCHEMA_VERSION, SPLITS, DataCounts, Manifest, SplitFacts
 from ray_rec.data.schema import SEQUENCE_SCHEMA
 from ray_rec.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-SPLITS = ("train", "valid", "test")
 BUCKET_TARGET_ROWS = 1_000_000  # events per spill bucket, bounding pass-2 memory
 ROW_GROUP_USERS = 8192
 SPILL_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
 MAX_BUCKETS = 512  # open spill files in pass 1; past 512M events the buckets grow instead
 DROP_REASONS = ("null_ids", "bad_timestamps", "bad_events", "duplicates", "short_users", "short_user_events")
-
-
-@dataclass
-class PrepareOptions:
-    """What `prepare` does; mirrors the CLI flags."""
-
-    input: str
-    output: str
-    format: str = "events"
-    items: str | None = None
-    num_shards: int = 8
-    min_clicks: int = 3
-    split: str = "leave_one_out"  # or "time"
-    cutoff: int | None = None  # epoch seconds, for split="time"
-    expected_events: int | None = None  # sizes the spill buckets; None = estimate from the input (`estimate_events`)
-    overwrite: bool = False  # replace an output folder that holds files `prepare` did not write
-
-    def __post_init__(self) -> None:
-        if self.num_shards < 1:
-            raise ValueError(f"num_shards={self.num_shards} must be >= 1")
-        if self.min_clicks < 3:
-            raise ValueError(f"min_clicks={self.min_clicks} must be >= 3 (one click each for train, valid, test)")
-        if self.split not in ("leave_one_out", "time"):
-            raise ValueError(f"split={self.split!r} must be leave_one_out or time")
-        if self.split == "time" and self.cutoff is None:
-            raise ValueError("split=time needs a cutoff (epoch seconds or ISO 8601)")
 
 
 @dataclass
@@ -249,30 +222,24 @@ def _split_bucket(table: pa.Table, vocab_ids: pa.Array, opts: PrepareOptions, co
     return {s: _prefix_rows(user_start, ends[s], masks[s] & (ends[s] > user_start), table, users) for s in SPLITS}
 
 
-def _write_manifest(opts: PrepareOptions, vocab: Vocabulary, counts: Counts, files: dict[str, list[str]], has_time: bool, has_browse: bool) -> dict[str, Any]:
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": {"input": opts.input, "format": opts.format, "items": opts.items},
-        "counts": {
-            "users": counts.users,
-            "items": len(vocab),
-            "events": counts.events,
-            "clicks": counts.clicks,
-            "rows_read": counts.rows,
-        },
-        "dropped": {k: counts.dropped.get(k, 0) for k in DROP_REASONS},
-        "split": {"protocol": opts.split, "cutoff": opts.cutoff, "min_clicks": opts.min_clicks},
-        "num_shards": max(len(f) for f in files.values()),
-        "has_time": has_time,
-        "has_browse": has_browse,
-        "id_type": vocab.id_type,
-        "side_features": vocab.side_sizes,
-        "files": files,
-    }
+def _write_manifest(opts: PrepareOptions, vocab: Vocabulary, counts: Counts, files: dict[str, list[str]], has_time: bool, has_browse: bool) -> Manifest:
+    return Manifest(
+        schema_version=SCHEMA_VERSION,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        source={"input": opts.input, "format": opts.format, "items": opts.items},
+        counts=DataCounts(users=counts.users, items=len(vocab), events=counts.events, clicks=counts.clicks, rows_read=counts.rows),
+        dropped={k: counts.dropped.get(k, 0) for k in DROP_REASONS},
+        split=SplitFacts(protocol=opts.split, cutoff=opts.cutoff, min_clicks=opts.min_clicks),
+        num_shards=max(len(f) for f in files.values()),
+        has_time=has_time,
+        has_browse=has_browse,
+        id_type=vocab.id_type,
+        side_features=vocab.side_sizes,
+        files=files,
+    )
 
 
-def prepare(opts: PrepareOptions, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def prepare(opts: PrepareOptions, progress: Callable[[str], None] | None = None) -> Manifest:
     """Import a log into a dataset folder and return its manifest.
 
     Raises:
@@ -326,7 +293,7 @@ def prepare(opts: PrepareOptions, progress: Callable[[str], None] | None = None)
     return manifest
 
 
-def _commit(output: str, staging: str, manifest: dict[str, Any]) -> None:
+def _commit(output: str, staging: str, manifest: Manifest) -> None:
     """Replace the dataset at ``output`` with ``staging``; the manifest goes last."""
     manifest_uri = storage.join(output, "manifest.json")
     for name in ("manifest.json", *SPLITS, "items.parquet", "side_features.json"):  # manifest first
@@ -342,7 +309,7 @@ def _commit(output: str, staging: str, manifest: dict[str, Any]) -> None:
     storage.delete_dir(staging)
     for stale in {rel.split("/", 1)[0] for rel in storage.list_files(output) if rel.startswith("_staging-")}:
         storage.delete_dir(storage.join(output, stale))  # left by an import that failed
-    storage.write_bytes(manifest_uri, json.dumps(manifest, indent=2).encode())
+    storage.write_bytes(manifest_uri, json.dumps(manifest.to_dict(), indent=2).encode())
 
 
 def _delete(uri: str) -> None:
@@ -354,23 +321,3 @@ def _delete(uri: str) -> None:
         fs.delete_file(path)
 
 
-def read_manifest(data: str) -> dict[str, Any]:
-    """The manifest of a finished dataset; raises a clear error for anything else."""
-    uri = storage.join(data, "manifest.json")
-    if not storage.exists(uri):
-        raise InputError(
-            f"{data} is not a prepared dataset (no manifest.json): run `ray-rec prepare` first, "
-            f"or an earlier import did not finish"
-        )
-    try:
-        manifest = json.loads(storage.read_bytes(uri))
-    except ValueError as exc:
-        raise InputError(f"{uri} is not valid JSON: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
-        found = manifest.get("schema_version") if isinstance(manifest, dict) else None
-        raise InputError(f"{data}: dataset schema version {found} is not {SCHEMA_VERSION}")
-    for split in SPLITS:
-        for rel in manifest.get("files", {}).get(split, []):
-            if not isinstance(rel, str) or rel.startswith("/") or ".." in rel.split("/") or "://" in rel:
-                raise InputError(f"{uri}: shard path {rel!r} is not a path inside the data set")
-    return manifest

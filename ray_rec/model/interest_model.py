@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ray_rec.config import IN_BATCH_NEGATIVES, ModelConfig
+from ray_rec.config import ModelConfig
 from ray_rec.model.enhancement import ENHANCERS
 from ray_rec.model.features import SequenceFeatureExtractor
+from ray_rec.model.loss_policy import IN_BATCH_NEGATIVES
 from ray_rec.model.losses import (
     auxiliary_next_click_loss,
     binary_loss,
@@ -48,9 +49,9 @@ class InterestModel(nn.Module):
         self.relevance: DotRelevance | MLPRelevance = RELEVANCES.build(config.relevance, config)  # type: ignore[assignment]
         self.loss_kind = config.resolved_loss
         self.num_negatives = config.negatives
-        # The MLP relevance's score is u . v + MLP(u, v). Its sampled softmax alone learns slowly and
-        # ends below the dot model (README "Model quality"), so the u . v term is also trained on its
-        # own, as `relevance: dot` would be: the MLP then learns a correction to a good ranker.
+        # The MLP relevance's score is u . v + MLP(u, v). Its sampled softmax alone learns slowly, so
+        # the u . v term is also trained on its own, as `relevance: dot` would be: the MLP then
+        # learns a correction to a good ranker.
         self.dot_term = config.dot_term
         self.dot_relevance = DotRelevance(config)  # no parameters: scores the u . v term alone
         # In-batch negatives are corrected by each item's share of the clicks, counted here over the
@@ -146,44 +147,25 @@ class InterestModel(nn.Module):
         _, interest = self.encode(items, time_buckets)
         return interest[:, -1]
 
-    @torch.inference_mode()
-    def score(
-        self, items: torch.Tensor, candidates: torch.Tensor, time_buckets: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Scores of candidates given left-padded histories: (B, L), (B, C) -> (B, C)."""
-        u = self.user_interest(items, time_buckets)  # (B, D)
+    def candidate_scores(self, u: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Scores of candidate items (B, C) for interests (B, D) -> (B, C)."""
         return self.relevance(u, self.features.item_features(candidates))
 
-    @torch.inference_mode()
-    def score_catalog(self, items: torch.Tensor, time_buckets: torch.Tensor | None = None) -> torch.Tensor:
-        """Scores of every item: (B, L) -> (B, N + 1); column 0 (padding) is -inf."""
-        u = self.user_interest(items, time_buckets)
+    def catalog_scores(self, u: torch.Tensor) -> torch.Tensor:
+        """Scores of every item for interests (B, D) -> (B, N + 1); column 0 (padding) is -inf."""
         scores = self.relevance.catalog(u, self.features.all_item_features())
         scores[:, 0] = float("-inf")
         return scores
 
     @torch.inference_mode()
-    def recommend(
-        self,
-        items: torch.Tensor,
-        k: int,
-        exclude: torch.Tensor | None = None,
-        time_buckets: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k items of the whole catalog.
+    def score(
+        self, items: torch.Tensor, candidates: torch.Tensor, time_buckets: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Scores of candidates given left-padded histories: (B, L), (B, C) -> (B, C)."""
+        return self.candidate_scores(self.user_interest(items, time_buckets), candidates)
 
-        Args:
-            items: (B, L) left-padded histories.
-            k: how many items to return (at most the catalog size).
-            exclude: (B, E) item indices never to return (0 entries are ignored), e.g. the history.
-
-        Returns:
-            (ids (B, k), scores (B, k)), best first.
-        """
-        scores = self.score_catalog(items, time_buckets)  # (B, N + 1)
-        if exclude is not None:
-            scores.scatter_(1, exclude, float("-inf"))
-            scores[:, 0] = float("-inf")
-        k = min(k, self.config.num_items)
-        top = torch.topk(scores, k, dim=1)
-        return top.indices, top.values
+    @torch.inference_mode()
+    def score_catalog(self, items: torch.Tensor, time_buckets: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores of every item given left-padded histories: (B, L) -> (B, N + 1); column 0 is -inf.
+        (Top-k and exclusion: `ray_rec.predict.ranking`.)"""
+        return self.catalog_scores(self.user_interest(items, time_buckets))

@@ -30,8 +30,8 @@ def full_softmax_loss(
     when P x N passes ``max_cells`` the positions go in chunks. With dot-product scores (one chunk
     or several) each chunk's gradients are computed right away from its softmax (d loss / d logits
     = softmax - one-hot) and the logits freed: the same loss and gradients from the same three
-    matrix products, with no softmax kept for autograd (faster than autograd's cross-entropy at
-    every size measured: README, "Full-softmax memory"). Any other scorer gets activation
+    matrix products, with no softmax kept for autograd (`python -m bench.loss_memory` compares it
+    with autograd's cross-entropy). Any other scorer gets activation
     checkpointing: a chunk's logits are recomputed in the backward pass.
 
     Args:
@@ -97,7 +97,7 @@ def sampled_softmax_loss(
     Each negative's logit gets -log(expected draws of its item in the sample) added (the logQ
     correction of Bengio & Senecal, Jean et al. 2015): a negative then stands for the items the
     sample left out, and the sampled partition function estimates the full softmax's. K uniform
-    draws from N items: K / N each, so + log(N / K); measured in README "Model quality". Draws
+    draws from N items: K / N each, so + log(N / K). Draws
     from the batch's next clicks add M x (the item's share of clicks) to its expectation
     (`uniform_and_in_batch`).
 

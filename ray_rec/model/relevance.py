@@ -101,8 +101,8 @@ class MLPRelevance(nn.Module):
         """u (P, D) against every item (N, D) -> (P, N).
 
         The (P, 2D, N) hidden units go in blocks of users and items of ``_BLOCK_FLOATS`` each, so
-        they stay in cache instead of streaming through memory (measured in README "What the
-        relevance network costs"). With autograd on, hidden units over ``_KEEP_FLOATS`` are not
+        they stay in cache instead of streaming through memory (`python -m bench.relevance_cost`).
+        With autograd on, hidden units over ``_KEEP_FLOATS`` are not
         kept for the backward pass: each block of users is checkpointed and recomputed (long
         histories: 128 windows x 200 positions x 256 negatives would keep 3.4 GB; the full softmax
         over Beauty's 12,101 items, 6.8 GB). Inside a caller's own checkpoint (the full softmax's

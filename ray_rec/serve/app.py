@@ -15,9 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from ray import serve
 from ray.serve import Application
 
-from ray_rec.model.artifact import Recommender, load_model
+from ray_rec.predict import Answer, Query, Recommender, load_model
 from ray_rec.serve import http as replica_http
-from ray_rec.serve.batching import Job, run_jobs
 from ray_rec.serve.http import BodyLimit, RequireKey, validation_error
 from ray_rec.serve.schemas import (
     ModelInfo,
@@ -29,6 +28,7 @@ from ray_rec.serve.schemas import (
 )
 
 logger = logging.getLogger("ray.serve")
+BATCH = ServeArgs.model_fields
 
 api = FastAPI(
     title="ray_rec",
@@ -96,16 +96,13 @@ class RecommenderService:
             raise HTTPException(422, f"{len(body.candidates)} candidates; the limit is {self.args.max_candidates}")
         rec = self.rec
         idx = [rec.vocab.index_of(c) or 0 for c in body.candidates]
-        if history:
-            scores, fallback = await self._call(Job(history=history, candidates=idx, time_buckets=times), rec), None
-        else:
-            scores, fallback = rec.clicks(idx), "popularity"
+        answer = await self._call(Query(history, candidates=idx, time_buckets=times), rec)
         return {
             "model_version": rec.version,
-            "scores": [s if i else None for s, i in zip(scores, idx)],
+            "scores": answer.scores,
             "unknown_history": unknown,
             "unknown_candidates": [c for c, i in zip(body.candidates, idx) if not i],
-            "fallback": fallback,
+            "fallback": answer.fallback,
         }
 
     @api.post("/v1/recommend", response_model=RecommendResponse)
@@ -115,12 +112,9 @@ class RecommenderService:
         if not 1 <= body.k <= self.args.max_k:
             raise HTTPException(422, f"k={body.k} must be between 1 and {self.args.max_k}")
         rec = self.rec
-        if not history:
-            items = [{"item_id": i, "score": s} for i, s in rec.popular(body.k)]
-            return {"model_version": rec.version, "items": items, "unknown_history": unknown, "fallback": "popularity"}
-        pairs = await self._call(Job(history=history, k=body.k, exclude=body.exclude_history, time_buckets=times), rec)
-        items = [{"item_id": rec.vocab.raw_id(i), "score": s} for i, s in pairs]
-        return {"model_version": rec.version, "items": items, "unknown_history": unknown, "fallback": None}
+        answer = await self._call(Query(history, k=body.k, exclude=body.exclude_history, time_buckets=times), rec)
+        items = [{"item_id": rec.vocab.raw_id(i), "score": s} for i, s in zip(answer.items or [], answer.scores)]
+        return {"model_version": rec.version, "items": items, "unknown_history": unknown, "fallback": answer.fallback}
 
     @api.get("/v1/model", response_model=ModelInfo)
     async def model_info(self) -> dict[str, Any]:
@@ -141,22 +135,23 @@ class RecommenderService:
         """Liveness; needs no API key."""
         return {"status": "ok", "model_version": self.rec.version}
 
-    async def _call(self, job: Job, rec: Recommender) -> Any:
-        if self.args.batching:
-            return await self._batched((job, rec))
-        return run_jobs(rec, [job])[0]
+    async def _call(self, query: Query, rec: Recommender) -> Answer:
+        if self.args.batching and query.history:  # a popularity answer needs no batch
+            return await self._batched((query, rec))
+        return rec.predict([query])[0]
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _batched(self, items: list[tuple[Job, Recommender]]) -> list[Any]:
-        """One model call for a whole batch of score and recommend jobs (grouped by model, which
-        only differs across a hot reload)."""
+    @serve.batch(max_batch_size=BATCH["max_batch_size"].default,  # both reset from ServeArgs in __init__
+                 batch_wait_timeout_s=BATCH["batch_wait_timeout_s"].default)
+    async def _batched(self, items: list[tuple[Query, Recommender]]) -> list[Answer]:
+        """One `Recommender.predict` for a whole batch of queries (grouped by model, which only
+        differs across a hot reload)."""
         out: list[Any] = [None] * len(items)
         by_model: dict[int, list[int]] = {}
         for i, (_, rec) in enumerate(items):
             by_model.setdefault(id(rec), []).append(i)
         for positions in by_model.values():
             rec = items[positions[0]][1]
-            for pos, result in zip(positions, run_jobs(rec, [items[p][0] for p in positions])):
+            for pos, result in zip(positions, rec.predict([items[p][0] for p in positions])):
                 out[pos] = result
         return out
 

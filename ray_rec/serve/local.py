@@ -45,7 +45,7 @@ def warn_if_open(host: str, port: int, api_key_env: str) -> bool:
 
 
 def serve_foreground(model_uri: str, host: str, port: int, max_batch_size: int, api_key_env: str) -> None:
-    from ray_rec.model.artifact import load_model
+    from ray_rec.predict import load_model
 
     load_model(model_uri)  # a bad artifact fails here, with a clear message, before Ray starts
     init_ray(1, serving=True)

@@ -6,10 +6,12 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
 
+from ray_rec.config import MAX_REQUEST_LIST, ServeConfig
+
 # Hard ceilings of every request list and id, checked while the body is parsed: a list past its
 # ceiling fails at once with one error, instead of one error per element (each echoing its input).
 # The replica's own limits (`ServeArgs.max_history`, ...) are lower and configurable.
-MAX_LIST = 10_000
+MAX_LIST = MAX_REQUEST_LIST
 MAX_ID_CHARS = 512
 
 
@@ -76,23 +78,4 @@ class ModelInfo(BaseModel):
     last_reload_error: str | None
 
 
-class ServeArgs(BaseModel):
-    """Typed arguments of the application builder (``serve run ray_rec.serve.app:build_app model_uri=...``)."""
-
-    model_config = ConfigDict(extra="forbid")
-    model_uri: str
-    max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10)
-    batching: bool = True
-    max_history: int = Field(1000, ge=1, le=MAX_LIST)
-    max_candidates: int = Field(1000, ge=1, le=MAX_LIST)
-    max_k: int = Field(1000, ge=1, le=MAX_LIST)
-    max_model_mb: float | None = Field(None, gt=0, description="refuse (at start and on reload) a model larger than this; "
-                                                               "default: load_model's (4096)")
-    max_body_bytes: int = Field(1_000_000, ge=1024)
-    api_key_env: str = Field("", description="environment variable holding the API key; empty = no key")
-    num_replicas: int | str = 1
-    min_replicas: int = 1
-    max_replicas: int = 1
-    target_ongoing_requests: float = 32
-    num_cpus: float = 1.0
+ServeArgs = ServeConfig  # the application builder's arguments, defined with every other setting

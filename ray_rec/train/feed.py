@@ -19,8 +19,8 @@ class ExampleCache:
 
     Streaming re-runs the Ray Data pipeline (read, decode, build examples) every epoch: that is
     what lets a shard far larger than memory train, but on a small data set it is pure overhead
-    beside the model (measured on Amazon Beauty, 1 worker, 2 cores: epochs with the next epoch's
-    execution running alongside were 20-25% slower than one without). Once a full pass has gone
+    beside the model (an epoch with the next epoch's execution running alongside is slower than
+    one without). Once a full pass has gone
     through and its chunks total at most ``limit_mb``, later passes read the memory copy; larger
     shards keep streaming, and a pass cut short is never kept. Every worker holds the same number
     of equally wide rows (Ray Train splits them equally), so all workers make the same choice and
@@ -89,7 +89,7 @@ class EpochPrefetcher:
     """Streams the chunks of consecutive epochs from a background thread into a small queue.
 
     Each epoch's ``iter_batches`` starts a fresh Ray Data execution, which costs 1.5-3 s before
-    the first chunk on a 2-core machine (measured on Amazon Beauty). The thread starts the next
+    the first chunk on a small machine. The thread starts the next
     epoch as soon as the current one is read, so that start-up overlaps with training instead of
     stalling it. The queue holds at most ``depth`` chunks, so memory stays bounded.
     """

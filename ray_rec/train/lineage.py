@@ -20,11 +20,14 @@ import time
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray_rec import __version__, storage
 from ray_rec.config import Config, ModelConfig
 from ray_rec.errors import TrainingError
+
+if TYPE_CHECKING:
+    from ray_rec.data.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +35,9 @@ LINEAGE_FILE = "lineage.json"
 COMMIT_ENV = "RAY_REC_COMMIT"  # set in images built without the repository's .git
 
 
-def manifest_fingerprint(manifest: dict[str, Any]) -> str:
+def manifest_fingerprint(manifest: Manifest) -> str:
     """A short hash of a data set's manifest (its files, counts and vocabulary facts)."""
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(manifest.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def source_commit() -> str | None:
@@ -63,7 +66,7 @@ def _version(package: str) -> str | None:
         return None
 
 
-def run_lineage(config: Config, model: ModelConfig, data: str, manifest: dict[str, Any], workers: int, device: str,
+def run_lineage(config: Config, model: ModelConfig, data: str, manifest: Manifest, workers: int, device: str,
                 tracking: dict[str, str] | None = None) -> dict[str, Any]:
     """The lineage of a run that starts now; ``model``: the model config as trained (`for_data`)."""
     resolved = config.to_dict()
@@ -71,7 +74,7 @@ def run_lineage(config: Config, model: ModelConfig, data: str, manifest: dict[st
     return {
         "config": resolved,
         "data": {"uri": data, "manifest_sha256": manifest_fingerprint(manifest),
-                 "users": manifest["counts"]["users"], "items": manifest["counts"]["items"]},
+                 "users": manifest.counts.users, "items": manifest.counts.items},
         "code": {"ray_rec": __version__, "commit": source_commit()},
         "versions": {"python": platform.python_version(), **{p: _version(p) for p in ("ray", "torch", "pyarrow")}},
         "seeds": {"data": config.data.seed, "train": config.train.seed},
@@ -83,7 +86,7 @@ def run_lineage(config: Config, model: ModelConfig, data: str, manifest: dict[st
     }
 
 
-def start_lineage(output: str, config: Config, model: ModelConfig, data: str, manifest: dict[str, Any], workers: int,
+def start_lineage(output: str, config: Config, model: ModelConfig, data: str, manifest: Manifest, workers: int,
                   device: str, resume: bool, allow_changes: bool) -> tuple[dict[str, Any], list[str]]:
     """The lineage a run goes on with: new, or on ``resume`` the one ``output`` recorded, checked
     against this start (`resume_lineage`); and the settings the resume changed (logged)."""

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ray_rec.config import TrainConfig
+
+if TYPE_CHECKING:
+    from ray_rec.data.manifest import Manifest
 
 
 @dataclass
@@ -96,11 +99,11 @@ def epoch_rates(history: list[dict[str, Any]], lr: float) -> list[float]:
     return [lr] + [float(row["lr"]) for row in history[:-1]]
 
 
-def final_fit_split(manifest: dict[str, Any]) -> str | None:
+def final_fit_split(manifest: Manifest) -> str | None:
     """The split whose sequences hold every click of every user, for the final fit: ``test``
     under leave-one-out (each user's whole sequence). None for a time split, whose test split
     lacks the users without a click after the cutoff."""
-    return "test" if manifest["split"]["protocol"] == "leave_one_out" else None
+    return "test" if manifest.split.protocol == "leave_one_out" else None
 
 
 def final_fit_line(epochs: int, split: str | None) -> str:

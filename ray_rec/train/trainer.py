@@ -21,15 +21,15 @@ from ray.train.torch import TorchTrainer
 from ray_rec import storage
 from ray_rec.config import Config, for_data
 from ray_rec.data.examples import browse_width
+from ray_rec.data.manifest import read_manifest
 from ray_rec.data.pipeline import limit_memory, read_sequences, training_dataset, validation_sample
-from ray_rec.data.prepare import read_manifest
 from ray_rec.errors import TrainingError
 from ray_rec.model.artifact import REQUIRED_FILES
 from ray_rec.train.lineage import start_lineage, write_lineage
-from ray_rec.train.loop import batch_line, sparse_item_gradients, sparse_items_line
+from ray_rec.train.optim import sparse_item_gradients, sparse_items_line
 from ray_rec.train.schedule import epoch_rates, final_fit_line, final_fit_split
 from ray_rec.train.tracking import EXPERIMENT, close_run, track_run, tracking_uri
-from ray_rec.train.worker import train_loop_per_worker
+from ray_rec.train.worker import batch_line, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
 
@@ -122,16 +122,16 @@ def train(
     write_lineage(output, lineage)  # before any training: a resume compares against it
     logger.info("model: %s", mcfg.describe())
     logger.info(batch_line(config.train.batch_size, workers))
-    if manifest["has_browse"] and mcfg.resolved_loss != "bce":
+    if manifest.has_browse and mcfg.resolved_loss != "bce":
         logger.info("the log's browse events are not used: the %s loss contrasts the next click with the catalog "
                     "(model.loss=bce trains on browsed items as negatives)", mcfg.resolved_loss)
     if sparse_item_gradients(mcfg, config.train, use_gpu):
         logger.info(sparse_items_line(mcfg))
     sample = validation_sample(manifest, config.train.eval_users)
-    kept, shards = len(sample["files"]["valid"]), len(manifest["files"]["valid"])
+    kept, shards = len(sample.files["valid"]), len(manifest.files["valid"])
     if kept < shards:
         logger.info("validation: about %s of %s users (%d of %d shards of the valid split; train.eval_users=%d, 0 = all)",
-                    f"{round(manifest['counts']['users'] * kept / shards):,}", f"{manifest['counts']['users']:,}",
+                    f"{round(manifest.counts.users * kept / shards):,}", f"{manifest.counts.users:,}",
                     kept, shards, config.train.eval_users)
     started = time.monotonic()
     limit_memory(config.data.pipeline_memory_mb)

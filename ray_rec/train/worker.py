@@ -2,8 +2,9 @@
 ``prepare_model`` (DDP; gloo on CPU, nccl on GPU), the plain `train_step`, validation on its share
 of the validation users, and reports. Rank 0 writes checkpoints and the metrics file.
 
-One function serves both fits of a run: the split run (validation, `Plateau`) and the final fit
-(``loop_config["final"]``: every click, a fixed number of epochs at the split run's rates).
+One function serves both fits of a run: the split run (validation) and the final fit
+(``loop_config["final"]``: every click, a fixed number of epochs at the split run's rates); the
+epochs themselves are `ray_rec.train.fit.fit`'s.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import logging
 import os
 import signal
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import ray
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 from ray.train import Checkpoint
@@ -29,23 +30,44 @@ from ray_rec.config import Config, config_from_dict, for_data
 from ray_rec.data.examples import BUCKET_WINDOW, collate, evaluation_examples
 from ray_rec.metrics import RankingMetrics
 from ray_rec.model.interest_model import InterestModel
+from ray_rec.predict.ranking import evaluate
+from ray_rec.progress import Progress
 from ray_rec.ray_session import usable_cores
 from ray_rec.train.checkpoint import newest_complete_checkpoint, read_checkpoint, write_checkpoint
 from ray_rec.train.feed import EpochPrefetcher, ExampleCache, epoch_chunks, training_batches
-from ray_rec.train.loop import (
-    Progress,
-    evaluate,
-    make_optimizer,
-    sparse_item_gradients,
-    steps_line,
-    train_step,
-    worker_batch,
-)
+from ray_rec.train.fit import fit, new_state
+from ray_rec.train.optim import make_optimizer, sparse_item_gradients
 from ray_rec.train.report import write_metrics_files
-from ray_rec.train.schedule import Plateau, halve_rate, set_rate
 from ray_rec.vocab import Vocabulary
 
 logger = logging.getLogger("ray_rec.train.trainer")  # the driver's progress logger: one name for both
+
+
+def worker_batch(batch_size: int, workers: int) -> int:
+    """Windows each of ``workers`` data-parallel workers takes a step. ``train.batch_size`` is the
+    whole step's (all workers together), split evenly and rounded up where the workers do not
+    divide it, so the worker count leaves the optimisation as it is: the same batch, learning
+    rate and steps an epoch (a batch that grows with the workers lost quality; BENCHMARKS.md).
+
+    Example:
+        >>> worker_batch(128, 2), worker_batch(128, 3), worker_batch(2, 4)
+        (64, 43, 1)
+    """
+    return -(-batch_size // workers)
+
+
+def batch_line(batch_size: int, workers: int) -> str:
+    """The first-lines note on how a step's batch is split over the workers.
+
+    Example:
+        >>> batch_line(128, 3)
+        'batch: 129 windows a step, 43 on each of 3 workers (train.batch_size=128, rounded up to a multiple of 3)'
+    """
+    each = worker_batch(batch_size, workers)
+    if workers == 1:
+        return f"batch: {batch_size} windows a step (1 worker)"
+    rounded = f", rounded up to a multiple of {workers}" if each * workers != batch_size else ""
+    return f"batch: {each * workers} windows a step, {each} on each of {workers} workers (train.batch_size={batch_size}{rounded})"
 
 
 def _log(msg: str) -> None:
@@ -130,8 +152,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model.features.item.sparse = sparse_item_gradients(mcfg, cfg.train, loop_config["use_gpu"])
     optimizer = make_optimizer(model, cfg.train)
     final = loop_config.get("final")
-    state: dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": 0, "steps": 0, "resumes": 0, "history": [],
-                             "fit": "final" if final else "split", **(final["split"] if final else {})}
+    state: dict[str, Any] = {**new_state(), "fit": "final" if final else "split", **(final["split"] if final else {})}
     checkpoint = ray.train.get_checkpoint()
     stored = newest_complete_checkpoint(storage.join(output, loop_config["run_name"]))
     if checkpoint is not None:
@@ -149,77 +170,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     valid_shard = None if final else ray.train.get_dataset_shard("valid")  # the final fit does not validate
     train_cache, valid_cache = ExampleCache(cfg.data.cache_mb), ExampleCache(cfg.data.cache_mb)
     chunk_rows = BUCKET_WINDOW * cfg.train.batch_size
+    last = int(final["epochs"]) if final else cfg.train.epochs
     prefetcher = EpochPrefetcher(
         lambda e: train_cache.epoch(lambda: epoch_chunks(train_shard, cfg, e, rank), chunk_rows,
                                     np.random.default_rng([cfg.data.seed, e, rank, 1])),
-        state["epoch"] + 1, _last_epoch(loop_config, cfg))
-    try:
-        _epochs(loop_config, cfg, state, model, ddp_model, optimizer, vocab, prefetcher, valid_shard, valid_cache, output, rank)
-    finally:
-        prefetcher.close()
+        state["epoch"] + 1, last)
 
-
-def _last_epoch(loop_config: dict[str, Any], cfg: Config) -> int:
-    final = loop_config.get("final")
-    return int(final["epochs"]) if final else cfg.train.epochs
-
-
-def _epochs(loop_config: dict[str, Any], cfg: Config, state: dict[str, Any], model: InterestModel, ddp_model: Any,
-            optimizer: Any, vocab: Vocabulary, prefetcher: EpochPrefetcher, valid_shard: Any, valid_cache: ExampleCache,
-            output: str, rank: int) -> None:
-    tcfg, final = cfg.train, loop_config.get("final")
-    plateau = Plateau(tcfg)
-    plateau.restore(state)  # its counters live in the loop state, beside the epoch and history
-    last = _last_epoch(loop_config, cfg)
-    what = "final fit epoch" if final else "epoch"
-    for epoch in range(state["epoch"] + 1, last + 1):
-        if final:
-            set_rate(optimizer, final["rates"][epoch - 1])
-        t0 = time.monotonic()
-        total, steps, examples, wait = 0.0, 0, 0, 0.0
-        batches = training_batches(prefetcher.epoch(), cfg, epoch, rank)
-        pace, world = Progress(tcfg.progress_s), ray.train.get_context().get_world_size()
-        while True:
-            t_wait = time.monotonic()
-            batch = next(batches, None)
-            wait += time.monotonic() - t_wait
-            if batch is None:
-                break
-            steps += 1
-            _maybe_fail(loop_config.get("fail_once"), epoch, steps)
-            total += train_step(ddp_model, batch, optimizer, tcfg.grad_clip)["loss"]
-            examples += int(batch["items"].shape[0])
-            if (seconds := pace.due()) is not None:
-                _log(steps_line(f"{epoch}/{last}", steps, examples * world, seconds, wait, total / steps))
-        train_s = time.monotonic() - t0
-        state["steps"] = state.get("steps", 0) + steps
-        metrics: dict[str, Any] = {"epoch": epoch, "resumes": state["resumes"], "loss": total / max(steps, 1), "train_s": train_s,
-                                   "data_wait_s": wait, "steps": steps, "examples": examples * world,
-                                   "examples_per_s": examples * world / max(train_s, 1e-9)}
-        verdict = "same"
-        evaluated = not final and (epoch % tcfg.eval_every == 0 or epoch == tcfg.epochs)
-        if evaluated:
-            t_val = time.monotonic()
-            val = _evaluate_shard(model, valid_shard, cfg, valid_cache, epoch)
-            metrics.update({f"val_{name}": value for name, value in val.items() if name != "count"})
-            metrics.update({"eval_users": int(val["count"]), "eval_s": time.monotonic() - t_val})
-            verdict = plateau.validated(epoch, state["steps"], val[tcfg.select_by])
-            if verdict == "halve":
-                halve_rate(optimizer, plateau.stalled(), _log)
-        metrics["lr"] = optimizer.param_groups[0]["lr"]
-        if not final:
-            metrics.setdefault(cfg.score, plateau.best)  # Ray Train ranks checkpoints by it on every report
-        state["epoch"] = epoch
-        if not final:
-            state.update(plateau.state())
-        state["history"].append(metrics)
-        _log(
-            f"{what} {epoch}/{last} loss {metrics['loss']:.4f} "
-            + (f"val {tcfg.select_by} {metrics[cfg.score]:.4f} "
-               f"on {metrics['eval_users']:,} users in {metrics['eval_s']:.1f} s " if evaluated else "")
-            + (f"lr {metrics['lr']:g} " if final else "")
-            + f"({metrics['examples_per_s']:,.0f} examples/s)"
-        )
+    def after_epoch(metrics: dict[str, Any], verdict: str) -> None:
         with tempfile.TemporaryDirectory() as folder:
             ckpt = None
             if rank == 0:
@@ -227,10 +184,14 @@ def _epochs(loop_config: dict[str, Any], cfg: Config, state: dict[str, Any], mod
                 if not final:
                     write_metrics_files(output, state["history"])
                 if loop_config.get("tracker") is not None:
-                    loop_config["tracker"].log_metrics(metrics, step=epoch, prefix="final_" if final else "")
+                    loop_config["tracker"].log_metrics(metrics, step=metrics["epoch"], prefix="final_" if final else "")
                 ckpt = Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=ckpt)
-        if verdict == "stop":
-            _log(f"early stop: {plateau.stalled()}, {state['steps'] - plateau.best_step:,} steps "
-                 f"(best epoch {plateau.best_epoch})")
-            break
+
+    try:
+        fit(ddp_model, optimizer, cfg, state, lambda epoch: training_batches(prefetcher.epoch(), cfg, epoch, rank), last, _log,
+            validate=None if final else lambda epoch: _evaluate_shard(model, valid_shard, cfg, valid_cache, epoch),
+            rates=final["rates"] if final else None, after_epoch=after_epoch,
+            before_step=lambda epoch, step: _maybe_fail(loop_config.get("fail_once"), epoch, step), world=world)
+    finally:
+        prefetcher.close()

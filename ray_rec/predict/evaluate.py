@@ -12,7 +12,7 @@ import logging
 import time
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,16 +20,20 @@ import torch
 
 from ray_rec import storage
 from ray_rec.data.examples import CLICK, evaluation_examples
+from ray_rec.data.manifest import read_manifest
 from ray_rec.data.pipeline import read_sequences
-from ray_rec.data.prepare import read_manifest
 from ray_rec.data.schema import check_schema
 from ray_rec.metrics import DEFAULT_KS, RankingMetrics, full_ranks, user_negatives
-from ray_rec.model.artifact import Recommender, catalog_blocks, load_model
+from ray_rec.predict.ranking import catalog_blocks, interests, rank_targets
+from ray_rec.predict.recommender import Recommender, load_model
+from ray_rec.predict.user_count import reported_user_count
+from ray_rec.progress import users_line
 from ray_rec.ray_session import scoring_pool, use_node_cores
 from ray_rec.train.lineage import manifest_fingerprint
-from ray_rec.train.loop import rank_targets, users_line
-from ray_rec.train.user_count import reported_user_count
 from ray_rec.vocab import Vocabulary
+
+if TYPE_CHECKING:
+    from ray_rec.data.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +63,8 @@ class RankUsers:
         users = table.column("user_id").take(pa.array(arrays["row"])).to_pylist()
         keys = [zlib.crc32(str(user).encode()) for user in users]
         negatives = user_negatives(cfg.num_items, ex["targets"], ex["seen"], SAMPLED_NEGATIVES, keys, self.seed)
-        full, sampled = rank_targets(self.rec.model, ex, negatives)
+        model = self.rec.model
+        full, sampled = rank_targets(model, interests(model, ex["items"], ex["time_buckets"]), ex["targets"], ex["seen"], negatives)
         assert sampled is not None
         popularity = [
             full_ranks(self.popularity.expand(len(ex["targets"][rows]), -1), ex["targets"][rows], ex["seen"][rows])
@@ -77,7 +82,7 @@ def count_clicks(table: pa.Table) -> dict[str, np.ndarray]:
     return {"item": items[events == CLICK].astype(np.int64)}
 
 
-def train_popularity(data: str, num_items: int, manifest: dict[str, Any]) -> np.ndarray:
+def train_popularity(data: str, num_items: int, manifest: Manifest) -> np.ndarray:
     """Clicks per item in the train split, as scores (N + 1,), with index 0 = padding."""
     counts = np.zeros(num_items + 1, dtype=np.float64)
     clicks = read_sequences(data, "train", manifest).map_batches(count_clicks, batch_format="pyarrow")
@@ -101,8 +106,8 @@ def evaluate_model(data: str, model_uri: str, split: str = "test", output: str |
     the caller has loaded it already (the scoring actors load their own copies either way)."""
     say = progress or (lambda msg: logger.info(msg))
     manifest = read_manifest(data)
-    if split not in manifest["files"]:
-        raise EvaluationError(f"split {split!r} is not one of {', '.join(manifest['files'])}")
+    if split not in manifest.files:
+        raise EvaluationError(f"split {split!r} is not one of {', '.join(manifest.files)}")
     rec = model if model is not None else load_model(model_uri)
     data_vocab = Vocabulary.load(data)
     if data_vocab.ids != rec.vocab.ids:

@@ -15,9 +15,10 @@ import torch
 from ray_rec import storage
 from ray_rec.data.examples import evaluation_examples
 from ray_rec.data.pipeline import read_sequences
-from ray_rec.model.artifact import Recommender, catalog_blocks, load_model
+from ray_rec.predict.ranking import interests, top_k
+from ray_rec.predict.recommender import Recommender, load_model
+from ray_rec.predict.user_count import reported_user_count
 from ray_rec.ray_session import scoring_pool, use_node_cores
-from ray_rec.train.user_count import reported_user_count
 from ray_rec.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)
@@ -36,11 +37,8 @@ class TopK:
         cfg = self.rec.config
         arrays = evaluation_examples(table, cfg.history_len, cfg.time_buckets, with_target=False)
         ex = {name: torch.as_tensor(v) for name, v in arrays.items()}
-        tops = [  # users in blocks: a 512-user batch's catalog scores at 1M items would be 2 GB at once
-            self.rec.model.recommend(ex["items"][rows], self.k, exclude=ex["seen"][rows], time_buckets=ex["time_buckets"][rows])
-            for rows in list(catalog_blocks(len(ex["items"]), cfg.num_items)) or [slice(0, 0)]  # an empty batch: once, as before
-        ]
-        ids, scores = torch.cat([i for i, _ in tops]), torch.cat([s for _, s in tops])
+        model = self.rec.model
+        ids, scores = top_k(model, interests(model, ex["items"], ex["time_buckets"]), self.k, exclude=ex["seen"])
         users = table.column("user_id").take(pa.array(arrays["row"]))
         if self.counter is not None:
             self.counter.add.remote(len(users))  # not awaited: a count, not a result
@@ -51,7 +49,7 @@ class TopK:
 def top_k_columns(vocab: Vocabulary, ids: torch.Tensor, scores: torch.Tensor) -> tuple[pa.ListArray, pa.ListArray]:
     """Top-k indices and scores (B, k) -> list<string> raw ids and list<float> scores, one row per
     user, without the places the catalog ran out (score -inf: every item excluded), as
-    `Recommender.recommend` leaves them out. Plain Parquet types that any reader takes: a 2-D
+    `Recommender.predict` leaves them out. Plain Parquet types that any reader takes: a 2-D
     object array would reach Parquet as Ray's pickled-object extension type, bytes to anything but Ray."""
     keep = scores != float("-inf")
     offsets = pa.array(np.concatenate([[0], np.cumsum(keep.sum(dim=1).numpy())]), pa.int32())

@@ -15,7 +15,7 @@ from typing import Any
 
 import ray
 
-from ray_rec.train.loop import Progress, users_line
+from ray_rec.progress import Progress, users_line
 
 
 class UserCount:

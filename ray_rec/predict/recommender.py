@@ -1,0 +1,225 @@
+"""The one batched prediction API: raw ids in, scores and top-k out.
+
+`Recommender.predict` takes `Query` objects (item indices) and is what every online caller runs:
+``load_model(...).recommend/score``, and the Serve replica for each batch of HTTP requests. A
+history with no known item tells the model nothing; it is answered by popularity here, once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ray_rec.config import ModelConfig
+from ray_rec.model.artifact import ArtifactError, LoadedArtifact, read_artifact
+from ray_rec.model.interest_model import InterestModel
+from ray_rec.predict import ranking
+from ray_rec.predict.inputs import check_rows, click_time_buckets, pad_rows, window
+from ray_rec.vocab import RawId, Vocabulary
+
+logger = logging.getLogger(__name__)
+
+POPULARITY = "popularity"  # the fallback's name, as answers and the HTTP API report it
+
+
+@dataclass
+class Query:
+    """One request on item indices: ``candidates`` to score, or else the top ``k`` of the catalog."""
+
+    history: list[int]  # every known click, oldest first (the model reads the last history_len)
+    candidates: list[int] | None = None  # indices to score; 0 = an unknown candidate (scored None)
+    k: int = 0
+    exclude: bool = True  # leave the history's items out of the top-k
+    time_buckets: list[int] | None = None  # one per history click, when the request sent click times
+
+
+@dataclass
+class Answer:
+    """What a `Query` gets: ``scores`` one per candidate (None: unknown), or the top-k ``items``
+    (indices, best first) with their ``scores``; ``fallback`` names how a history with no known
+    item was answered (``popularity``: training click counts), None when the model answered."""
+
+    scores: Sequence[float | None]
+    items: list[int] | None = None
+    fallback: str | None = None
+
+
+class Recommender:
+    """A loaded model with the public API on raw item ids.
+
+    Example:
+        >>> rec = load_model("out/model")  # doctest: +SKIP
+        >>> rec.recommend([[12, 7, 3]], k=5)  # doctest: +SKIP
+        [[(41, 7.1), (9, 6.8), ...]]
+    """
+
+    def __init__(self, model: InterestModel, vocab: Vocabulary, meta: dict[str, Any], uri: str) -> None:
+        self.model = model.eval()
+        self.vocab = vocab
+        self.meta = meta
+        self.uri = uri
+        self.version: str = meta["version"]
+        self.loaded_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self._by_clicks: np.ndarray | None = None  # item positions, most clicked first (on first use)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What this model is and where it came from: version, location, creation time, and the
+        run's ``lineage`` (configuration, data set, code and versions, seeds, workers, device,
+        tracking; None for artifacts written before it was recorded) and ``training`` summary."""
+        return {"version": self.version, "uri": self.uri, "created": self.meta.get("created"),
+                "lineage": self.meta.get("lineage"), "training": self.meta.get("training")}
+
+    # ---------------------------------------------------------------------------- the batched API
+
+    @torch.inference_mode()
+    def predict(self, queries: Sequence[Query]) -> list[Answer]:
+        """Answer score and recommend queries together: one encoding of the histories per block of
+        `ranking.BLOCK_ROWS`, the catalog scored in `ranking.top_k`'s bounded blocks."""
+        answers: list[Answer | None] = [None if q.history else self._fallback(q) for q in queries]
+        modelled = [r for r, q in enumerate(queries) if q.history]
+        length = self.config.history_len
+        for start in range(0, len(modelled), ranking.BLOCK_ROWS):
+            block = [queries[r] for r in modelled[start : start + ranking.BLOCK_ROWS]]
+            # Queries without click times read every gap as unknown (bucket 0), as a block of none does.
+            times = [q.time_buckets or [0] * len(q.history) for q in block] if any(q.time_buckets for q in block) else None
+            u = ranking.interests(self.model, window([q.history for q in block], length),
+                                  None if times is None else window(times, length))  # (B, D)
+            scored = [i for i, q in enumerate(block) if q.candidates is not None]
+            if scored:
+                cands = [block[i].candidates or [] for i in scored]
+                rows = self.model.candidate_scores(u[scored], pad_rows(cands)).tolist()
+                for i, c, row in zip(scored, cands, rows):
+                    answers[modelled[start + i]] = Answer([s if idx else None for s, idx in zip(row, c)])
+            ranked = [i for i, q in enumerate(block) if q.candidates is None]
+            if ranked:
+                exclude = pad_rows([block[i].history if block[i].exclude else [] for i in ranked])
+                ids, scores = ranking.top_k(self.model, u[ranked], max(block[i].k for i in ranked), exclude)
+                for i, row_ids, row_scores in zip(ranked, ids.tolist(), scores.tolist()):
+                    pairs = [(idx, s) for idx, s in zip(row_ids[: block[i].k], row_scores[: block[i].k]) if s != float("-inf")]
+                    answers[modelled[start + i]] = Answer([s for _, s in pairs], [idx for idx, _ in pairs])
+        return answers  # type: ignore[return-value]  # every slot is filled above
+
+    def _fallback(self, query: Query) -> Answer:
+        """A query whose history holds no known item: candidates scored by their training click
+        counts, or the most clicked items."""
+        if query.candidates is not None:
+            return Answer([self.clicks([i])[0] if i else None for i in query.candidates], fallback=POPULARITY)
+        top = self.popular_indices(query.k)
+        return Answer(list(self.clicks(top)), top, fallback=POPULARITY)
+
+    # ---------------------------------------------------------------------------- raw ids
+
+    def lookup(
+        self, history: Sequence[RawId], stamps: Sequence[float] | None = None, name: str = "timestamps"
+    ) -> tuple[list[int], list[RawId], list[int] | None]:
+        """One raw history -> the indices of its known items, its unknown ids, and, given its
+        click times (checked; errors name them ``name``), the known items' time buckets: None
+        without times or for a model that reads no time."""
+        index = self.vocab.indices(history)
+        known = [i for i in index if i is not None]
+        unknown = [raw for raw, i in zip(history, index) if i is None]
+        if stamps is None:
+            return known, unknown, None
+        buckets = click_time_buckets(stamps, len(history), self.config.time_buckets, name)
+        if self.model.features.time is None:
+            return known, unknown, None
+        return known, unknown, [int(b) for b, i in zip(buckets, index) if i is not None]
+
+    def _queries(self, histories: Iterable[Iterable[RawId]], timestamps: Iterable[Iterable[float]] | None,
+                 **fields: Any) -> list[Query]:
+        rows = check_rows("histories", histories)
+        stamps = None if timestamps is None else check_rows("timestamps", timestamps, "click times")
+        if stamps is not None and len(stamps) != len(rows):
+            raise ValueError(f"{len(rows)} histories but {len(stamps)} timestamp lists")
+        out = []
+        for i, raw in enumerate(rows):
+            known, _, buckets = self.lookup(raw, None if stamps is None else stamps[i], f"timestamps[{i}]")
+            out.append(Query(known, time_buckets=buckets, **fields))
+        return out
+
+    def score(
+        self,
+        histories: list[list[RawId]],
+        candidates: list[list[RawId]],
+        timestamps: list[list[float]] | None = None,
+    ) -> list[list[float | None]]:
+        """Relevance of each candidate to each history (higher = more likely the next click).
+
+        Unknown candidates get None. ``histories`` and ``candidates`` are parallel lists. A history
+        with no known item scores its candidates by their training click counts, as ``recommend``
+        ranks for it. ``timestamps``: optional, as in ``recommend``.
+        """
+        queries = self._queries(histories, timestamps)
+        index = [[self.vocab.index_of(raw) or 0 for raw in row] for row in check_rows("candidates", candidates)]
+        if len(queries) != len(index):
+            raise ValueError(f"{len(queries)} histories but {len(index)} candidate lists")
+        for query, row in zip(queries, index):
+            query.candidates = row
+        return [list(answer.scores) for answer in self.predict(queries)]
+
+    def recommend(
+        self,
+        histories: list[list[RawId]],
+        k: int = 10,
+        exclude_seen: bool = True,
+        timestamps: list[list[float]] | None = None,
+    ) -> list[list[tuple[RawId, float]]]:
+        """The top-k items of the catalog for each history, as (raw id, score), best first.
+
+        A history with no known item (empty, or only ids the model never saw) tells the model
+        nothing: it gets the most clicked items instead, scored by their training click counts
+        (``popular``; the HTTP API marks such answers ``"fallback": "popularity"``).
+
+        ``timestamps``: optional click times, one list per history, one epoch second (or
+        millisecond) per item, oldest first. A model trained on data with times reads the time
+        between clicks as it did in training; without them every gap reads as unknown.
+        """
+        if k < 1:
+            raise ValueError(f"k={k} must be >= 1")
+        answers = self.predict(self._queries(histories, timestamps, k=k, exclude=exclude_seen))
+        return [[(self.vocab.raw_id(i), s) for i, s in zip(a.items or [], a.scores)] for a in answers]  # type: ignore[misc]
+
+    def clicks(self, index: Sequence[int]) -> list[float]:
+        """Training click counts of item indices (0 for padding)."""
+        return [float(self.vocab.counts[i - 1]) if i else 0.0 for i in index]
+
+    def popular_indices(self, k: int) -> list[int]:
+        """The indices of the k most clicked items of the training data, most clicked first."""
+        if self._by_clicks is None:  # ties keep the vocabulary's order
+            self._by_clicks = np.argsort(-np.asarray(self.vocab.counts, dtype=np.float64), kind="stable")
+        return [int(i) + 1 for i in self._by_clicks[:k]]
+
+    def popular(self, k: int) -> list[tuple[RawId, float]]:
+        """The k most clicked items of the training data, as (raw id, click count), most clicked first."""
+        top = self.popular_indices(k)
+        return [(self.vocab.raw_id(i), c) for i, c in zip(top, self.clicks(top))]
+
+
+def load_model(uri: str, max_model_mb: float | None = None) -> Recommender:
+    """Load an artifact from a local folder or an s3:// URI (`ray_rec.model.artifact.read_artifact`
+    checks size, shapes, hash and finite weights) and make one trial prediction.
+
+    Raises:
+        ArtifactError: the folder is missing, incomplete, corrupt, too large, of another format, or
+            its model does not answer with finite scores.
+    """
+    loaded: LoadedArtifact = read_artifact(uri, max_model_mb)
+    rec = Recommender(loaded.model, loaded.vocab, loaded.meta, uri)
+    first = rec.vocab.raw_id(1)
+    top = rec.recommend([[first]], k=min(10, len(rec.vocab)), exclude_seen=False)[0]
+    scores = [s for _, s in top] + [s for s in rec.score([[first]], [[first]])[0] if s is not None]
+    if not scores or not np.isfinite(scores).all():  # a model that answers NaN must not replace a working one
+        raise ArtifactError(f"{uri}: a trial prediction gave {scores[:3]}: the model does not answer with finite scores")
+    logger.info("loaded model %s from %s (%d items)", rec.version, uri, len(rec.vocab))
+    return rec

@@ -1,0 +1,70 @@
+"""The configuration reference (docs/configuration.md), generated from `ray_rec.config`."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import fields
+from typing import Any
+
+from ray_rec.config import SECTIONS, PrepareOptions, ServeConfig
+
+
+def _field_notes(cls: type) -> dict[str, str]:
+    """Each field's comment in this module's source: the lines of comments right above it and the
+    one after it on its line."""
+    import inspect
+
+    notes: dict[str, str] = {}
+    above: list[str] = []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("# "))
+            continue
+        found = re.match(r"(\w+): [^#]*?(?:#\s*(.*))?$", text)
+        if found and not text.startswith(("def ", "return", "model_config")):
+            notes[found.group(1)] = " ".join([*above, found.group(2) or ""]).strip()
+        above = []
+    return notes
+
+
+def reference() -> str:
+    """The configuration reference as Markdown (docs/configuration.md is this text): every setting
+    of every section with its type, default and meaning, read from the classes above."""
+    def shown(value: Any) -> str:  # noqa: ANN401
+        return f"`{str(value).lower() if isinstance(value, bool) else list(value) if isinstance(value, tuple) else value}`"
+
+    out = ["# Configuration reference", "",
+           "Generated from `ray_rec/config.py` by `ray-rec config --reference`; `ray-rec config [--config F] [--set ...] "
+           "[--data D]` prints the resolved values of a run.", ""]
+    blurbs = {"model": "`--config` YAML section `model:` / `--set model.FIELD=VALUE`",
+              "data": "`data:`", "train": "`train:`", "eval": "`eval:`"}
+    for name, cls in SECTIONS.items():
+        doc = (cls.__doc__ or "").strip().replace("\n", " ")
+        out += [f"## `{name}` ({blurbs[name]})", "", " ".join(doc.split()), "", "| setting | type | default | meaning |", "|---|---|---|---|"]
+        hints, notes = typing.get_type_hints(cls), _field_notes(cls)
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
+            meaning = notes.get(f.name, "")
+            value = "from the data set" if default is None and name == "model" and f.name != "num_negatives" else \
+                "from the loss" if default is None else shown(default)
+            out.append(f"| `{name}.{f.name}` | `{_type_name(hints[f.name])}` | {value} | {meaning} |")
+        out.append("")
+    out += ["## `prepare` (`ray-rec prepare` flags)", "", "| setting | type | default | meaning |", "|---|---|---|---|"]
+    hints, notes = typing.get_type_hints(PrepareOptions), _field_notes(PrepareOptions)
+    for f in fields(PrepareOptions):
+        default = "required" if f.default is dataclasses.MISSING else shown(f.default) if f.default is not None else "none"
+        out.append(f"| `{f.name}` | `{_type_name(hints[f.name])}` | {default} | {notes.get(f.name, '')} |")
+    out += ["", "## `serve` (the Serve application's `args`; `ray-rec serve` flags)", "",
+            "| setting | type | default | meaning |", "|---|---|---|---|"]
+    for key, info in ServeConfig.model_fields.items():
+        default = "required" if info.is_required() else shown(info.default) if info.default is not None else "none"
+        out.append(f"| `{key}` | `{_type_name(info.annotation)}` | {default} | {info.description or ''} |")
+    return "\n".join(out) + "\n"
+
+
+def _type_name(hint: Any) -> str:  # noqa: ANN401
+    text = re.sub(r"\btyping\.|<class '(\w+)'>", lambda m: m.group(1) or "", str(hint)).replace("NoneType", "None")
+    return text.replace(" | ", " or ")  # a bar would end the Markdown table's cell

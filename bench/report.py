@@ -246,25 +246,26 @@ def data(folder: Path) -> list[str]:
 def serving(folder: Path, rel: str) -> list[str]:
     out: list[str] = []
     for r in _load(folder, "serve_load.json"):
-        out += [_source(r), "", "| setup | concurrency | req/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]
+        out += [_source(r), "", f"Medians over {r.get('rounds', 1)} rounds of {r['requests_per_level']:,} requests a level; each "
+                "round starts a fresh Ray per ingress (Serve's default proxy; HAProxy, as `ray-rec serve` runs) and runs "
+                "bare uvicorn between them.", "",
+                "| setup | concurrency | req/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]
         for setup, levels in r["rows"].items():
             for c, row in levels.items():
                 out.append(f"| {setup} | {c} | {row['rps']:,.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['errors']} |")
         s = r["summary"]
-        alt = r.get("alternating_c32")
-        if alt:
-            out += ["", "Alternating runs at concurrency 32 (the headline ratios are their medians):", "",
-                    "| round | no-op req/s (p99 ms) | model req/s (p99 ms) | req/s ratio | p99 ratio | CPU ms/request: model replica / no-op replica / proxy (model run, no-op run) |",
-                    "|---|---|---|---|---|---|"]
-            for i, run in enumerate(alt["runs"], 1):
-                noop, model = run["no-op"], run["model"]
-                m_cpu, n_cpu = model["cpu_ms_per_request"], noop["cpu_ms_per_request"]
-                cpu = (f"{m_cpu.get('model replica', 0):.1f} / {n_cpu.get('no-op replica', 0):.1f} / "
-                       f"{m_cpu.get('proxy', 0):.1f}, {n_cpu.get('proxy', 0):.1f}")
-                out.append(f"| {i} | {noop['rps']:,.0f} ({noop['p99_ms']:.0f}) | {model['rps']:,.0f} ({model['p99_ms']:.0f}) | "
-                           f"{run['rps_ratio']:.2f}x | {run['p99_ratio']:.2f}x | {cpu} |")
-        out += ["", f"At concurrency 32 the model serves {s['rps_ratio_c32']:.2f}x the no-op Serve app's requests/s with "
-                f"{s['p99_ratio_c32']:.2f}x its p99; batching gains {s['batching_gain_c128']:.1f}x at concurrency 128.", ""]
+        if "haproxy" in s:
+            out += ["", "| ingress | model req/s, c=32 | p99 ms, c=32 | model / bare uvicorn | model / no-op | p99 ms, c=128 "
+                    "(errors) | CPU ms a request: model replica / no-op replica / ingress |", "|---|---|---|---|---|---|---|"]
+            for ingress in ("default proxy", "haproxy"):
+                x = s[ingress]
+                cpu_m, cpu_n = x["cpu_ms_per_request"]["model, batching on"], x["cpu_ms_per_request"]["no-op Serve, batching on"]
+                ing = "haproxy" if ingress == "haproxy" else "proxy"
+                out.append(f"| {ingress} | {x['model_rps_c32']:,.0f} | {x['model_p99_c32']:.0f} | {x['model_over_bare_c32']:.2f}x | "
+                           f"{x['model_over_noop_c32']:.2f}x | {x['model_p99_c128']:.0f} ({x['model_errors_c128']}) | "
+                           f"{cpu_m.get('model replica', 0):.2f} / {cpu_n.get('no-op replica', 0):.2f} / {cpu_m.get(ing, 0):.2f} |")
+            out += ["", f"HAProxy serves the model at **{s['haproxy_over_default_c32']:.2f}x** the default proxy's requests/s at "
+                    "concurrency 32.", ""]
 
         def draw(ax: Any, rows: dict = r["rows"]) -> None:
             for setup, levels in rows.items():
@@ -372,9 +373,15 @@ RELIABILITY = {
         "The import fails with an error naming the key; no manifest is written, so no half dataset looks complete.",
         "test_import_during_an_s3_outage_completes_or_leaves_nothing_complete"),
     "Serve replica SIGKILL under load (8 clients)": (
-        "Fault: the replica process is SIGKILLed while 8 clients send requests (request timeout 10 s).",
+        "Fault: the only replica process is SIGKILLed while 8 clients send requests through the HAProxy ingress "
+        "(request timeout 10 s; clients send a request again when its connection is reset).",
         "Every request gets a response (200 or an error status), none waits past the timeout, Serve starts a new "
         "replica, then 50 requests in a row succeed.", "test_serve_replica_killed_under_load"),
+    "Serve replica SIGKILL under load, 2 replicas (8 clients)": (
+        "Fault: one of two replicas is SIGKILLed while 8 clients send requests through the HAProxy ingress (clients "
+        "send a request again when its connection is reset).",
+        "Every request succeeds: HAProxy sends new requests to the live replica, the reset ones are sent again.",
+        "test_a_replica_killed_under_load_fails_no_request_while_another_serves"),
     "generated requests from the OpenAPI schema": (
         "Bad input: 10,000 requests generated with hypothesis from the app's own OpenAPI schema: valid, wrong-typed, "
         "out-of-range, extra fields, non-JSON bytes, bodies over the size limit, missing or wrong API key.",

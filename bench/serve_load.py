@@ -1,13 +1,16 @@
-"""Serving load: requests/s and p50/p99 latency of the Serve app against two ceilings measured in
-the same run (a no-op Serve app with the same batching and deployment settings, and a bare
-uvicorn app returning a constant), at concurrency 1, 8, 32 and 128, batching on and off.
+"""Serving load under Serve's two ingress paths, in one run: requests/s and p50/p99 latency of the
+model app, a no-op Serve app with the same batching and deployment settings, and a bare uvicorn
+app returning a constant, at concurrency 1, 8, 32 and 128.
+
+The ingresses: Serve's default Python proxy, and HAProxy in front of the replicas' own ports
+(`ray_rec.ray_session.FAST_INGRESS`, what `ray-rec serve` runs). Serve reads the choice when Ray
+starts, so each round starts one fresh Ray per ingress in a child process, alternating with the
+bare uvicorn run, so that drift of the machine over the run hits every setup alike; the figures
+are the medians over ``--rounds``. Each child also records the CPU time the model replica, the
+no-op replica and the ingress (Serve proxy, HAProxy) spend per request at concurrency 32.
 Loopback only; every level sends a bounded number of requests.
 
-The headline (model / no-op at concurrency 32) comes from ``--rounds`` extra runs that alternate
-the two apps, so drift of the machine over the run hits both sides alike; each round also records
-the CPU time the model replica, the no-op replica and the Serve proxy spend per request.
-
-    python -m bench.serve_load [--requests 400] [--rounds 3]
+    python -m bench.serve_load [--requests 1000] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -94,13 +97,17 @@ async def load(url: str, body: dict, concurrency: int, total: int) -> dict[str, 
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """User + system CPU time of a process (all its threads) so far; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def replica_pids() -> dict[str, int]:
-    """Process ids of the model replica, the no-op replica and the HTTP proxy on this node."""
+def serve_pids() -> dict[str, int]:
+    """Process ids of the model replica (batching on), the no-op replica, Serve's HTTP proxy and
+    HAProxy on this node (those that run)."""
     from ray.util.state import list_actors
 
     wanted = {"RecommenderService": "model replica", "NoopService": "no-op replica", "ProxyActor": "proxy"}
@@ -110,29 +117,87 @@ def replica_pids() -> dict[str, int]:
             batching = key != "RecommenderService" or "nobatch" not in (actor.name or "")
             if key in actor.class_name and batching and actor.pid is not None:
                 pids.setdefault(name, actor.pid)
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if (proc / "comm").read_text().strip() == "haproxy":
+                    pids.setdefault("haproxy", int(proc.name))
+            except OSError:
+                continue
     return pids
 
 
-def interleaved(urls: dict[str, str], body: dict, concurrency: int, total: int, rounds: int) -> dict[str, Any]:
-    """Alternate the no-op and model apps ``rounds`` times; ratios per round and their median."""
-    pids = replica_pids() if sys.platform == "linux" else {}
-    runs: list[dict[str, Any]] = []
-    for r in range(rounds):
-        row: dict[str, Any] = {}
-        for name, url in urls.items():
+INGRESSES = {
+    "default proxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0"},
+    "haproxy": None,  # `FAST_INGRESS`, as `ray-rec serve` sets it
+}
+
+
+def child(ingress: str, model_uri: str, requests: int, out: str) -> None:
+    """One fresh Ray and Serve under ``ingress``: every setup at every level, then CPU per
+    request at concurrency 32; the rows to ``out`` as JSON."""
+    import ray
+    from ray import serve
+
+    from bench.noop_app import build_noop_app
+    from ray_rec.serve.app import build_app
+    from ray_rec.serve.schemas import ServeArgs
+
+    clicks = [f"i{i}" for i in range(1, 40)]
+    history = {"history": clicks, "k": 10}
+    score = {"history": clicks, "candidates": [f"i{i}" for i in range(100, 200)]}
+    port = free_port()
+    ray.init(address="local", num_cpus=4, logging_level=logging.WARNING)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    rows: dict[str, dict[int, Any]] = {}
+    cpu: dict[str, dict[str, float]] = {}
+    try:
+        setups = {
+            "model, batching on": (build_app(ServeArgs(model_uri=model_uri)), "/model"),
+            "model, batching off": (build_app(ServeArgs(model_uri=model_uri, batching=False)), "/nobatch"),
+            "no-op Serve, batching on": (build_noop_app(32, 0.005), "/noop"),
+        }
+        for app, prefix in setups.values():
+            serve.run(app, name=prefix.strip("/"), route_prefix=prefix)
+        time.sleep(2)
+        targets = {name: f"http://127.0.0.1:{port}{prefix}/v1/recommend" for name, (_, prefix) in setups.items()}
+        targets["model /v1/score, batching on"] = f"http://127.0.0.1:{port}/model/v1/score"
+        for name, url in targets.items():
+            body = score if "score" in name else history
+            for c in LEVELS:
+                r = asyncio.run(load(url, body, c, requests))
+                rows.setdefault(name, {})[c] = r
+                print(f"[{ingress}] {name:30} c={c:<4} {r['rps']:7.0f} req/s  p50 {r['p50_ms']:6.1f} ms  "
+                      f"p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}", flush=True)
+        pids = serve_pids() if sys.platform == "linux" else {}
+        for name in ("model, batching on", "no-op Serve, batching on"):
             before = {k: cpu_seconds(p) for k, p in pids.items()}
-            res = asyncio.run(load(url, body, concurrency, total))
-            res["cpu_ms_per_request"] = {k: (cpu_seconds(p) - before[k]) * 1000 / total for k, p in pids.items()}
-            row[name] = res
-            cpu = ", ".join(f"{k} {v:.1f}" for k, v in res["cpu_ms_per_request"].items())
-            print(f"round {r + 1} {name:8} c={concurrency} {res['rps']:6.0f} req/s  p99 {res['p99_ms']:6.1f} ms  "
-                  f"CPU ms/request: {cpu}", flush=True)
-        row["rps_ratio"] = row["model"]["rps"] / row["no-op"]["rps"]
-        row["p99_ratio"] = row["model"]["p99_ms"] / row["no-op"]["p99_ms"]
-        runs.append(row)
-    return {"concurrency": concurrency, "runs": runs,
-            "rps_ratio": statistics.median(r["rps_ratio"] for r in runs),
-            "p99_ratio": statistics.median(r["p99_ratio"] for r in runs)}
+            asyncio.run(load(targets[name], history, 32, requests))
+            cpu[name] = {k: (cpu_seconds(p) - before[k]) * 1000 / requests for k, p in pids.items()}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    Path(out).write_text(json.dumps({"rows": rows, "cpu_ms_per_request": cpu}))
+
+
+def run_child(ingress: str, model_uri: str, requests: int) -> dict[str, Any]:
+    from ray_rec.ray_session import FAST_INGRESS
+
+    env = {**os.environ, **(INGRESSES[ingress] or FAST_INGRESS), "RAY_worker_niceness": "0"}
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        subprocess.run([sys.executable, "-m", "bench.serve_load", "--child", ingress, "--model", model_uri,
+                        "--requests", str(requests), "--out", out.name], env=env, check=True)
+        return dict(json.loads(Path(out.name).read_text()))
+
+
+def medians(runs: list[dict[int, Any]]) -> dict[int, Any]:
+    """Level by level, the median of each figure over the rounds (errors: the sum)."""
+    out: dict[int, Any] = {}
+    for c in runs[0]:
+        rows = [r[c] for r in runs]
+        out[c] = {k: statistics.median(row[k] for row in rows) for k in ("rps", "p50_ms", "p99_ms")}
+        out[c]["errors"] = sum(row["errors"] for row in rows)
+    return out
 
 
 UVICORN_APP = '''
@@ -146,78 +211,71 @@ async def recommend(body: dict):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating no-op / model runs at concurrency 32")
+    parser.add_argument("--requests", type=int, default=1000, help="requests per setup and concurrency level")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, each running every ingress and bare uvicorn once")
+    parser.add_argument("--child", choices=list(INGRESSES), help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    import ray
-    from ray import serve
-
-    from bench.noop_app import build_noop_app
-    from ray_rec.serve.app import build_app
-    from ray_rec.serve.schemas import ServeArgs
+    if args.child:
+        child(args.child, args.model, args.requests, args.out)
+        return
 
     tmp = tempfile.mkdtemp()
     model_uri = small_artifact(tmp)
-    clicks = [f"i{i}" for i in range(1, 40)]
-    history = {"history": clicks, "k": 10}
-    score = {"history": clicks, "candidates": [f"i{i}" for i in range(100, 200)]}
-
     from ray_rec import load_model
     from ray_rec.predict import Query
 
     rec = load_model(model_uri)
-    idx = rec.vocab.lookup(clicks)[0]
-    t0 = time.perf_counter()
-    n = 0
+    idx = rec.vocab.lookup([f"i{i}" for i in range(1, 40)])[0]
+    t0, n = time.perf_counter(), 0
     while time.perf_counter() - t0 < 5:
         rec.predict([Query(idx, k=10) for _ in range(32)])
         n += 32
     model_only = n / (time.perf_counter() - t0)
     print(f"model only (one replica's forward passes, batches of 32 recommend jobs): {model_only:,.0f} requests/s", flush=True)
 
-    port = free_port()
     uv_port = free_port()
-    app_file = Path(tmp, "bare.py")
-    app_file.write_text(UVICORN_APP)
+    Path(tmp, "bare.py").write_text(UVICORN_APP)
     bare = subprocess.Popen([sys.executable, "-m", "uvicorn", "bare:app", "--port", str(uv_port), "--log-level", "warning"],
                             cwd=tmp)
-    ray.init(address="local", num_cpus=4, logging_level=logging.WARNING)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    rows: dict[str, dict[int, Any]] = {}
+    time.sleep(2)
+    rounds: list[dict[str, Any]] = []
     try:
-        setups = {
-            "model, batching on": (build_app(ServeArgs(model_uri=model_uri)), "/model"),
-            "model, batching off": (build_app(ServeArgs(model_uri=model_uri, batching=False)), "/nobatch"),
-            "no-op Serve, batching on": (build_noop_app(32, 0.005), "/noop"),
-        }
-        for app, prefix in setups.values():
-            serve.run(app, name=prefix.strip("/"), route_prefix=prefix)
-        time.sleep(2)
-        targets = {name: f"http://127.0.0.1:{port}{prefix}/v1/recommend" for name, (_, prefix) in setups.items()}
-        targets["bare uvicorn"] = f"http://127.0.0.1:{uv_port}/v1/recommend"
-        targets["model /v1/score, batching on"] = f"http://127.0.0.1:{port}/model/v1/score"
-        for name, url in targets.items():
-            body = score if "score" in name else history
-            for c in LEVELS:
-                r = asyncio.run(load(url, body, c, args.requests))
-                rows.setdefault(name, {})[c] = r
-                print(f"{name:32} c={c:<4} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}", flush=True)
-        pairs = {"no-op": targets["no-op Serve, batching on"], "model": targets["model, batching on"]}
-        alternating = interleaved(pairs, history, 32, args.requests, args.rounds)
+        for r in range(args.rounds):
+            row: dict[str, Any] = {}
+            for ingress in INGRESSES:
+                row[ingress] = run_child(ingress, model_uri, args.requests)
+            row["bare uvicorn"] = {c: asyncio.run(load(f"http://127.0.0.1:{uv_port}/v1/recommend", {"history": ["i1"], "k": 10},
+                                                       c, args.requests)) for c in LEVELS}
+            print(f"round {r + 1}: bare uvicorn c=32 {row['bare uvicorn'][32]['rps']:,.0f} req/s", flush=True)
+            rounds.append(row)
     finally:
         bare.terminate()
-        serve.shutdown()
-        ray.shutdown()
-    summary = {
-        "rps_ratio_c32": alternating["rps_ratio"],  # median over the alternating rounds
-        "p99_ratio_c32": alternating["p99_ratio"],
-        "batching_gain_c128": rows["model, batching on"][128]["rps"] / rows["model, batching off"][128]["rps"],
-        "model_only_rps": model_only,
-    }
+    rows: dict[str, dict[int, Any]] = {}
+    for ingress in INGRESSES:
+        for setup in rounds[0][ingress]["rows"]:
+            rows[f"{setup} ({ingress})"] = medians([{int(c): v for c, v in rd[ingress]["rows"][setup].items()} for rd in rounds])
+    rows["bare uvicorn"] = medians([rd["bare uvicorn"] for rd in rounds])
+    summary: dict[str, Any] = {"model_only_rps": model_only}
+    for ingress in INGRESSES:
+        model, noop = rows[f"model, batching on ({ingress})"], rows[f"no-op Serve, batching on ({ingress})"]
+        summary[ingress] = {
+            "model_rps_c32": model[32]["rps"], "model_p99_c32": model[32]["p99_ms"],
+            "model_over_bare_c32": statistics.median(rd[ingress]["rows"]["model, batching on"]["32"]["rps"]
+                                                     / rd["bare uvicorn"][32]["rps"] for rd in rounds),
+            "model_over_noop_c32": statistics.median(rd[ingress]["rows"]["model, batching on"]["32"]["rps"]
+                                                     / rd[ingress]["rows"]["no-op Serve, batching on"]["32"]["rps"] for rd in rounds),
+            "noop_rps_c32": noop[32]["rps"], "model_p99_c128": model[128]["p99_ms"], "model_errors_c128": model[128]["errors"],
+            "batching_gain_c128": model[128]["rps"] / rows[f"model, batching off ({ingress})"][128]["rps"],
+            "cpu_ms_per_request": {setup: {k: statistics.median(rd[ingress]["cpu_ms_per_request"][setup].get(k, 0.0) for rd in rounds)
+                                           for k in rounds[0][ingress]["cpu_ms_per_request"][setup]}
+                                   for setup in rounds[0][ingress]["cpu_ms_per_request"]},
+        }
+    summary["haproxy_over_default_c32"] = summary["haproxy"]["model_rps_c32"] / summary["default proxy"]["model_rps_c32"]
     print(json.dumps(summary, indent=2))
-    report = {"machine": machine(), "requests_per_level": args.requests,
-              "rows": rows, "alternating_c32": alternating, "summary": summary,
+    report = {"machine": machine(), "requests_per_level": args.requests, "rounds": args.rounds,
+              "rows": rows, "raw_rounds": rounds, "summary": summary,
               "command": f"python -m bench.serve_load --requests {args.requests} --rounds {args.rounds}"}
     write_result("serve_load.json", report)
 

@@ -167,6 +167,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from ray_rec.ray_session import use_fast_ingress
+
+    use_fast_ingress()  # before Serve is imported: it reads the variables once
     from ray_rec.serve.local import serve_foreground
 
     serve_foreground(args.model, args.host, args.port, args.max_batch_size, args.api_key_env)
@@ -213,6 +216,9 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from ray_rec.ray_session import use_fast_ingress
+
+    use_fast_ingress()  # before Serve is imported: it reads the variables once
     from ray_rec.demo import DemoOptions, run_demo
 
     return run_demo(DemoOptions(workdir=args.workdir, users=args.users, epochs=args.epochs, use_s3=not args.no_s3))

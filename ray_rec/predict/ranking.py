@@ -31,8 +31,7 @@ def catalog_blocks(rows: int, num_items: int, max_rows: int | None = None) -> It
 @torch.inference_mode()
 def interests(model: InterestModel, items: torch.Tensor, time_buckets: torch.Tensor | None = None) -> torch.Tensor:
     """Left-padded histories (B, L) -> each user's interest after the last click (B, D), encoded
-    `BLOCK_ROWS` histories at a time."""
-    model.eval()
+    `BLOCK_ROWS` histories at a time. The caller puts the model in eval mode (`evaluate` does)."""
     if len(items) <= BLOCK_ROWS:
         return model.user_interest(items, time_buckets)
     return torch.cat([
@@ -85,6 +84,7 @@ def evaluate(
     """Full-catalog ranking (seen items excluded) and, with ``sampled_negatives`` > 0, ranking
     among that many uniformly sampled negatives, over evaluation batches
     (``ray_rec.data.examples.evaluation_examples``); the metrics as mergeable accumulators."""
+    model.eval()  # once per validation, not per batch; the next training step sets train mode again
     full = RankingMetrics(ks)
     sampled = RankingMetrics(ks) if sampled_negatives else None
     generator = torch.Generator().manual_seed(seed)

@@ -293,6 +293,30 @@ def serve_start(folder: Path) -> list[str]:
     return out
 
 
+def cluster(folder: Path) -> list[str]:
+    out: list[str] = []
+    for r in _load(folder, "cluster.json"):
+        jobs = r["job_seconds"]
+        serve = r["serve"]
+        out += [_source(r), "",
+                f"A local multi-node cluster (`ray-rec local-cluster`: Ray's fake multi-node autoscaler, real raylets on one "
+                f"machine), {r['users']} synthetic users on a loopback S3 server, {r['epochs']} epochs. Wall seconds of each "
+                "`ray job submit`, from a cluster of the head alone; worker nodes start as the jobs ask.", "",
+                "| prepare | train (2 workers, 2 nodes) | evaluate | batch-score | submit -> first node | last job -> head alone |",
+                "|---|---|---|---|---|---|",
+                f"| {jobs['prepare']} | {jobs['train']} | {jobs['evaluate']} | {jobs['batch_score']} | {r['first_node_s']} | "
+                f"{r['back_to_head_s']} |", "",
+                f"Node loss: a training node killed ({r['node_loss']['killed_processes']} processes) after the first checkpoint; "
+                f"the run resumed on a replacement node {r['node_loss']['recovery_s']} s after the kill (the autoscaler notices "
+                f"the dead node, starts another, Ray Train restarts the workers from the S3 checkpoint) and took "
+                f"{r['node_loss']['run_seconds']} s in all; best validation NDCG@10 {r['best_val']['node_lost']:.4f} against "
+                f"{r['best_val']['unfaulted']:.4f} without the fault.", "",
+                f"Serve autoscaling (1 to 3 replicas of 2 CPUs each, one per CPU node): {serve['most_replicas']} replicas "
+                f"{serve['scale_up_s']} s after the load began, one again {serve['scale_down_s']} s after it ended; "
+                f"{serve['failed']} of {serve['requests']} requests failed.", ""]
+    return out
+
+
 def topk(folder: Path) -> list[str]:
     out: list[str] = []
     for r in _load(folder, "topk_scale.json"):
@@ -343,7 +367,8 @@ def write_report(folder: Path, target: Path, quick: bool = False) -> Path:
                 ("The product as a user runs it, on the next click", next_click(folder)),
                 ("Training speed", speed(folder) + shared_cores(folder) + loss_memory(folder) + sparse_items(folder) + ray_runs(folder)
                  + relevance_cost(folder) + enhancer_cost(folder)), ("Data: import and streaming at scale", data(folder)),
-                ("Serving", serving(folder, rel) + serve_start(folder)), ("Top-k latency against catalog size", topk(folder) + recommend_many(folder))]
+                ("Serving", serving(folder, rel) + serve_start(folder)), ("Top-k latency against catalog size", topk(folder) + recommend_many(folder)),
+                ("On a cluster", cluster(folder))]
     for title, body in sections:
         lines += [f"## {title}", ""] + (body or ["Not measured yet: run its command.", ""])
     target.write_text("\n".join(lines))

@@ -1,10 +1,13 @@
 """Ranking metrics of a model artifact on a split (Ray Data batch inference), as a Ray job.
 
-    ray job submit --working-dir . \
+    ray job submit --entrypoint-num-cpus=1 --working-dir . \
         -- python jobs/evaluate.py --data s3://BUCKET/datasets/clicks \
            --model s3://BUCKET/runs/r1/model --split test --output s3://BUCKET/runs/r1
 
 Arguments are those of `ray-rec evaluate`.
+
+``--entrypoint-num-cpus=1`` runs this script on a worker node: the head of `cluster.yaml` (and of
+`ray-rec local-cluster`) has no CPUs to give, so nothing heavy lands on it.
 """
 
 import os

@@ -6,7 +6,9 @@
            --output s3://BUCKET/runs/r1 --workers 4 [--gpu] [--config my.yaml] [--resume]
 
 Arguments are those of `ray-rec train`. The job joins the cluster it runs on (RAY_ADDRESS is set
-by Ray for jobs); the model artifact lands in <output>/model.
+by Ray for jobs); the model artifact lands in <output>/model. The script itself only coordinates
+(it may run on the head); the workers ask for a GPU each with ``--gpu``, or for what
+``--resources-per-worker`` names.
 """
 
 import os

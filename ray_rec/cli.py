@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
     p.add_argument("--workers", type=int, default=2, help="data-parallel training workers")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl)")
+    p.add_argument("--resources-per-worker", type=_json_object, metavar="JSON",
+                   help='what each worker asks Ray for (default one CPU, or one GPU with --gpu), '
+                        'e.g. \'{"CPU": 1, "train_slot": 1}\' to train only on nodes that have the custom resource')
     p.add_argument("--resume", action="store_true", help="continue the run already in --output")
     p.add_argument("--no-final-fit", action="store_true",
                    help="export the split run's best model instead of training it again on every click (train.final_fit=false)")
@@ -96,7 +99,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=3000)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--no-s3", action="store_true", help="use a local folder instead of the loopback S3 server")
+
+    p = sub.add_parser("local-cluster", help="a multi-node Ray cluster on this machine, shaped like cluster.yaml "
+                                             "(worker nodes start and stop with the load)")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--folder", help="where the cluster keeps its files and token (default ~/.ray_rec/local-cluster)")
+    p.add_argument("--idle-timeout-minutes", type=float, default=1.0,
+                   help="idle worker nodes are removed after this long (up only; default 1)")
     return parser
+
+
+def _json_object(text: str) -> dict:
+    """argparse type: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object is needed, like '{{\"CPU\": 1}}': {text!r}")
+    return value
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -127,15 +148,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ray_rec.config import load_config, parse_overrides
     from ray_rec.data.manifest import read_manifest
     from ray_rec.ray_session import init_ray
-    from ray_rec.train.trainer import train
+    from ray_rec.train.trainer import check_resources, train
 
     overrides = parse_overrides(args.set)
     if args.no_final_fit:
         overrides["train.final_fit"] = False
     config = load_config(args.config, overrides)
     read_manifest(args.data)  # fail fast, before Ray starts
+    check_resources(args.resources_per_worker)
     init_ray(args.workers)
-    result = train(args.data, args.output, config, workers=args.workers, use_gpu=args.gpu, resume=args.resume,
+    result = train(args.data, args.output, config, workers=args.workers, use_gpu=args.gpu,
+                   resources_per_worker=args.resources_per_worker, resume=args.resume,
                    overwrite=args.overwrite, allow_changes=args.allow_changes, tracking=args.tracking_uri,
                    experiment=args.experiment)
     print(f"trained: best epoch {result.best_epoch} of {result.epochs_run}, {json.dumps(result.best_metrics)}; "
@@ -224,6 +247,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(DemoOptions(workdir=args.workdir, users=args.users, epochs=args.epochs, use_s3=not args.no_s3))
 
 
+def _cmd_local_cluster(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ray_rec import local_cluster
+
+    folder = Path(args.folder) if args.folder else local_cluster.DEFAULT_FOLDER
+    if args.action == "down":
+        local_cluster.stop(folder)
+        print(f"stopped the local cluster of {folder}")
+        return 0
+    if args.action == "up":
+        cluster = local_cluster.start(folder, idle_timeout_minutes=args.idle_timeout_minutes)
+    else:
+        cluster = local_cluster.attach(folder)
+    nodes = cluster.worker_nodes()
+    print(f"head: {cluster.gcs_address} (takes no work); worker nodes now: {len(nodes)} "
+          f"({', '.join(sorted(n['type'] for n in nodes)) or 'none: they start when work asks for them'})")
+    print("use it from this shell:")
+    print(f"  export RAY_ADDRESS={cluster.address} RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={cluster.token_path}")
+    print("  ray job submit --entrypoint-num-cpus=1 --working-dir . -- python jobs/prepare.py ...")
+    print(f"stop it: ray-rec local-cluster down{' --folder ' + args.folder if args.folder else ''}")
+    return 0
+
+
 COMMANDS = {
     "prepare": _cmd_prepare,
     "train": _cmd_train,
@@ -232,6 +279,7 @@ COMMANDS = {
     "batch-score": _cmd_batch_score,
     "demo": _cmd_demo,
     "config": _cmd_config,
+    "local-cluster": _cmd_local_cluster,
 }
 
 

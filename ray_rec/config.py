@@ -277,11 +277,6 @@ class ServeConfig(BaseModel):
                                                                "default: load_model's (4096)")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413 unread")
     api_key_env: str = Field("", description="environment variable holding the API key; empty = no key")
-    num_replicas: int | str = Field(1, description="replicas when not autoscaling (max_replicas <= min_replicas)")
-    min_replicas: int = Field(1, ge=0, description="autoscaling: fewest replicas")
-    max_replicas: int = Field(1, ge=1, description="autoscaling (when above min_replicas): most replicas")
-    target_ongoing_requests: float = Field(32, gt=0, description="autoscaling: requests in flight per replica it aims for")
-    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica")
 
 
 T = TypeVar("T")

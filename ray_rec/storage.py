@@ -151,7 +151,16 @@ def list_files(uri: str) -> list[str]:
             found += [os.path.relpath(os.path.join(folder, n), path) for n in names if os.path.isfile(os.path.join(folder, n))]
         return sorted(found)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    return sorted(posixpath.relpath(i.path, path) for i in infos if i.type == pafs.FileType.File)
+    return sorted(_below(i.path, path) for i in infos if i.type == pafs.FileType.File)
+
+
+def _below(path: str, folder: str) -> str:
+    """``path`` relative to ``folder``, for object-store keys (``posixpath.relpath`` would resolve
+    them against this process's working folder, and fail where that folder has gone)."""
+    prefix = folder.rstrip("/") + "/"
+    if not path.startswith(prefix):
+        raise ValueError(f"{path} is not under {folder}")
+    return path[len(prefix):]
 
 
 def copy_dir(src: str, dst: str) -> None:
@@ -165,7 +174,7 @@ def copy_dir(src: str, dst: str) -> None:
     files = [i.path for i in src_fs.get_file_info(pafs.FileSelector(src_path, recursive=True)) if i.type == pafs.FileType.File]
 
     def copy(path: str) -> None:
-        target = posixpath.join(dst_path, posixpath.relpath(path, src_path))
+        target = posixpath.join(dst_path, _below(path, src_path))
         with src_fs.open_input_stream(path) as source, dst_fs.open_output_stream(target) as sink:
             shutil.copyfileobj(source, sink, COPY_CHUNK_BYTES)
 

@@ -136,3 +136,24 @@ def test_config_prints_the_resolved_configuration_and_refuses_bad_values_naming_
         assert needle in err and str(bad) in err, err
     assert main(["config", "--set", "train.epochs=2.5"]) == 2
     assert "train.epochs=2.5 must be a whole number" in capsys.readouterr().err
+
+
+def test_resources_per_worker_must_be_a_json_object_of_amounts(tiny_data, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--data", tiny_data, "--output", "o", "--resources-per-worker", "{CPU: 1"])
+    assert exc.value.code == 2 and "not JSON" in capsys.readouterr().err
+    assert main(["train", "--data", tiny_data, "--output", "o", "--resources-per-worker", '{"CPU": -1}']) == 2
+    err = capsys.readouterr().err
+    assert "--resources-per-worker must map resource names to non-negative numbers" in err and "Traceback" not in err
+
+
+def test_local_cluster_commands_without_a_cluster_say_so(tmp_path, capsys):
+    assert main(["local-cluster", "status", "--folder", str(tmp_path / "none")]) == 2
+    assert "no local cluster runs from" in capsys.readouterr().err
+
+
+def test_local_cluster_never_takes_over_a_folder_with_other_files(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["local-cluster", "up", "--folder", str(tmp_path)]) == 2
+    assert "holds files of its own (notes.txt)" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"

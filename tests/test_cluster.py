@@ -138,3 +138,32 @@ def test_the_rayservice_runs_the_serve_app_with_the_key_from_a_secret():
                for e in c.get("env", []) if e["name"] == key_env]
     assert sources and all(s["name"] for s in sources)
     assert "ray_rec.cli train" in _manifests()["rayjob-train.yaml"]["spec"]["entrypoint"]
+
+
+DOCKERFILE = Path(__file__).parents[1] / "Dockerfile"
+
+
+def _docker_args() -> dict[str, str]:
+    """The Dockerfile's ARG defaults (the last one of each name wins, as in a build)."""
+    return dict(re.findall(r"^ARG (\w+)=(\S+)$", DOCKERFILE.read_text(), flags=re.M))
+
+
+def test_the_image_is_the_official_ray_image_of_the_tested_ray_version_with_this_package():
+    """The manifests' rayVersion, the Dockerfile's base image and the Ray the tests run agree, and
+    the image installs ray_rec from this checkout (never by name from the package index)."""
+    import ray
+
+    text, args = DOCKERFILE.read_text(), _docker_args()
+    assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-\$\{PYTHON\}-\$\{VARIANT\}$", text, flags=re.M)
+    assert args["RAY_VERSION"] == ray.__version__
+    assert {c["rayVersion"] for c in _ray_clusters()} == {ray.__version__}
+    assert "COPY --chown=ray:users ray_rec " in text and re.search(r"pip install --no-cache-dir /home/ray/ray_rec\b", text)
+    assert not re.search(r"pip install[^\n]*\bray-rec\b", text)
+
+
+def test_gpu_pods_run_the_gpu_image_and_cpu_pods_the_cpu_image():
+    for cluster in _ray_clusters():
+        for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+            for container in group["template"]["spec"]["containers"]:
+                gpu = "nvidia.com/gpu" in container.get("resources", {}).get("limits", {})
+                assert container["image"].endswith("-gpu") == gpu, container["image"]

@@ -225,3 +225,18 @@ def test_validation_sample_keeps_the_first_shards_holding_about_the_users_asked_
     assert validation_sample(manifest, 1).files["valid"] == ["valid/0"]
     assert validation_sample(manifest, 0) == validation_sample(manifest, 1000) == manifest  # 0 = all
     assert manifest.files["valid"] == files["valid"] and len(files["valid"]) == 8  # not changed in place
+
+
+def test_copying_on_s3_needs_no_working_folder(s3, tmp_path, monkeypatch):
+    """A Ray job's working folder can vanish under it (its runtime env is cleaned up); copying
+    object-store keys must not resolve them against it."""
+    from ray_rec import storage
+
+    src, dst = s3.uri("cwd-gone/src"), s3.uri("cwd-gone/dst")
+    storage.write_bytes(src + "/a/b.txt", b"x")
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    storage.move_dir(src, dst)
+    assert storage.list_files(dst) == ["a/b.txt"] and not storage.exists(src + "/a/b.txt")

@@ -270,10 +270,12 @@ def test_a_replica_killed_under_load_fails_no_request_while_another_serves(train
     from ray import serve
     from ray.util.state import list_actors
 
-    from ray_rec.serve.app import build_app
+    from ray_rec.serve.app import RecommenderService, deployment_options
     from ray_rec.serve.schemas import ServeArgs
 
-    serve.run(build_app(ServeArgs(model_uri=trained.model_uri, num_replicas=2)), name="two", route_prefix="/two")
+    args = ServeArgs(model_uri=trained.model_uri)
+    two = RecommenderService.options(**{**deployment_options(args), "num_replicas": 2}).bind(args.model_dump())  # type: ignore[attr-defined]
+    serve.run(two, name="two", route_prefix="/two")
     url = keyed_service + "/two"
     try:
         deadline = time.monotonic() + 60

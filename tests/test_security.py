@@ -388,6 +388,8 @@ def test_serve_configs_install_nothing_and_hold_no_secret():
             assert not secret_like, f"{name}: {secret_like} in a runtime_env (Ray logs it)"
         for app in config["applications"]:
             ServeArgs(**app["args"])  # typos and unknown settings are refused
+            # Replicas and resources are Serve's own fields, on the deployment the app builds.
+            assert {d["name"] for d in app.get("deployments", [])} <= {"RecommenderService"}, name
     production = _serve_configs()["production.yaml"]["applications"][0]
     assert production["deployments"][0]["autoscaling_config"]["max_replicas"] > 1  # Serve's own fields
     assert production["args"]["api_key_env"]

@@ -157,22 +157,16 @@ class RecommenderService:
 
 
 def deployment_options(args: ServeArgs) -> dict[str, Any]:
-    """Serve deployment options from the builder's arguments."""
-    options: dict[str, Any] = {
+    """Serve deployment options from the builder's arguments: one replica of one CPU. Replicas,
+    autoscaling and actor resources are Serve's own settings: a serve config's ``deployments:``
+    section (serve_configs/production.yaml) overrides these, or ``build_app(...).options(...)``."""
+    return {
         # A batch can never be larger than the requests a replica accepts (ray#43288).
         "max_ongoing_requests": max(4 * args.max_batch_size, 64),
-        "ray_actor_options": {"num_cpus": args.num_cpus},
+        "num_replicas": 1,
+        "ray_actor_options": {"num_cpus": 1},
         "user_config": {"model_uri": args.model_uri},
     }
-    if args.max_replicas > args.min_replicas:
-        options["autoscaling_config"] = {
-            "min_replicas": args.min_replicas,
-            "max_replicas": args.max_replicas,
-            "target_ongoing_requests": args.target_ongoing_requests,
-        }
-    else:
-        options["num_replicas"] = args.num_replicas
-    return options
 
 
 def build_app(args: ServeArgs) -> Application:

@@ -81,6 +81,7 @@ def train(
     config: Config,
     workers: int = 2,
     use_gpu: bool = False,
+    resources_per_worker: dict[str, float] | None = None,
     resume: bool = False,
     fail_once: dict[str, Any] | None = None,
     overwrite: bool = False,
@@ -96,7 +97,9 @@ def train(
     (checkpoints under ``<output>/final``; the best epoch's model, which `ray-rec evaluate` measures,
     goes to ``<output>/split_model``), else the best epoch's; its ``info["training"]["fit"]`` says
     which. The returned metrics are the split run's. Every checkpoint and the artifact carry
-    the lineage. ``resume`` continues the run in ``output``
+    the lineage; the loop state's ``placements`` lists each worker's Ray node id, once per (re)start.
+    ``resources_per_worker``: what each worker asks Ray for (default one CPU, or one GPU with
+    ``use_gpu``), e.g. a custom resource that only one node type has. ``resume`` continues the run in ``output``
     with the same settings (changed ones only with ``allow_changes``). ``tracking``: an MLflow
     tracking URI (default ``MLFLOW_TRACKING_URI``; none: no tracking), runs go to ``experiment``.
 
@@ -107,6 +110,7 @@ def train(
     """
     if workers < 1:
         raise TrainingError(f"--workers={workers} must be >= 1")
+    check_resources(resources_per_worker)
     data, output = storage.absolute(data), storage.absolute(output)  # workers run in other folders
     manifest = read_manifest(data)
     run_dir = storage.join(output, RUN_NAME)
@@ -136,7 +140,7 @@ def train(
     started = time.monotonic()
     limit_memory(config.data.pipeline_memory_mb)
     loop_config = {"config": config.to_dict(), "manifest": manifest, "data": data, "output": output, "fail_once": fail_once,
-                   "use_gpu": use_gpu, "lineage": lineage, "tracker": tracker, "run_name": RUN_NAME, "final": None}
+                   "use_gpu": use_gpu, "resources_per_worker": resources_per_worker, "lineage": lineage, "tracker": tracker, "run_name": RUN_NAME, "final": None}
     result = _fit(loop_config, workers, {
         "train": training_dataset(data, mcfg, browse_width(manifest, mcfg.resolved_loss), config.data.seed, manifest),
         "valid": read_sequences(data, "valid", sample),
@@ -181,6 +185,17 @@ def train(
 
 
 
+def check_resources(resources: dict[str, float] | None) -> None:
+    """Raises TrainingError unless ``resources`` maps resource names to non-negative numbers."""
+    if resources is None:
+        return
+    if not isinstance(resources, dict) or not resources or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+            for k, v in resources.items()):
+        raise TrainingError(f"--resources-per-worker must map resource names to non-negative numbers, "
+                            f'like {{"CPU": 1, "train_slot": 1}}; got {resources!r}')
+
+
 def _fit(loop_config: dict[str, Any], workers: int, datasets: dict[str, Any], checkpoints: CheckpointConfig) -> Any:
     """One Ray Train run of `train_loop_per_worker` (the split run, or the final fit); its result.
 
@@ -192,7 +207,8 @@ def _fit(loop_config: dict[str, Any], workers: int, datasets: dict[str, Any], ch
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=loop_config["use_gpu"]),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=loop_config["use_gpu"],
+                                     resources_per_worker=loop_config["resources_per_worker"]),
         datasets=datasets,
         run_config=RunConfig(
             name=loop_config["run_name"],

@@ -108,6 +108,17 @@ def _evaluate_shard(model: InterestModel, shard: Any, cfg: Config, cache: Exampl
     return merged.result()
 
 
+def _worker_nodes() -> list[str]:
+    """The Ray node id of every worker of this run, by rank: one entry of the loop state's
+    ``placements``, which grows by one at each (re)start, so a run shows where it trained."""
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [node]
+    nodes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return [str(n) for n in nodes]
+
+
 def _maybe_fail(fail_once: dict[str, Any] | None, epoch: int, step: int) -> None:
     """Test hook: kill this worker process once (SIGKILL) at a given epoch and step."""
     if not fail_once or ray.train.get_context().get_world_rank() != 0:
@@ -165,6 +176,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if state["epoch"] > 0:
         state["resumes"] += 1
         _log(f"resumed from the checkpoint of epoch {state['epoch']}")
+    state["placements"] = [*state.get("placements", []), _worker_nodes()]
     ddp_model = ray.train.torch.prepare_model(model)
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = None if final else ray.train.get_dataset_shard("valid")  # the final fit does not validate

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from ray_rec.local_cluster import TRAIN_SLOT, LocalCluster
+from ray_rec.local_cluster import TRAIN_SLOT, LocalCluster, LocalClusterError, processes_with
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -61,9 +61,7 @@ class NodeWatch:
         while not self._stop.is_set():
             try:
                 nodes = self.cluster.worker_nodes()
-            except OSError:
-                nodes = None
-            except Exception:  # noqa: BLE001 - a missed sample is not a failure of the watch
+            except LocalClusterError:  # a missed sample: the next one counts
                 nodes = None
             if nodes is not None:
                 counts: dict[str, int] = {}
@@ -182,24 +180,11 @@ def run_jobs(cluster: LocalCluster, raw: str, base: str, train_args: tuple[str, 
     return result
 
 
-def node_processes(node_id: str) -> list[int]:
-    """Every process of one node of the local cluster: the fake provider starts a node's raylet and
-    agents with its id in the environment, and every worker process inherits it."""
-    mark = f"RAY_OVERRIDE_NODE_ID_FOR_TESTING={node_id}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if mark in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
 def kill_node(node_id: str) -> int:
-    """SIGKILL every process of a node at once, as a machine that dies; how many there were."""
-    pids = node_processes(node_id)
+    """SIGKILL every process of a node at once, as a machine that dies; how many there were. The
+    fake provider starts a node's raylet and agents with its id in the environment, and every
+    worker process inherits it."""
+    pids = processes_with(f"RAY_OVERRIDE_NODE_ID_FOR_TESTING={node_id}")
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -207,17 +192,11 @@ def kill_node(node_id: str) -> int:
 
 
 def job_logs(cluster: LocalCluster, job_id: str) -> str:
-    request = urllib.request.Request(f"{cluster.address}/api/jobs/{job_id}/logs",
-                                     headers={"Authorization": f"Bearer {cluster.token_path.read_text().strip()}"})
-    with urllib.request.urlopen(request, timeout=30) as answer:
-        return str(json.load(answer)["logs"])
+    return str(cluster.api(f"/api/jobs/{job_id}/logs")["logs"])
 
 
 def job_status(cluster: LocalCluster, job_id: str) -> str:
-    request = urllib.request.Request(f"{cluster.address}/api/jobs/{job_id}",
-                                     headers={"Authorization": f"Bearer {cluster.token_path.read_text().strip()}"})
-    with urllib.request.urlopen(request, timeout=30) as answer:
-        return str(json.load(answer)["status"])
+    return str(cluster.api(f"/api/jobs/{job_id}")["status"])
 
 
 @dataclass
@@ -294,10 +273,7 @@ def serve_config(model_uri: str, port: int, max_replicas: int = 3) -> dict[str, 
 
 def running_replicas(cluster: LocalCluster) -> int:
     """RUNNING replicas of the app's deployment (Serve's REST API on the dashboard)."""
-    request = urllib.request.Request(f"{cluster.address}/api/serve/applications/",
-                                     headers={"Authorization": f"Bearer {cluster.token_path.read_text().strip()}"})
-    with urllib.request.urlopen(request, timeout=30) as answer:
-        apps = json.load(answer).get("applications", {})
+    apps = cluster.api("/api/serve/applications/").get("applications", {})
     deployment = apps.get("ray_rec", {}).get("deployments", {}).get("RecommenderService", {})
     return sum(1 for r in deployment.get("replicas", []) if r.get("state") == "RUNNING")
 

@@ -100,19 +100,27 @@ class LocalCluster:
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_path))
         return env
 
+    def api(self, path: str) -> Any:
+        """GET ``path`` of the dashboard's HTTP API with the cluster's token; the decoded JSON.
+
+        Raises:
+            LocalClusterError: the dashboard does not answer, or not with JSON.
+        """
+        request = urllib.request.Request(f"{self.address}{path}",
+                                         headers={"Authorization": f"Bearer {self.token_path.read_text().strip()}"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return json.load(answer)
+        except (OSError, ValueError) as exc:
+            raise LocalClusterError(f"the local cluster's dashboard at {self.address} did not answer {path}: {exc}") from None
+
     def worker_nodes(self) -> list[dict[str, Any]]:
         """The alive worker nodes, ``{"node_id", "type", "resources"}`` each (the dashboard's state API).
 
         Raises:
             LocalClusterError: the dashboard does not answer.
         """
-        request = urllib.request.Request(f"{self.address}/api/v0/nodes?detail=1&limit=1000",
-                                         headers={"Authorization": f"Bearer {self.token_path.read_text().strip()}"})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as answer:
-                rows = json.load(answer)["data"]["result"]["result"]
-        except (OSError, KeyError, ValueError) as exc:
-            raise LocalClusterError(f"the local cluster's dashboard at {self.address} did not list its nodes: {exc}") from None
+        rows = self.api("/api/v0/nodes?detail=1&limit=1000")["data"]["result"]["result"]
         return [{"node_id": n["node_id"], "type": node_type_of(n["resources_total"]), "resources": n["resources_total"]}
                 for n in rows if n["state"] == "ALIVE" and not n["is_head_node"]]
 
@@ -307,17 +315,16 @@ def ray_temp_dir(folder: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"ray-rec-{hashlib.sha1(str(folder).encode()).hexdigest()[:10]}"
 
 
-def _processes_of(folder: Path) -> list[int]:
-    """Processes whose command line or environment names ``folder`` or its Ray temp dir (every
-    process Ray starts for the cluster gets the temp dir or the token path)."""
-    marks = (str(folder).encode(), str(ray_temp_dir(folder)).encode())
+def processes_with(*marks: str) -> list[int]:
+    """Other processes whose command line or environment contains one of ``marks``."""
+    encoded = [m.encode() for m in marks]
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             seen = (entry / "cmdline").read_bytes() + b"\0" + (entry / "environ").read_bytes()
-            if any(mark in seen for mark in marks):
+            if any(mark in seen for mark in encoded):
                 found.append(int(entry.name))
         except OSError:
             continue
@@ -328,7 +335,8 @@ def stop(folder: Path = DEFAULT_FOLDER, grace_s: float = 5.0) -> None:
     """End every process of the cluster run from ``folder`` (SIGTERM, then SIGKILL), and forget it."""
     folder = Path(folder).absolute()
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = _processes_of(folder)
+        # Every process Ray starts for the cluster gets the temp dir or the token path.
+        pids = processes_with(str(folder), str(ray_temp_dir(folder)))
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)

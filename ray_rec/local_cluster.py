@@ -59,16 +59,15 @@ class NodeType:
     cpus: int
     max_workers: int
     resources: dict[str, float] = field(default_factory=dict)
-    min_workers: int = 0
     object_store_mb: int = 512
 
 
-def default_node_types() -> dict[str, NodeType]:
-    """`cluster.yaml`'s worker types at laptop size: logical CPUs, not cores (Ray schedules on them)."""
-    return {
-        "cpu_worker": NodeType(cpus=2, max_workers=3),
-        "train_worker": NodeType(cpus=2, max_workers=2, resources={TRAIN_SLOT: 1}),
-    }
+# `cluster.yaml`'s worker types at laptop size, each from zero nodes: logical CPUs, not cores (Ray
+# schedules on them).
+NODE_TYPES = {
+    "cpu_worker": NodeType(cpus=2, max_workers=3),
+    "train_worker": NodeType(cpus=2, max_workers=2, resources={TRAIN_SLOT: 1}),
+}
 
 
 @dataclass
@@ -93,9 +92,10 @@ class LocalCluster:
     def token_path(self) -> Path:
         return self.folder / "auth_token"
 
-    def client_env(self, base: dict[str, str] | None = None) -> dict[str, str]:
-        """An environment whose Ray clients (CLI, ``JobSubmissionClient``, ``ray.init``) carry the token."""
-        env = dict(os.environ if base is None else base)
+    def client_env(self) -> dict[str, str]:
+        """This process's environment, with which Ray clients (CLI, ``JobSubmissionClient``,
+        ``ray.init``) carry the cluster's token."""
+        env = dict(os.environ)
         env.pop("RAY_ADDRESS", None)
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_path))
         return env
@@ -187,13 +187,12 @@ def _local_node_provider() -> type:
     return LocalNodeProvider
 
 
-def node_type_of(resources: dict[str, float], node_types: dict[str, NodeType] | None = None) -> str:
-    """The node type whose custom resources a node has (the one without any, else)."""
-    types = node_types or default_node_types()
-    for name, t in types.items():
+def node_type_of(resources: dict[str, float]) -> str:
+    """The node type (of `NODE_TYPES`) whose custom resources a node has; the one without any, else."""
+    for name, t in NODE_TYPES.items():
         if t.resources and all(resources.get(k) == v for k, v in t.resources.items()):
             return name
-    return next((name for name, t in types.items() if not t.resources), "unknown")
+    return next(name for name, t in NODE_TYPES.items() if not t.resources)
 
 
 def _node_ip() -> str:
@@ -208,17 +207,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def autoscaler_config(gcs_address: str, node_types: dict[str, NodeType], idle_timeout_minutes: float) -> dict[str, Any]:
+def autoscaler_config(gcs_address: str, idle_timeout_minutes: float) -> dict[str, Any]:
     """The cluster-launcher config the fake multi-node provider reads (keys it ignores stay empty)."""
     types: dict[str, Any] = {"ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0}}
-    for name, t in node_types.items():
+    for name, t in NODE_TYPES.items():
         types[name] = {
             "resources": {"CPU": t.cpus, "object_store_memory": t.object_store_mb * 1024 * 1024, **t.resources},
-            "node_config": {}, "min_workers": t.min_workers, "max_workers": t.max_workers,
+            "node_config": {}, "min_workers": 0, "max_workers": t.max_workers,
         }
     return {
         "cluster_name": "ray-rec-local",
-        "max_workers": sum(t.max_workers for t in node_types.values()),
+        "max_workers": sum(t.max_workers for t in NODE_TYPES.values()),
         "upscaling_speed": 1.0,
         "idle_timeout_minutes": idle_timeout_minutes,
         # "external": the fake provider (as `LocalNodeProvider`) without the example config the
@@ -237,7 +236,6 @@ def autoscaler_config(gcs_address: str, node_types: dict[str, NodeType], idle_ti
 
 def start(
     folder: Path = DEFAULT_FOLDER,
-    node_types: dict[str, NodeType] | None = None,
     idle_timeout_minutes: float = 1.0,
     env: dict[str, str] | None = None,
     timeout_s: float = 120.0,
@@ -263,8 +261,7 @@ def start(
     token.chmod(0o600)
     gcs_port, dashboard_port = free_port(), free_port()
     config = folder / "autoscaler.yaml"
-    config.write_text(yaml.safe_dump(autoscaler_config(f"{_node_ip()}:{gcs_port}", node_types or default_node_types(),
-                                                       idle_timeout_minutes)))
+    config.write_text(yaml.safe_dump(autoscaler_config(f"{_node_ip()}:{gcs_port}", idle_timeout_minutes)))
     cluster_env = {**os.environ, **FAST_INGRESS, **(env or {}), "RAY_FAKE_CLUSTER": "1",
                    "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
                    # Autoscaler v2 (KubeRay's): a node whose raylet dies is terminated and replaced.

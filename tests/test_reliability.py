@@ -178,13 +178,24 @@ HEADERS = {"X-API-Key": API_KEY}
 
 def retrying_session() -> requests.Session:
     """A client as the README recommends one: it sends a request again (up to 3 times) when the
-    connection is reset before an answer came, which the HAProxy ingress does to requests in
-    flight on a replica that dies; scoring and recommending are idempotent. HTTP error answers are
-    returned as they are, never retried."""
+    connection is reset before an answer came, or closed in the middle of one, which the HAProxy
+    ingress does to requests in flight on a replica that dies; scoring and recommending are
+    idempotent. HTTP error answers are returned as they are, never retried."""
     from requests.adapters import HTTPAdapter
     from urllib3.util.retry import Retry
 
-    session = requests.Session()
+    class Session(requests.Session):
+        def request(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            for attempt in range(3):
+                try:
+                    return super().request(*args, **kwargs)
+                except requests.exceptions.ChunkedEncodingError:  # the answer was cut short
+                    if attempt == 2:
+                        raise
+                    time.sleep(0.1)
+            raise AssertionError("unreachable")
+
+    session = Session()
     session.mount("http://", HTTPAdapter(max_retries=Retry(total=3, status=0, allowed_methods=None, backoff_factor=0.1,
                                                            raise_on_status=False)))
     return session

@@ -52,6 +52,12 @@ SCHEDULE = {"train.lr_patience": 0, "train.patience_steps": 0, "train.lr_patienc
 # `--set model.tracker_layers=1` train the product's default model.
 MODEL = {"model.tracker_layers": 2}
 KEYS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")
+# Which model code a row was trained by; bumped when a change to the code (not to a setting) changes
+# what every row would train. Rows from an earlier revision stay, marked as such in the report; a
+# row trained again starts over at the current one (its old seeds are dropped, never mixed in).
+# 2: every embedding initialised at N(0, 0.02) (the position, time and side tables were N(0, 1)).
+MODEL_REVISION = 2
+REVISIONS = {1: "before the embedding initialisation was fixed (every row up to commit 442494c)"}
 PUBLISHED = {"Beauty": {"ICLRec (released model)": {"HR@10": 0.0744, "NDCG@10": 0.0403, "HR@20": 0.1058, "NDCG@20": 0.0483}}}
 
 
@@ -170,6 +176,8 @@ def add_seed(row: dict | None, seed: int, result: dict, overrides: dict, command
     ``runs`` keeps each seed's metrics and ``histories`` each seed's training curve; a row from
     before seeds were recorded (one ``history``) counts as seed 0.
     """
+    if row is not None and row.get("model_revision", 1) != MODEL_REVISION:
+        row = None  # trained by other model code: its seeds are not this one's
     runs = dict((row or {}).get("runs") or ({"0": {k: row[k] for k in (*KEYS, "best_epoch", "seconds")}} if row else {}))
     histories = dict((row or {}).get("histories") or ({"0": row["history"]} if row and row.get("history") else {}))
     runs[str(seed)] = {k: result[k] for k in (*KEYS, "best_epoch", "seconds")}
@@ -181,7 +189,7 @@ def add_seed(row: dict | None, seed: int, result: dict, overrides: dict, command
     return {**mean, "NDCG@10_std": std, "seeds": [int(s) for s in seeds],
             "best_epoch": runs[seeds[0]]["best_epoch"], "best_epochs": [runs[s]["best_epoch"] for s in seeds],
             "seconds": round(sum(runs[s]["seconds"] for s in seeds) / len(seeds)), "overrides": overrides,
-            "histories": histories, "runs": runs,
+            "histories": histories, "runs": runs, "model_revision": MODEL_REVISION,
             "command": command + (" --seeds " + " ".join(seeds) if seeds != ["0"] else "")}
 
 

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.model_quality import CACHE, SHARED, cached, tagged
+from bench.model_quality import CACHE, MODEL_REVISION, REVISIONS, SHARED, cached, tagged
 from bench.output import RESULTS, machine, write_json
 
 KEYS = ("HR@10", "HR@20", "NDCG@10", "NDCG@20")
@@ -226,13 +226,15 @@ def run_variant(name: str, data: str, seed: int, sets: Sequence[str], say: Any) 
 
 def add_seed(row: dict | None, seed: int, result: dict, command: str) -> dict:
     """A row with one more seed: ``runs`` per seed, the means of ``split`` and ``next`` over them."""
+    if row is not None and row.get("model_revision", 1) != MODEL_REVISION:
+        row = None  # trained by other model code (`bench.model_quality.MODEL_REVISION`): start over
     runs = dict((row or {}).get("runs", {}))
     runs[str(seed)] = result
     seeds = sorted(runs, key=int)
     mean = {part: {k: sum(runs[s][part][k] for s in seeds) / len(seeds) for k in KEYS} for part in ("split", "next")}
     return {**mean, "seeds": [int(s) for s in seeds], "best_epochs": [runs[s]["best_epoch"] for s in seeds],
             "seconds": round(sum(runs[s]["seconds"] for s in seeds) / len(seeds)), "runs": runs,
-            "command": f"{command} --seeds {' '.join(seeds)}"}
+            "model_revision": MODEL_REVISION, "command": f"{command} --seeds {' '.join(seeds)}"}
 
 
 def update_report(out: Path, dataset: str, row: str, make: Any) -> dict:
@@ -290,16 +292,20 @@ def section(folder: Path) -> list[str]:
         out += [f"### {r['dataset']}", "", f"_Command: `{r['command']}`; machine: {r['machine']}._", "",
                 "| model | seeds | split NDCG@10 | split HR@10 | next-click NDCG@10 | next-click HR@10 | next-click NDCG@20 "
                 "| best epochs | seconds |", "|---" * 9 + "|"]
+        stale = {name for name, row in r["rows"].items() if row.get("model_revision", 1) != MODEL_REVISION}
         for name, row in r["rows"].items():
-            out.append(f"| {name} | {len(row['seeds'])} | {row['split']['NDCG@10']:.4f} | {row['split']['HR@10']:.4f} | "
+            out.append(f"| {name}{'†' if name in stale else ''} | {len(row['seeds'])} | {row['split']['NDCG@10']:.4f} | {row['split']['HR@10']:.4f} | "
                        f"{row['next']['NDCG@10']:.4f} | {row['next']['HR@10']:.4f} | {row['next']['NDCG@20']:.4f} | "
                        f"{', '.join(map(str, row['best_epochs']))} | {row['seconds']} |")
         rows = r["rows"]
         for base in ("plain-sasrec", "sasrec-all-windows"):
-            if "default" in rows and base in rows:
+            if "default" in rows and base in rows and ("default" in stale) == (base in stale):
                 d, b = rows["default"], rows[base]
-                out += ["", f"Default / {base} NDCG@10: **{d['split']['NDCG@10'] / b['split']['NDCG@10']:.3f}x** on the "
+                out += ["", f"Default / {base} NDCG@10{'†' if base in stale else ''}: **{d['split']['NDCG@10'] / b['split']['NDCG@10']:.3f}x** on the "
                         f"split's test click, **{d['next']['NDCG@10'] / b['next']['NDCG@10']:.3f}x** on the next click."]
+        for rev in sorted({r["rows"][name].get("model_revision", 1) for name in stale}):
+            out += ["", f"† Trained by the model code {REVISIONS.get(rev, f'of revision {rev}')}: kept as measured; "
+                    "its command trains the current code, which gives other figures."]
         out.append("")
     if out:
         out += ["Each user's last click is held out before `prepare`; \"split\" is the split run's usual leave-one-out "

@@ -35,21 +35,29 @@ def _plot(path: Path, draw: Any) -> str | None:
 
 def quality_table(r: dict[str, Any]) -> list[str]:
     """The quality table of one data set: a row per variant (mean over its seeds), then the ratio."""
+    from bench.model_quality import MODEL_REVISION, REVISIONS
+
     out = ["| model | " + " | ".join(KEYS) + " | seeds | best epoch | seconds |", "|---" * (len(KEYS) + 4) + "|"]
-    for name, row in r["rows"].items():
+    rows = r["rows"]
+    revision = {name: row.get("model_revision", 1) for name, row in rows.items() if name != "popularity"}
+    marks = {rev: "†" * (i + 1) for i, rev in enumerate(sorted({v for v in revision.values() if v != MODEL_REVISION}))}
+    for name, row in rows.items():
         seeds = row.get("seeds", [0] if row.get("best_epoch") else [])
         ndcg = " | ".join(f"{row[k]:.4f}" + (f" ± {row['NDCG@10_std']:.4f}" if k == "NDCG@10" and len(seeds) > 1 else "")
                           for k in KEYS)
         epochs = ", ".join(str(e) for e in row.get("best_epochs", [row["best_epoch"]])) if seeds else "-"
-        out.append(f"| {name} | {ndcg} | {len(seeds) or '-'} | {epochs} | {row['seconds'] or '-'} |")
+        mark = marks.get(revision.get(name, MODEL_REVISION), "")
+        out.append(f"| {name}{mark} | {ndcg} | {len(seeds) or '-'} | {epochs} | {row['seconds'] or '-'} |")
     for name, row in r.get("published", {}).items():
         out.append(f"| {name} (published) | " + " | ".join(f"{row[k]:.4f}" if k in row else "-" for k in KEYS) + " | - | - | - |")
-    rows = r["rows"]
-    for name in rows:  # the ratio for each schedule both rows were trained under
+    for name in rows:  # the ratio for each schedule both rows were trained under, by the same model code
         suffix = name.removeprefix("default")
-        if name.startswith("default") and f"sasrec{suffix}" in rows:
+        if name.startswith("default") and f"sasrec{suffix}" in rows and revision[name] == revision[f"sasrec{suffix}"]:
             ratio = rows[name]["NDCG@10"] / rows[f"sasrec{suffix}"]["NDCG@10"]
-            out += ["", f"Default / SASRec-shaped NDCG@10{suffix}: **{ratio:.3f}x**."]
+            out += ["", f"Default / SASRec-shaped NDCG@10{suffix}{marks.get(revision[name], '')}: **{ratio:.3f}x**."]
+    for rev, mark in marks.items():
+        out += ["", f"{mark} Trained by the model code {REVISIONS.get(rev, f'of revision {rev}')}: kept as measured; "
+                "its command trains the current code, which gives other figures."]
     if any(len(row.get("seeds", [])) > 1 for row in rows.values()):
         out += ["", "Rows trained with several seeds (model initialisation and example order) show the mean, and "
                 "NDCG@10 ± its standard deviation across seeds; seconds is the mean per seed."]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.model_quality import KEYS, add_seed, row_name
+from bench.model_quality import KEYS, MODEL_REVISION, add_seed, row_name
 from bench.report import curve, quality_table
 
 
@@ -14,7 +14,8 @@ def result(ndcg: float, epoch: int) -> dict:
 
 
 def test_seeds_average_into_one_row_and_an_old_row_counts_as_seed_0():
-    old = {**{k: 0.04 for k in KEYS}, "best_epoch": 30, "seconds": 900, "history": [{"epoch": 1, "val_NDCG@10": 0.01}]}
+    old = {**{k: 0.04 for k in KEYS}, "best_epoch": 30, "seconds": 900, "history": [{"epoch": 1, "val_NDCG@10": 0.01}],
+           "model_revision": MODEL_REVISION}
     row = add_seed(old, 1, result(0.05, 20), {"model.enhancer": "augru"}, "python -m bench.model_quality --variants x")
     assert row["seeds"] == [0, 1]
     assert row["NDCG@10"] == pytest.approx(0.045)
@@ -24,6 +25,17 @@ def test_seeds_average_into_one_row_and_an_old_row_counts_as_seed_0():
     assert row["command"].endswith("--seeds 0 1")
     again = add_seed(row, 1, result(0.06, 25), {}, "cmd")  # rerunning a seed replaces it
     assert again["seeds"] == [0, 1] and again["NDCG@10"] == pytest.approx(0.05)
+
+
+def test_rows_trained_by_older_model_code_are_marked_and_never_mixed_with_new_seeds():
+    old = {**add_seed(None, 0, result(0.04, 30), {}, "c"), "model_revision": MODEL_REVISION - 1}
+    rows = {"default": old, "sasrec": add_seed(None, 0, result(0.05, 20), {}, "c")}
+    table = "\n".join(quality_table({"rows": rows}))
+    assert "| default† | " in table and "| sasrec | " in table
+    assert "Default / SASRec-shaped" not in table  # no ratio between rows of different model code
+    assert "† Trained by the model code" in table
+    again = add_seed(old, 1, result(0.06, 25), {}, "c")  # a seed of the current code starts the row over
+    assert again["seeds"] == [1] and again["NDCG@10"] == pytest.approx(0.06) and again["model_revision"] == MODEL_REVISION
 
 
 def test_the_quality_table_shows_the_spread_of_seeded_rows():

@@ -80,6 +80,21 @@ def test_later_clicks_do_not_change_earlier_states(tracker, enhancer):
     assert not torch.allclose(ua[:, -1], ub[:, -1])
 
 
+def test_a_new_model_tells_items_apart_more_than_positions_times_or_side_features():
+    """At initialisation an item's history feature is mostly the item: the same item at another
+    position, after another gap and with the side-feature values of another item stays closer to
+    itself than two different items are (position, time and side tables start as small as the id's)."""
+    model = make(use_time=True).eval()
+    fx = model.features
+    fx.set_item_side(torch.arange(N + 1).remainder(6).unsqueeze(1))
+    length = fx.max_len
+    same = fx.sequence_features(torch.full((1, length), 7), torch.arange(1, length + 1).remainder(25).unsqueeze(0))[0]
+    others = fx.sequence_features(torch.arange(1, length + 1).unsqueeze(0), torch.ones(1, length, dtype=torch.long))[0]
+    cos = torch.nn.functional.cosine_similarity
+    # item 7 at every position and gap, against different items at no gap
+    assert cos(same[:1], same[1:]).min() > max(0.8, cos(others[:1], others[1:]).abs().max())
+
+
 def test_a_seeded_step_lowers_the_loss():
     model = make(dropout=0.0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -235,6 +250,8 @@ def test_batches_of_ragged_requests_answer_as_one_at_a_time_and_exclude_every_se
     assert pad_rows([[1, 2], [], [3]]).tolist() == [[1, 2], [0, 0], [3, 0]]
     assert pad_rows([]).shape == (0, 1) and pad_rows([[]]).tolist() == [[0]]
     model = make().eval()
+    with torch.no_grad():  # scores far apart, so float rounding between batch shapes never reorders near-ties
+        model.features.item.weight[1:].normal_(0.0, 1.0)
     vocab = vocabulary_of(model)
     save_model(model, vocab, str(tmp_path / "m"))
     rec = load_model(str(tmp_path / "m"))
@@ -244,12 +261,12 @@ def test_batches_of_ragged_requests_answer_as_one_at_a_time_and_exclude_every_se
     assert [len(t) for t in top] == [N - 20, N - 1, N - 2]
     assert not set(long) & {i for i, _ in top[0]}
     for got, alone in zip(top, (rec.recommend([h], k=N)[0] for h in histories)):  # same to float rounding
-        assert [i for i, _ in got] == [i for i, _ in alone] and [s for _, s in got] == pytest.approx([s for _, s in alone])
+        assert [i for i, _ in got] == [i for i, _ in alone] and [s for _, s in got] == pytest.approx([s for _, s in alone], abs=1e-5)
     assert rec.recommend(histories, k=N, exclude_seen=False)[0][0][0] in {*long, *(f"i{i}" for i in range(21, N + 1))}
     cands = [["i1", "i40"], ["nope"], ["i2", "i3", "i4"]]
     scored = rec.score(histories, cands)
     assert [[s is None for s in row] for row in scored] == [[False, False], [True], [False, False, False]]
-    assert scored[2] == pytest.approx(rec.score([histories[2]], [cands[2]])[0])
+    assert scored[2] == pytest.approx(rec.score([histories[2]], [cands[2]])[0], abs=1e-5)
     index = [vocab.lookup(h)[0] for h in histories]
     queries = [Query(index[0], k=N), Query(index[1], candidates=[4, 0, 9]), Query(index[2], k=3, exclude=False),
                Query(index[0], candidates=[1]), Query(index[2], candidates=[4, 9], time_buckets=[1, 7]), Query([], k=2)]
@@ -257,10 +274,10 @@ def test_batches_of_ragged_requests_answer_as_one_at_a_time_and_exclude_every_se
     together = rec.predict(queries)
     assert together[0].items == alone[0].items and len(together[0].scores) == N - 20
     assert not set(range(1, 21)) & set(together[0].items or [])
-    assert together[1].scores[1] is None and together[1].scores == pytest.approx(alone[1].scores) and len(together[1].scores) == 3
+    assert together[1].scores[1] is None and together[1].scores == pytest.approx(alone[1].scores, abs=1e-5) and len(together[1].scores) == 3
     assert together[2].items == alone[2].items and len(together[2].scores) == 3
-    assert together[3].scores == pytest.approx(alone[3].scores)
-    assert together[4].scores == pytest.approx(alone[4].scores)  # click times, in a batch with requests that sent none
+    assert together[3].scores == pytest.approx(alone[3].scores, abs=1e-5)
+    assert together[4].scores == pytest.approx(alone[4].scores, abs=1e-5)  # click times, in a batch with requests that sent none
     assert together[4].scores != rec.predict([Query(index[2], candidates=[4, 9])])[0].scores
     assert together[4].scores == pytest.approx(rec.score([histories[2]], [["i4", "i9"]], timestamps=[[0, 30, 3600]])[0], rel=1e-5)
     assert [vocab.raw_id(i) for i in together[0].items or []] == [i for i, _ in top[0]]

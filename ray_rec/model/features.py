@@ -48,9 +48,16 @@ class SequenceFeatureExtractor(nn.Module):
         self.dropout = nn.Dropout(config.dropout_p)
         self.time_dropout = 0.1  # share of time buckets hidden in training, so serving without times works
         self._catalog: tuple[tuple[Any, ...], torch.Tensor] | None = None  # (weights' storage and versions, table), inference only
-        nn.init.normal_(self.item.weight, std=0.02)
-        with torch.no_grad():
-            self.item.weight[0].zero_()
+        # Every embedding starts at the item table's small scale: at PyTorch's default N(0, 1), the
+        # position, time and side-feature terms drowned the item id's and training learned slowly.
+        tables: list[nn.Embedding] = [self.item, self.position, *self.side.values()]  # type: ignore[list-item]
+        if self.time is not None:
+            tables.append(self.time)
+        for table in tables:
+            nn.init.normal_(table.weight, std=0.02)
+            if table.padding_idx is not None:
+                with torch.no_grad():
+                    table.weight[table.padding_idx].zero_()
 
     def set_item_side(self, table: torch.Tensor) -> None:
         """Fill the item -> side-feature-value table, shape (num_items + 1, num_side_features)."""

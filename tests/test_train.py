@@ -173,6 +173,22 @@ def test_the_batch_is_the_whole_steps_split_evenly_over_the_workers():
     assert batch_line(128, 3).endswith("43 on each of 3 workers (train.batch_size=128, rounded up to a multiple of 3)")
 
 
+def test_checkpoint_folders_a_lost_worker_left_half_uploaded_are_removed_and_never_resumed_from(s3):
+    from ray_rec.model.artifact import REQUIRED_FILES
+    from ray_rec.train.checkpoint import STATE_FILES, newest_complete_checkpoint, remove_partial_checkpoints
+
+    run = s3.uri("partial-checkpoints/run")
+    for folder, epoch, names in (("checkpoint_a", 2, (*REQUIRED_FILES, *STATE_FILES)),
+                                 ("checkpoint_b", 3, ("history.json", "weights.safetensors"))):
+        for name in names:
+            storage.write_bytes(storage.join(run, folder, name), json.dumps({"epoch": epoch}).encode())
+    storage.write_bytes(storage.join(run, "result.json"), b"{}")
+    assert newest_complete_checkpoint(run) == (storage.join(run, "checkpoint_a"), 2)
+    assert remove_partial_checkpoints(run) == ["checkpoint_b"]
+    assert sorted({f.split("/")[0] for f in storage.list_files(run)}) == ["checkpoint_a", "result.json"]
+    assert remove_partial_checkpoints(run) == []
+
+
 def test_resume_without_a_run_is_a_clear_error(ray_cluster, tiny_data, tmp_path):
     from ray_rec.train.trainer import train
 

@@ -96,6 +96,24 @@ def read_checkpoint(folder: str, model: InterestModel, optimizer: torch.optim.Op
     return history
 
 
+def _checkpoint_files(run_uri: str) -> dict[str, set[str]]:
+    """Each checkpoint folder under a Ray Train run folder -> the names of the files it holds."""
+    from ray_rec import storage
+
+    by_folder: dict[str, set[str]] = {}
+    for rel in storage.list_files(run_uri):
+        folder, _, name = rel.rpartition("/")
+        if folder.startswith("checkpoint_") and "/" not in folder:
+            by_folder.setdefault(folder, set()).add(name)
+    return by_folder
+
+
+def _complete(names: set[str]) -> bool:
+    from ray_rec.model.artifact import REQUIRED_FILES
+
+    return {*REQUIRED_FILES, *STATE_FILES} <= names
+
+
 def newest_complete_checkpoint(run_uri: str) -> tuple[str, int] | None:
     """(folder, epoch) of the newest checkpoint under a Ray Train run folder that holds every file
     a resume needs, by the epoch in its history; None if there is none.
@@ -105,16 +123,10 @@ def newest_complete_checkpoint(run_uri: str) -> tuple[str, int] | None:
     begin from scratch. Looking in storage as well closes that gap.
     """
     from ray_rec import storage
-    from ray_rec.model.artifact import REQUIRED_FILES
 
-    by_folder: dict[str, set[str]] = {}
-    for rel in storage.list_files(run_uri):
-        folder, _, name = rel.rpartition("/")
-        if folder.startswith("checkpoint_") and "/" not in folder:
-            by_folder.setdefault(folder, set()).add(name)
     best: tuple[str, int] | None = None
-    for folder, names in by_folder.items():
-        if not {*REQUIRED_FILES, *STATE_FILES} <= names:
+    for folder, names in _checkpoint_files(run_uri).items():
+        if not _complete(names):
             continue  # a partial upload
         try:
             epoch = int(json.loads(storage.read_bytes(storage.join(run_uri, folder, HISTORY_FILE)))["epoch"])
@@ -123,3 +135,15 @@ def newest_complete_checkpoint(run_uri: str) -> tuple[str, int] | None:
         if best is None or epoch > best[1]:
             best = (storage.join(run_uri, folder), epoch)
     return best
+
+
+def remove_partial_checkpoints(run_uri: str) -> list[str]:
+    """Delete the checkpoint folders under a finished Ray Train run folder that lack a file (a
+    worker killed while uploading one leaves it; Ray Train never registered it); returns their
+    names. Call it only once no worker of the run is left."""
+    from ray_rec import storage
+
+    partial = sorted(folder for folder, names in _checkpoint_files(run_uri).items() if not _complete(names))
+    for folder in partial:
+        storage.delete_dir(storage.join(run_uri, folder))
+    return partial

@@ -25,6 +25,7 @@ from ray_rec.data.manifest import read_manifest
 from ray_rec.data.pipeline import limit_memory, read_sequences, training_dataset, validation_sample
 from ray_rec.errors import TrainingError
 from ray_rec.model.artifact import REQUIRED_FILES
+from ray_rec.train.checkpoint import remove_partial_checkpoints
 from ray_rec.train.lineage import start_lineage, write_lineage
 from ray_rec.train.optim import sparse_item_gradients, sparse_items_line
 from ray_rec.train.schedule import epoch_rates, final_fit_line, final_fit_split
@@ -230,6 +231,8 @@ def _fit(loop_config: dict[str, Any], workers: int, datasets: dict[str, Any], ch
         ) from None
     if result.error is not None:
         raise TrainingError(f"training failed: {result.error}")
+    if removed := remove_partial_checkpoints(storage.join(loop_config["output"], loop_config["run_name"])):
+        logger.info("removed %d checkpoint folder(s) a lost worker left half-uploaded: %s", len(removed), ", ".join(removed))
     return result
 
 

@@ -58,6 +58,13 @@ KEYS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")
 # 2: every embedding initialised at N(0, 0.02) (the position, time and side tables were N(0, 1)).
 MODEL_REVISION = 2
 REVISIONS = {1: "before the embedding initialisation was fixed (every row up to commit 442494c)"}
+
+
+def revision_note(revision: int, mark: str = "†") -> str:
+    """The report's footnote for rows trained by the model code of an earlier ``revision``."""
+    return (f"{mark} Trained by the model code {REVISIONS.get(revision, f'of revision {revision}')}: kept as measured; "
+            "its command trains the current code, which gives other figures.")
+
 PUBLISHED = {"Beauty": {"ICLRec (released model)": {"HR@10": 0.0744, "NDCG@10": 0.0403, "HR@20": 0.1058, "NDCG@20": 0.0483}}}
 
 

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.model_quality import CACHE, MODEL_REVISION, REVISIONS, SHARED, cached, tagged
+from bench.model_quality import CACHE, MODEL_REVISION, SHARED, cached, revision_note, tagged
 from bench.output import RESULTS, machine, write_json
 
 KEYS = ("HR@10", "HR@20", "NDCG@10", "NDCG@20")
@@ -304,8 +304,7 @@ def section(folder: Path) -> list[str]:
                 out += ["", f"Default / {base} NDCG@10{'†' if base in stale else ''}: **{d['split']['NDCG@10'] / b['split']['NDCG@10']:.3f}x** on the "
                         f"split's test click, **{d['next']['NDCG@10'] / b['next']['NDCG@10']:.3f}x** on the next click."]
         for rev in sorted({r["rows"][name].get("model_revision", 1) for name in stale}):
-            out += ["", f"† Trained by the model code {REVISIONS.get(rev, f'of revision {rev}')}: kept as measured; "
-                    "its command trains the current code, which gives other figures."]
+            out += ["", revision_note(rev)]
         out.append("")
     if out:
         out += ["Each user's last click is held out before `prepare`; \"split\" is the split run's usual leave-one-out "

@@ -35,7 +35,7 @@ def _plot(path: Path, draw: Any) -> str | None:
 
 def quality_table(r: dict[str, Any]) -> list[str]:
     """The quality table of one data set: a row per variant (mean over its seeds), then the ratio."""
-    from bench.model_quality import MODEL_REVISION, REVISIONS
+    from bench.model_quality import MODEL_REVISION, revision_note
 
     out = ["| model | " + " | ".join(KEYS) + " | seeds | best epoch | seconds |", "|---" * (len(KEYS) + 4) + "|"]
     rows = r["rows"]
@@ -56,8 +56,7 @@ def quality_table(r: dict[str, Any]) -> list[str]:
             ratio = rows[name]["NDCG@10"] / rows[f"sasrec{suffix}"]["NDCG@10"]
             out += ["", f"Default / SASRec-shaped NDCG@10{suffix}{marks.get(revision[name], '')}: **{ratio:.3f}x**."]
     for rev, mark in marks.items():
-        out += ["", f"{mark} Trained by the model code {REVISIONS.get(rev, f'of revision {rev}')}: kept as measured; "
-                "its command trains the current code, which gives other figures."]
+        out += ["", revision_note(rev, mark)]
     if any(len(row.get("seeds", [])) > 1 for row in rows.values()):
         out += ["", "Rows trained with several seeds (model initialisation and example order) show the mean, and "
                 "NDCG@10 ± its standard deviation across seeds; seconds is the mean per seed."]

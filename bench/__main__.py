@@ -72,6 +72,9 @@ FULL = {
                 "--seeds", "0", "1", "2"),
         quality("Sports_and_Outdoors", "--variants", "default", "--set", "model.tracker_layers=1", "--set", "train.lr_patience=3",
                 "--seeds", "0", "1"),
+        # The same default trained under bf16 autocast (train.precision), against its fp32 row above.
+        quality("Beauty", "--variants", "default", "--set", "model.tracker_layers=1", "--set", "train.lr_patience=3",
+                "--set", "train.precision=bf16", "--seeds", "0", "1", "2"),
     ],
     # The product as a user runs it (final fit included) against a plain SASRec, on the real next click.
     # and the default under the schedule and window it had before they followed the data's shape.
@@ -84,6 +87,8 @@ FULL = {
     "data": [["bench.data_scale", "--sizes", "2000000", "20000000", "40000000"]],
     "reliability": [["bench.reliability"]],
     "cluster": [["bench.cluster"]],
+    # The CPU baseline of the GPU check (bench/gpu_check.sh runs the GPU side on a GPU machine).
+    "gpu": [["bench.gpu_check", "--device", "cpu", "--parts", "speed", "recommend", "pipeline", "ray_train", "serve"]],
     "scale": [["bench.topk_scale", "--catalogs", "10000", "100000", "1000000", "--requests", "200"],
               ["bench.recommend_many", "--users", "20000", "--items", "20000", "--rounds", "3"],
               ["bench.recommend_many", "--call", "evaluate", "--users", "2048", "--items", "1000000", "--rounds", "3"]],
@@ -99,6 +104,7 @@ QUICK = {
     "serve": [["bench.serve_load", "--requests", "100", "--rounds", "1"], ["bench.serve_start", "--rounds", "1"]],
     "data": [["bench.data_scale", "--sizes", "200000", "400000"]],
     "cluster": [["bench.cluster", "--epochs", "3"]],
+    "gpu": [["bench.gpu_check", "--device", "cpu", "--quick"]],
     "scale": [["bench.topk_scale", "--catalogs", "10000", "100000", "--requests", "100", "--repeats", "10"],
               ["bench.recommend_many", "--users", "2000", "--items", "5000", "--rounds", "1"],
               ["bench.recommend_many", "--call", "evaluate", "--users", "1024", "--items", "100000", "--rounds", "1"]],

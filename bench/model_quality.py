@@ -14,6 +14,7 @@ import argparse
 import fcntl
 import functools
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,7 +23,9 @@ from ray_rec.config import load_config, parse_overrides
 from ray_rec.data.manifest import read_manifest
 from ray_rec.data.prepare import PrepareOptions, prepare
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon"
+# The shared data sets beside the checkout; RAY_REC_SHARED_DATA names another folder holding <dataset>.txt
+# (a GPU machine gets Beauty.txt carried with the tree, see bench/gpu_check.sh).
+SHARED = Path(os.environ.get("RAY_REC_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon")
 # Prepared data sets are cached apart from the results (bench.output.RESULTS).
 CACHE = STORED / "cache"
 

@@ -354,6 +354,54 @@ def recommend_many(folder: Path) -> list[str]:
     return out
 
 
+def gpu(folder: Path) -> list[str]:
+    """The GPU check (`bench/gpu_check.sh`): each device's row, GPU figures as ratios of the CPU's."""
+    path = folder / "gpu_check.json"
+    if not path.exists():
+        return []
+    runs = json.loads(path.read_text())
+    cpu, cuda = runs.get("cpu"), runs.get("cuda")
+    out = ["Every figure names its device; ratios are GPU over CPU, each measured by the same command on its own machine."
+           + ("" if cuda else " **No GPU has run this check yet**: the CPU row is the baseline the first GPU run is "
+                              "compared with (its targets: training examples/s at least 10x the CPU's, the Ray Data "
+                              "pipeline at least 3x the GPU's consumption)."), "",
+           "| device | training fp32 | training bf16 | recommend, 1M items, 1 / 32 histories | Ray Data pipeline "
+           "| `ray-rec train` (data wait) | Serve c=32 (p99) |", "|---|---|---|---|---|---|---|"]
+    def cell(x: dict[str, Any] | None, base: dict[str, Any] | None, key: str = "examples_per_s") -> str:
+        """A rate, with its ratio to ``base`` (the CPU's) on a GPU row; a skipped part says why."""
+        if not x or key not in x:
+            return str((x or {}).get("skipped", "-"))
+        ratio = f" ({x[key] / base[key]:.1f}x)" if base and key in base and base is not x else ""
+        return f"{x[key]:,.0f}/s{ratio}"
+
+    for r in (cpu, cuda):
+        if not r:
+            continue
+        base = cpu if r is cuda else None
+        part = {k: r.get(k) or {} for k in ("speed", "recommend", "pipeline", "ray_train", "serve")}
+        ref = {k: (base or {}).get(k) or {} for k in part}
+        rec, rt, sv = part["recommend"], part["ray_train"], part["serve"]
+        recommend = f"{rec['1_histories_ms']:.1f} / {rec['32_histories_ms']:.1f} ms" if "1_histories_ms" in rec else "-"
+        serve = f"{sv['rps']:,.0f} req/s ({sv['p99_ms']:.0f} ms, {sv['errors']} errors)" if "rps" in sv else sv.get("skipped", "-")
+        train = cell(rt, ref["ray_train"]) + (f" ({rt['data_wait_share']:.0%})" if "data_wait_share" in rt else "")
+        out.append(f"| {r['device']}, {r['machine']} | {cell(part['speed'].get('fp32'), ref['speed'].get('fp32'))} | "
+                   f"{cell(part['speed'].get('bf16'), ref['speed'].get('bf16'))} | {recommend} | "
+                   f"{cell(part['pipeline'], ref['pipeline'])} | {train} | {serve} |")
+    model = ((cpu or cuda or {}).get("speed") or {}).get("fp32", {}).get("model", "")
+    out += ["", f"Training: the default model on Beauty ({model}), batch 128, dense item gradients, examples/s over the "
+            "epochs after the first. `ray-rec train`: one worker, four epochs, no validation.", ""]
+    q = (cuda or {}).get("quality")
+    if q and "NDCG@10" in q:
+        spread = q.get("cpu_seeds_NDCG@10") or []
+        out += [f"Quality on {cuda['device']} (seed 0, `{q.get('cpu_row')}`): test NDCG@10 {q['NDCG@10']:.4f}, HR@10 "
+                f"{q['HR@10']:.4f}, best epoch {q['best_epoch']}, {q['seconds']:.0f} s; the CPU seeds "
+                + (f"{min(spread):.4f}-{max(spread):.4f}" if spread else "are not stored") + ".", ""]
+    for r in (cpu, cuda):
+        if r:
+            out.append(_source(r))
+    return out + [""]
+
+
 def write_report(folder: Path, target: Path, quick: bool = False) -> Path:
     rel = str(folder.relative_to(target.parent)) if folder.is_relative_to(target.parent) else str(folder)
     lines = ["# Benchmarks" + (" (quick sizes: not the reference figures)" if quick else ""), "",
@@ -375,7 +423,7 @@ def write_report(folder: Path, target: Path, quick: bool = False) -> Path:
                 ("Training speed", speed(folder) + shared_cores(folder) + loss_memory(folder) + sparse_items(folder) + ray_runs(folder)
                  + relevance_cost(folder) + enhancer_cost(folder)), ("Data: import and streaming at scale", data(folder)),
                 ("Serving", serving(folder, rel) + serve_start(folder)), ("Top-k latency against catalog size", topk(folder) + recommend_many(folder)),
-                ("On a cluster", cluster(folder))]
+                ("On a cluster", cluster(folder)), ("On a GPU", gpu(folder))]
     for title, body in sections:
         lines += [f"## {title}", ""] + (body or ["Not measured yet: run its command.", ""])
     target.write_text("\n".join(lines))

@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model artifact folder (local path or s3://)")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
     p.add_argument("--output", help="also write eval_<split>.json here")
+    p.add_argument("--gpu", action="store_true", help="score on GPUs: one scoring actor per GPU of the cluster")
     p.add_argument("--tracking-uri", help="log the metrics to the MLflow run the model was trained in "
                                           "(default: MLFLOW_TRACKING_URI)")
 
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=SERVE["max_batch_size"].default,
                    help=SERVE["max_batch_size"].description)
     p.add_argument("--api-key-env", default=SERVE["api_key_env"].default, help=SERVE["api_key_env"].description)
+    p.add_argument("--gpu", action="store_true", help="the replica takes one GPU and scores on it")
 
     p = sub.add_parser("batch-score", help="top-k recommendations for every user of a split, to Parquet")
     p.add_argument("--data", required=True)
@@ -87,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument("--gpu", action="store_true", help="score on GPUs: one scoring actor per GPU of the cluster")
 
     p = sub.add_parser("config", help="print the resolved training configuration as YAML")
     p.add_argument("--config", help="YAML with model, data, train, eval sections")
@@ -147,7 +150,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from ray_rec.config import load_config, parse_overrides
     from ray_rec.data.manifest import read_manifest
-    from ray_rec.ray_session import init_ray
+    from ray_rec.ray_session import check_gpus, init_ray
     from ray_rec.train.trainer import check_resources, train
 
     overrides = parse_overrides(args.set)
@@ -157,6 +160,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     read_manifest(args.data)  # fail fast, before Ray starts
     check_resources(args.resources_per_worker)
     init_ray(args.workers)
+    check_gpus(args.gpu, lambda msg: print(f"[train] {msg}", file=sys.stderr, flush=True))
     result = train(args.data, args.output, config, workers=args.workers, use_gpu=args.gpu,
                    resources_per_worker=args.resources_per_worker, resume=args.resume,
                    overwrite=args.overwrite, allow_changes=args.allow_changes, tracking=args.tracking_uri,
@@ -174,13 +178,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ray_rec.data.manifest import read_manifest
     from ray_rec.predict import load_model
     from ray_rec.predict.evaluate import evaluate_model, format_table, log_to_run
-    from ray_rec.ray_session import init_ray
+    from ray_rec.ray_session import check_gpus, init_ray
     from ray_rec.train.lineage import describe
 
     read_manifest(args.data)  # fail fast, before Ray starts
-    rec = load_model(args.model)
+    rec = load_model(args.model, device="cpu")  # fail fast; the scoring actors load their own
     init_ray(1)
-    result = evaluate_model(args.data, args.model, split=args.split, output=args.output, model=rec,
+    check_gpus(args.gpu, lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True))
+    result = evaluate_model(args.data, args.model, split=args.split, output=args.output, model=rec, gpu=args.gpu,
                             progress=lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True))
     print(describe(result["lineage"]))
     print(format_table(result))
@@ -195,7 +200,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     use_fast_ingress()  # before Serve is imported: it reads the variables once
     from ray_rec.serve.local import serve_foreground
 
-    serve_foreground(args.model, args.host, args.port, args.max_batch_size, args.api_key_env)
+    serve_foreground(args.model, args.host, args.port, args.max_batch_size, args.api_key_env, args.gpu)
     return 0
 
 
@@ -203,15 +208,17 @@ def _cmd_batch_score(args: argparse.Namespace) -> int:
     from ray_rec.data.manifest import read_manifest
     from ray_rec.predict import load_model
     from ray_rec.predict.batch_score import batch_score
-    from ray_rec.ray_session import init_ray
+    from ray_rec.ray_session import check_gpus, init_ray
     from ray_rec.train.lineage import describe
 
     if args.k < 1:
         raise ValueError(f"--k must be at least 1, got {args.k}")
     read_manifest(args.data)  # fail fast, before Ray starts
-    rec = load_model(args.model)
+    rec = load_model(args.model, device="cpu")  # fail fast; the scoring actors load their own
     init_ray(1)
+    check_gpus(args.gpu, lambda msg: print(f"[batch-score] {msg}", file=sys.stderr, flush=True))
     n = batch_score(args.data, args.model, args.output, split=args.split, k=args.k, model=rec, overwrite=args.overwrite,
+                    gpu=args.gpu,
                     progress=lambda msg: print(f"[batch-score] {msg}", file=sys.stderr, flush=True))
     print(f"wrote top-{args.k} recommendations for {n:,} users to {args.output}")
     print(f"model {rec.version}: {describe(rec.meta.get('lineage'))}")

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ray_rec.data.manifest import Manifest
 
 LOSSES = ("auto", "ce", "sampled_softmax", "bce")
+PRECISIONS = ("fp32", "bf16")  # train.precision: the training forward pass's arithmetic (`ray_rec.device.autocast`)
 
 
 def network_choices(kind: str) -> tuple[str, ...]:
@@ -171,9 +172,13 @@ class TrainConfig:
     # rows a step read (lazy Adam); false: dense gradients and updates over the whole table.
     sparse_items: bool = True
     progress_s: float = 60.0  # seconds between progress lines inside an epoch or a validation (0 = every step)
+    # The training forward pass: fp32, or bf16 (autocast: matrix products in bfloat16; the softmax
+    # over the catalog, the optimizer and validation stay in fp32).
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         check_types(self, "train")
+        check_choice("train.precision", self.precision, PRECISIONS)
         check_range("train.lr", self.lr, 1e-7, 10.0)
         for name, low in (("epochs", 1), ("batch_size", 1), ("weight_decay", 0.0), ("grad_clip", 0.0), ("patience", 1),
                           ("patience_steps", 0), ("lr_patience", 0), ("lr_patience_steps", 0), ("eval_every", 1),
@@ -277,6 +282,9 @@ class ServeConfig(BaseModel):
                                                                "default: load_model's (4096)")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413 unread")
     api_key_env: str = Field("", description="environment variable holding the API key; empty = no key")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+                        description="where a replica scores: auto (the GPU its ray_actor_options.num_gpus gives it, "
+                                    "else the CPU), cpu, cuda or cuda:N")
 
 
 T = TypeVar("T")

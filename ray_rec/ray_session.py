@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -64,13 +65,30 @@ def use_fast_ingress() -> None:
         os.environ.setdefault(key, value)
 
 
-def scoring_pool(nodes: list[dict[str, Any]] | None = None) -> ray.data.ActorPoolStrategy:
-    """The actors that score users with a model (`ray-rec evaluate`, `ray-rec batch-score`): from one
-    up to one per live node with CPUs (``nodes``: as `ray.nodes()` lists them), as the queue of
-    batches asks for them. Ray Data spreads its actors over the nodes, and each uses its node's
-    cores (`use_node_cores`)."""
-    alive = [n for n in (ray.nodes() if nodes is None else nodes) if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= 1]
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, len(alive)))
+def scoring_pool(nodes: list[dict[str, Any]] | None = None, gpu: bool = False) -> tuple[ray.data.ActorPoolStrategy, int]:
+    """The actors that score users with a model (`ray-rec evaluate`, `ray-rec batch-score`), and the
+    GPUs each takes: from one up to one per live node with CPUs (``nodes``: as `ray.nodes()` lists
+    them), as the queue of batches asks for them; with ``gpu``, one actor per GPU, each holding
+    one (none yet: one actor that waits for a GPU, `check_gpus`). Ray Data spreads its actors over
+    the nodes, and each uses its node's cores (`use_node_cores`)."""
+    alive = [n for n in (ray.nodes() if nodes is None else nodes) if n.get("Alive")]
+    if not gpu:
+        cpu_nodes = [n for n in alive if n.get("Resources", {}).get("CPU", 0) >= 1]
+        return ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, len(cpu_nodes))), 0
+    gpus = int(sum(n.get("Resources", {}).get("GPU", 0) for n in alive))
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, gpus)), 1
+
+
+def check_gpus(gpu: bool, say: Callable[[str], None]) -> None:
+    """``--gpu`` on the Ray this process joined: a local Ray without a GPU is a mistake (its work
+    would wait for one forever); a cluster without one now may add one (its autoscaler), so that
+    is said and the work waits."""
+    if not gpu or ray.cluster_resources().get("GPU", 0) > 0:
+        return
+    if not os.environ.get("RAY_ADDRESS"):
+        raise ValueError("--gpu: this machine has no GPU that Ray sees; drop --gpu, or run against a cluster with "
+                         "GPU nodes (RAY_ADDRESS, or `ray job submit`)")
+    say("--gpu: the cluster has no GPU now; the work waits for a GPU node (an autoscaling cluster adds one)")
 
 
 def use_node_cores() -> None:

@@ -6,6 +6,7 @@ process inherits them (set later, reads happened to work and writes failed).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import signal
@@ -22,11 +23,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_rec.data.synthetic import SyntheticSpec, generate
-from ray_rec.ray_session import use_fast_ingress
 
 # Serve runs behind the HAProxy ingress, as `ray-rec serve` runs it; set before any test module
-# imports Ray Serve (which reads the variables once) and before the session's Ray starts.
-use_fast_ingress()
+# imports Ray Serve (which reads the variables once) and before the session's Ray starts. (A GPU
+# machine without Ray runs tests/test_device.py alone.)
+if importlib.util.find_spec("ray") is not None:
+    from ray_rec.ray_session import use_fast_ingress
+
+    use_fast_ingress()
 
 BUCKET = "ray-rec-test"
 API_KEY_ENV = "RAY_REC_TEST_API_KEY"

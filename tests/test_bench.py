@@ -232,3 +232,32 @@ def test_reliability_records_go_only_where_the_benchmark_asks(tmp_path, monkeypa
     record("another", leaks=0)
     rows = [json.loads(line) for line in target.read_text().splitlines()]
     assert [(r["name"], r.get("faults"), r.get("leaks")) for r in rows] == [("a fault", 1, None), ("another", None, 0)]
+
+
+def test_the_gpu_check_runs_its_model_parts_and_reports_against_the_cpu(tmp_path, capsys):
+    """`python -m bench.gpu_check` (its parts without Ray, on the CPU, quick sizes) measures every
+    part; the report puts a GPU run beside the CPU baseline as ratios, and says when none ran."""
+    import json
+
+    from bench.gpu_check import main
+    from bench.report import gpu
+
+    main(["--device", "cpu", "--quick", "--parts", "speed", "quality", "recommend"])
+    printed = capsys.readouterr().out
+    run = json.loads(printed[printed.index("\n{") + 1:])
+    assert run["device"] == "cpu" and run["speed"]["fp32"]["examples_per_s"] > 0 and run["speed"]["bf16"]["examples_per_s"] > 0
+    assert 0 <= run["quality"]["NDCG@10"] <= 1 and run["recommend"]["32_histories_ms"] > 0
+    assert run["command"].endswith("--quick --parts speed quality recommend")
+
+    cpu = {**run, "machine": "x86_64, 2 cores", "pipeline": {"examples_per_s": 1000.0},
+           "ray_train": {"examples_per_s": 100.0, "data_wait_share": 0.01}, "serve": {"rps": 500.0, "p99_ms": 40.0, "errors": 0}}
+    (tmp_path / "gpu_check.json").write_text(json.dumps({"cpu": cpu}))
+    assert "No GPU has run this check yet" in "\n".join(gpu(tmp_path))
+    cuda = {**cpu, "device": "cuda:0 (NVIDIA H100 80GB HBM3)", "ray_train": {"examples_per_s": 2500.0, "data_wait_share": 0.2},
+            "pipeline": {"skipped": "Ray is not installed here"}, "serve": {"skipped": "Ray is not installed here"},
+            "quality": {**run["quality"], "cpu_seeds_NDCG@10": [0.05, 0.06], "cpu_row": "default"}}
+    (tmp_path / "gpu_check.json").write_text(json.dumps({"cpu": cpu, "cuda": cuda}))
+    text = "\n".join(gpu(tmp_path))
+    gpu_row = next(line for line in text.splitlines() if line.startswith("| cuda:0 (NVIDIA H100"))
+    assert "2,500/s (25.0x) (20%)" in gpu_row and "Ray is not installed here" in gpu_row
+    assert "No GPU has run" not in text and "the CPU seeds 0.0500-0.0600" in text

@@ -52,6 +52,22 @@ def test_prepare_prints_counts(tmp_path, capsys):
     assert "2 users, 5 items, 7 events" in out and "short_users 1" in out
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the answer of a machine without a GPU")
+def test_gpu_flags_on_a_machine_without_a_gpu_are_a_clear_error(ray_cluster, tiny_data, tmp_path, capsys, monkeypatch):
+    """`--gpu` where the local Ray has no GPU fails at once (its work would wait for one forever)."""
+    from tests.conftest import tiny_artifact
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    model = tiny_artifact(tmp_path / "model")
+    for argv in (["train", "--data", tiny_data, "--output", str(tmp_path / "run"), "--gpu"],
+                 ["batch-score", "--data", tiny_data, "--model", model, "--output", str(tmp_path / "top"), "--gpu"],
+                 ["serve", "--model", model, "--gpu"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert ("no GPU that Ray sees" in err or "sees no GPU" in err) and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "top").exists()
+
+
 def test_evaluate_with_a_missing_model_is_a_clear_error(tiny_data, capsys):
     assert main(["evaluate", "--data", tiny_data, "--model", "/nonexistent/model"]) == 2
     assert "is not a folder holding a ray_rec model" in capsys.readouterr().err

@@ -215,11 +215,18 @@ def test_scoring_actors_use_their_nodes_cores_and_one_per_node(ray_cluster):
 
     before, after, omp = ray.get(threads.remote())
     assert (before, omp) == (1, "1") and after == usable_cores()
-    assert (scoring_pool().min_size, scoring_pool().max_size) == (1, 1)  # this one-node Ray
+    pool, gpus = scoring_pool()
+    assert (pool.min_size, pool.max_size, gpus) == (1, 1, 0)  # this one-node Ray
     cpu, gpu_only, dead = ({"Alive": True, "Resources": {"CPU": 8.0}}, {"Alive": True, "Resources": {"GPU": 1.0}},
                            {"Alive": False, "Resources": {"CPU": 8.0}})
-    assert scoring_pool([cpu, cpu, cpu, gpu_only, dead]).max_size == 3
-    assert scoring_pool([gpu_only]).max_size == 1  # waits for a node with CPUs (an autoscaler adds one)
+    two_gpus = {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 2.0}}
+    assert scoring_pool([cpu, cpu, cpu, gpu_only, dead])[0].max_size == 3
+    assert scoring_pool([gpu_only])[0].max_size == 1  # waits for a node with CPUs (an autoscaler adds one)
+    # --gpu: one actor per GPU, each holding one; none yet: one actor that waits for one
+    pool, gpus = scoring_pool([cpu, gpu_only, two_gpus, {**two_gpus, "Alive": False}], gpu=True)
+    assert (pool.max_size, gpus) == (3, 1)
+    pool, gpus = scoring_pool([cpu], gpu=True)
+    assert (pool.max_size, gpus) == (1, 1)
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ray_rec.config import ModelConfig
+from ray_rec.device import full_precision
 from ray_rec.model.registry import Registry
 from ray_rec.model.tracking import causal_mask
 
@@ -118,16 +119,18 @@ class AUGRUEnhancer(nn.Module):
         score = torch.sigmoid(self.attention(torch.cat([states, shifts, states * prev], -1)))  # (B, L, 1)
         score = score * valid.unsqueeze(-1)
         flip = self.flip
-        w_ih, b_ih = self.input_gates.weight * flip[:, None], self.input_gates.bias * flip
-        w_hh, b_hh = self.hidden_gates.weight * flip[:, None], self.hidden_gates.bias * flip
-        x, a = states.unbind(1), score.unbind(1)
-        e = states.new_zeros(b, d)
-        # Leading steps that are padding in every row leave the state at zero: skip them (a short
-        # history in a 50-step window runs its own length, not 50 recurrent steps).
-        first = int(valid.any(0).int().argmax()) if bool(valid.any()) else length
-        out = [e] * first
-        for t in range(first, length):
-            e = torch.lerp(e, torch.gru_cell(x[t], e, w_ih, w_hh, b_ih, b_hh), a[t])  # a = 0 at padding keeps e
-            out.append(e)
-        evolved = torch.stack(out, 1)  # (B, L, D)
+        # The recurrence in fp32 under bf16 autocast too (torch.gru_cell takes one dtype; its steps are small).
+        with full_precision(states.device):
+            w_ih, b_ih = self.input_gates.weight * flip[:, None], self.input_gates.bias * flip
+            w_hh, b_hh = self.hidden_gates.weight * flip[:, None], self.hidden_gates.bias * flip
+            x, a = states.float().unbind(1), score.float().unbind(1)
+            e = states.new_zeros(b, d, dtype=torch.float32)
+            # Leading steps that are padding in every row leave the state at zero: skip them (a short
+            # history in a 50-step window runs its own length, not 50 recurrent steps).
+            first = int(valid.any(0).int().argmax()) if bool(valid.any()) else length
+            out = [e] * first
+            for t in range(first, length):
+                e = torch.lerp(e, torch.gru_cell(x[t], e, w_ih, w_hh, b_ih, b_hh), a[t])  # a = 0 at padding keeps e
+                out.append(e)
+            evolved = torch.stack(out, 1)  # (B, L, D)
         return self.norm(states + self.dropout(evolved)) * valid.unsqueeze(-1)

@@ -9,6 +9,8 @@ import torch
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ray_rec.device import full_precision
+
 # Logit cells (positions x catalog items) the full softmax holds at once: 32M floats, 128 MB, and
 # about as much again for their softmax and gradient. Larger products go in chunks of positions.
 FULL_SOFTMAX_CHUNK_CELLS = 1 << 25
@@ -42,9 +44,10 @@ def full_softmax_loss(
     """
     rows = max(1, max_cells // max(1, items.shape[0]))
     if catalog is None:
-        return cast(torch.Tensor, _ChunkedDotSoftmax.apply(u, items, targets, min(rows, max(1, u.shape[0]))))
+        with full_precision(u.device):  # under bf16 autocast too: the catalog's logits in fp32
+            return cast(torch.Tensor, _ChunkedDotSoftmax.apply(u.float(), items.float(), targets, min(rows, max(1, u.shape[0]))))
     if u.shape[0] <= rows:
-        return F.cross_entropy(catalog(u, items), targets - 1)
+        return F.cross_entropy(catalog(u, items).float(), targets - 1)
     total = u.new_zeros(())
     for start in range(0, u.shape[0], rows):
         chunk = slice(start, start + rows)
@@ -53,7 +56,7 @@ def full_softmax_loss(
 
 
 def _summed_cross_entropy(u: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, catalog: Catalog) -> torch.Tensor:
-    return F.cross_entropy(catalog(u, items), targets - 1, reduction="sum")
+    return F.cross_entropy(catalog(u, items).float(), targets - 1, reduction="sum")
 
 
 class _ChunkedDotSoftmax(torch.autograd.Function):
@@ -112,7 +115,7 @@ def sampled_softmax_loss(
     """
     # Any scorer's path: the MLP relevance's, 256 negatives (the dot product takes the fused
     # `sampled_dot_softmax_loss`).
-    neg = neg - torch.log(expected_draws).unsqueeze(0)
+    pos, neg = pos.float(), neg.float() - torch.log(expected_draws).unsqueeze(0)  # fp32 under bf16 autocast too
     neg = neg.masked_fill(_excluded(neg_ids, targets, blocked), float("-inf"))
     logits = torch.cat([pos.unsqueeze(1), neg], 1)  # (P, 1 + K)
     return F.cross_entropy(logits, torch.zeros_like(targets))
@@ -127,8 +130,9 @@ def sampled_dot_softmax_loss(
     softmax (d loss / d logits = softmax - one-hot) and the (P, K) scores freed, so autograd keeps
     no (P, K) tensor and its backward pass makes none (as `full_softmax_loss` does for the whole
     catalog). The same loss and gradients; ``pos`` keeps its own autograd path."""
-    return cast(torch.Tensor, _SampledDotSoftmax.apply(u, pos, items, torch.log(expected_draws),
-                                                       _excluded(neg_ids, targets, blocked)))
+    with full_precision(u.device):  # under bf16 autocast too: the sampled logits in fp32
+        return cast(torch.Tensor, _SampledDotSoftmax.apply(u.float(), pos.float(), items.float(), torch.log(expected_draws),
+                                                           _excluded(neg_ids, targets, blocked)))
 
 
 def _excluded(neg_ids: torch.Tensor, targets: torch.Tensor, blocked: torch.Tensor | None) -> torch.Tensor:

@@ -23,6 +23,7 @@ from ray_rec.data.examples import CLICK, evaluation_examples
 from ray_rec.data.manifest import read_manifest
 from ray_rec.data.pipeline import read_sequences
 from ray_rec.data.schema import check_schema
+from ray_rec.device import to_device
 from ray_rec.metrics import DEFAULT_KS, RankingMetrics, full_ranks, user_negatives
 from ray_rec.predict.ranking import catalog_blocks, interests, rank_targets
 from ray_rec.predict.recommender import Recommender, load_model
@@ -45,11 +46,12 @@ class EvaluationError(ValueError):
 
 
 class RankUsers:
-    """``map_batches`` actor: loads the artifact once, returns each user's target ranks."""
+    """``map_batches`` actor: loads the artifact once (on its GPU when Ray gave it one), returns
+    each user's target ranks."""
 
     def __init__(self, model_uri: str, popularity: np.ndarray, seed: int, counter: Any = None) -> None:
         use_node_cores()
-        self.rec = load_model(model_uri)
+        self.rec = load_model(model_uri, device="auto")
         self.popularity = torch.tensor(popularity, dtype=torch.float64)
         self.seed = seed
         self.counter = counter  # a `UserCount` actor, for progress lines
@@ -64,8 +66,11 @@ class RankUsers:
         keys = [zlib.crc32(str(user).encode()) for user in users]
         negatives = user_negatives(cfg.num_items, ex["targets"], ex["seen"], SAMPLED_NEGATIVES, keys, self.seed)
         model = self.rec.model
-        full, sampled = rank_targets(model, interests(model, ex["items"], ex["time_buckets"]), ex["targets"], ex["seen"], negatives)
+        on = to_device({**ex, "negatives": negatives}, self.rec.device)
+        full, sampled = rank_targets(model, interests(model, on["items"], on["time_buckets"]), on["targets"], on["seen"],
+                                     on["negatives"])
         assert sampled is not None
+        full, sampled = full.cpu(), sampled.cpu()
         popularity = [
             full_ranks(self.popularity.expand(len(ex["targets"][rows]), -1), ex["targets"][rows], ex["seen"][rows])
             for rows in catalog_blocks(len(ex["targets"]), cfg.num_items)
@@ -99,16 +104,17 @@ def popularity_scores(counts: np.ndarray) -> np.ndarray:
 
 def evaluate_model(data: str, model_uri: str, split: str = "test", output: str | None = None, seed: int = 0,
                    progress: Callable[[str], None] | None = None, progress_s: float = 60.0,
-                   model: Recommender | None = None) -> dict[str, Any]:
+                   model: Recommender | None = None, gpu: bool = False) -> dict[str, Any]:
     """Metrics of the artifact at ``model_uri`` on ``split`` of the prepared dataset ``data``;
     ``progress`` gets a line on each stage, every ``progress_s`` seconds the users ranked so far (as
     the scoring actors count them), and a last line on all of them. ``model``: that artifact when
-    the caller has loaded it already (the scoring actors load their own copies either way)."""
+    the caller has loaded it already (the scoring actors load their own copies either way).
+    ``gpu``: each scoring actor takes one GPU (`ray_rec.ray_session.scoring_pool`)."""
     say = progress or (lambda msg: logger.info(msg))
     manifest = read_manifest(data)
     if split not in manifest.files:
         raise EvaluationError(f"split {split!r} is not one of {', '.join(manifest.files)}")
-    rec = model if model is not None else load_model(model_uri)
+    rec = model if model is not None else load_model(model_uri, device="cpu")  # the driver only checks it
     data_vocab = Vocabulary.load(data)
     if data_vocab.ids != rec.vocab.ids:
         raise EvaluationError(
@@ -128,13 +134,15 @@ def evaluate_model(data: str, model_uri: str, split: str = "test", output: str |
     ks = tuple(lineage.get("config", {}).get("eval", {}).get("ks", DEFAULT_KS))  # the run's own cut-offs
     acc = {name: RankingMetrics(ks) for name in ("full", "sampled", "popularity")}
     start, users = time.monotonic(), 0
+    pool, gpus = scoring_pool(gpu=gpu)
     with reported_user_count(progress_s, say, "ranked") as counter:
         ranks = read_sequences(data, split, manifest).map_batches(
             RankUsers,
             fn_constructor_args=(model_uri, popularity, seed, counter),
             batch_format="pyarrow",
             batch_size=512,
-            compute=scoring_pool(),
+            compute=pool,
+            num_gpus=gpus,
         )
         for batch in ranks.iter_batches(batch_format="numpy", batch_size=4096):
             users += len(batch["full"])

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from ray_rec.device import model_device, to_device
 from ray_rec.metrics import DEFAULT_KS, RankingMetrics, full_ranks, sample_negatives, sampled_ranks
 from ray_rec.model.interest_model import InterestModel
 
@@ -83,15 +84,19 @@ def evaluate(
 ) -> tuple[RankingMetrics, RankingMetrics | None]:
     """Full-catalog ranking (seen items excluded) and, with ``sampled_negatives`` > 0, ranking
     among that many uniformly sampled negatives, over evaluation batches
-    (``ray_rec.data.examples.evaluation_examples``); the metrics as mergeable accumulators."""
+    (``ray_rec.data.examples.evaluation_examples``) on the model's device; the metrics as
+    mergeable accumulators. The negatives are drawn on the host: the same on every device."""
     model.eval()  # once per validation, not per batch; the next training step sets train mode again
+    device = model_device(model)
     full = RankingMetrics(ks)
     sampled = RankingMetrics(ks) if sampled_negatives else None
     generator = torch.Generator().manual_seed(seed)
     for batch in batches:
-        negatives = None
         if sampled_negatives:
-            negatives = sample_negatives(model.config.num_items, batch["targets"], batch["seen"], sampled_negatives, generator)
+            drawn = sample_negatives(model.config.num_items, batch["targets"], batch["seen"], sampled_negatives, generator)
+            batch = {**batch, "sampled_negatives": drawn}
+        batch = to_device(batch, device)
+        negatives = batch.get("sampled_negatives")
         u = interests(model, batch["items"], batch.get("time_buckets"))
         ranks, negative_ranks = rank_targets(model, u, batch["targets"], batch["seen"], negatives)
         full.add(ranks)

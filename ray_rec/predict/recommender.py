@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ray_rec.config import ModelConfig
+from ray_rec.device import device_name, resolve_device, to_device
 from ray_rec.model.artifact import ArtifactError, LoadedArtifact, read_artifact
 from ray_rec.model.interest_model import InterestModel
 from ray_rec.predict import ranking
@@ -59,8 +60,10 @@ class Recommender:
         [[(41, 7.1), (9, 6.8), ...]]
     """
 
-    def __init__(self, model: InterestModel, vocab: Vocabulary, meta: dict[str, Any], uri: str) -> None:
-        self.model = model.eval()
+    def __init__(self, model: InterestModel, vocab: Vocabulary, meta: dict[str, Any], uri: str,
+                 device: str | torch.device = "cpu") -> None:
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
         self.vocab = vocab
         self.meta = meta
         self.uri = uri
@@ -85,7 +88,8 @@ class Recommender:
     @torch.inference_mode()
     def predict(self, queries: Sequence[Query]) -> list[Answer]:
         """Answer score and recommend queries together: one encoding of the histories per block of
-        `ranking.BLOCK_ROWS`, the catalog scored in `ranking.top_k`'s bounded blocks."""
+        `ranking.BLOCK_ROWS`, the catalog scored in `ranking.top_k`'s bounded blocks, on the
+        model's device (each block's inputs go there in one `to_device`)."""
         answers: list[Answer | None] = [None if q.history else self._fallback(q) for q in queries]
         modelled = [r for r, q in enumerate(queries) if q.history]
         length = self.config.history_len
@@ -93,19 +97,26 @@ class Recommender:
             block = [queries[r] for r in modelled[start : start + ranking.BLOCK_ROWS]]
             # Queries without click times read every gap as unknown (bucket 0), as a block of none does.
             times = [q.time_buckets or [0] * len(q.history) for q in block] if any(q.time_buckets for q in block) else None
-            u = ranking.interests(self.model, window([q.history for q in block], length),
-                                  None if times is None else window(times, length))  # (B, D)
             scored = [i for i, q in enumerate(block) if q.candidates is not None]
+            ranked = [i for i, q in enumerate(block) if q.candidates is None]
+            cands = [block[i].candidates or [] for i in scored]
+            inputs = {"items": window([q.history for q in block], length)}
+            if times is not None:
+                inputs["time_buckets"] = window(times, length)
             if scored:
-                cands = [block[i].candidates or [] for i in scored]
-                rows = self.model.candidate_scores(u[scored], pad_rows(cands)).tolist()
+                inputs["candidates"], inputs["scored"] = pad_rows(cands), torch.tensor(scored)
+            if ranked:
+                inputs["exclude"] = pad_rows([block[i].history if block[i].exclude else [] for i in ranked])
+                inputs["ranked"] = torch.tensor(ranked)
+            inputs = to_device(inputs, self.device)
+            u = ranking.interests(self.model, inputs["items"], inputs.get("time_buckets"))  # (B, D)
+            if scored:
+                rows = self.model.candidate_scores(u[inputs["scored"]], inputs["candidates"]).cpu().tolist()
                 for i, c, row in zip(scored, cands, rows):
                     answers[modelled[start + i]] = Answer([s if idx else None for s, idx in zip(row, c)])
-            ranked = [i for i, q in enumerate(block) if q.candidates is None]
             if ranked:
-                exclude = pad_rows([block[i].history if block[i].exclude else [] for i in ranked])
-                ids, scores = ranking.top_k(self.model, u[ranked], max(block[i].k for i in ranked), exclude)
-                for i, row_ids, row_scores in zip(ranked, ids.tolist(), scores.tolist()):
+                ids, scores = ranking.top_k(self.model, u[inputs["ranked"]], max(block[i].k for i in ranked), inputs["exclude"])
+                for i, row_ids, row_scores in zip(ranked, ids.cpu().tolist(), scores.cpu().tolist()):
                     pairs = [(idx, s) for idx, s in zip(row_ids[: block[i].k], row_scores[: block[i].k]) if s != float("-inf")]
                     answers[modelled[start + i]] = Answer([s for _, s in pairs], [idx for idx, _ in pairs])
         return answers  # type: ignore[return-value]  # every slot is filled above
@@ -206,20 +217,25 @@ class Recommender:
         return [(self.vocab.raw_id(i), c) for i, c in zip(top, self.clicks(top))]
 
 
-def load_model(uri: str, max_model_mb: float | None = None) -> Recommender:
+def load_model(uri: str, max_model_mb: float | None = None, device: str | torch.device = "auto") -> Recommender:
     """Load an artifact from a local folder or an s3:// URI (`ray_rec.model.artifact.read_artifact`
     checks size, shapes, hash and finite weights) and make one trial prediction.
 
+    ``device``: where the model scores and ranks: ``auto`` (the first GPU this process sees, else
+    the CPU), ``cpu``, ``cuda`` or ``cuda:N``. Artifacts are stored on the CPU and load on any.
+
     Raises:
+        DeviceError: ``device`` names a GPU this process does not see.
         ArtifactError: the folder is missing, incomplete, corrupt, too large, of another format, or
             its model does not answer with finite scores.
     """
+    target = resolve_device(device)  # before the download: a wrong device fails at once
     loaded: LoadedArtifact = read_artifact(uri, max_model_mb)
-    rec = Recommender(loaded.model, loaded.vocab, loaded.meta, uri)
+    rec = Recommender(loaded.model, loaded.vocab, loaded.meta, uri, target)
     first = rec.vocab.raw_id(1)
     top = rec.recommend([[first]], k=min(10, len(rec.vocab)), exclude_seen=False)[0]
     scores = [s for _, s in top] + [s for s in rec.score([[first]], [[first]])[0] if s is not None]
     if not scores or not np.isfinite(scores).all():  # a model that answers NaN must not replace a working one
         raise ArtifactError(f"{uri}: a trial prediction gave {scores[:3]}: the model does not answer with finite scores")
-    logger.info("loaded model %s from %s (%d items)", rec.version, uri, len(rec.vocab))
+    logger.info("loaded model %s from %s (%d items) on %s", rec.version, uri, len(rec.vocab), device_name(rec.device))
     return rec

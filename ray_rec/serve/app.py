@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from ray import serve
 from ray.serve import Application
 
+from ray_rec.device import device_name
 from ray_rec.predict import Answer, Query, Recommender, load_model
 from ray_rec.serve import http as replica_http
 from ray_rec.serve.http import BodyLimit, RequireKey, validation_error
@@ -50,13 +51,13 @@ class RecommenderService:
         self.api_key = replica_http.api_key_from_env(self.args.api_key_env)
         if self.api_key is None:
             logger.info("no API key (api_key_env): every client that reaches this endpoint is served")
-        self.rec: Recommender = load_model(self.args.model_uri, self.args.max_model_mb)
+        self.rec: Recommender = load_model(self.args.model_uri, self.args.max_model_mb, self.args.device)
         self.reload_error: str | None = None
         self._batched.set_max_batch_size(self.args.max_batch_size)  # type: ignore[attr-defined]
         self._batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)  # type: ignore[attr-defined]
         replica_http.REPLICA.service = self  # through the module: Serve ships this class by value
         torch.set_num_threads(1)
-        logger.info("serving model %s from %s", self.rec.version, self.args.model_uri)
+        logger.info("serving model %s from %s on %s", self.rec.version, self.args.model_uri, device_name(self.rec.device))
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Hot reload: ``user_config: {model_uri: ...}`` swaps the model if the new one loads and
@@ -67,7 +68,7 @@ class RecommenderService:
         try:
             if not isinstance(uri, str):
                 raise ValueError(f"user_config.model_uri must be a string, got {type(uri).__name__}")
-            new = load_model(uri, self.args.max_model_mb)
+            new = load_model(uri, self.args.max_model_mb, self.args.device)
         except Exception as exc:  # any failure keeps the old model serving
             self.reload_error = f"{uri}: {exc}"
             logger.error("model reload rejected, still serving %s: %s", self.rec.version, self.reload_error)
@@ -156,19 +157,21 @@ class RecommenderService:
         return out
 
 
-def deployment_options(args: ServeArgs) -> dict[str, Any]:
-    """Serve deployment options from the builder's arguments: one replica of one CPU. Replicas,
-    autoscaling and actor resources are Serve's own settings: a serve config's ``deployments:``
-    section (serve_configs/production.yaml) overrides these, or ``build_app(...).options(...)``."""
+def deployment_options(args: ServeArgs, num_gpus: float = 0) -> dict[str, Any]:
+    """Serve deployment options from the builder's arguments: one replica of one CPU (and
+    ``num_gpus``). Replicas, autoscaling and actor resources are Serve's own settings: a serve
+    config's ``deployments:`` section (serve_configs/production.yaml) overrides these, or
+    ``build_app(...).options(...)``."""
     return {
         # A batch can never be larger than the requests a replica accepts (ray#43288).
         "max_ongoing_requests": max(4 * args.max_batch_size, 64),
         "num_replicas": 1,
-        "ray_actor_options": {"num_cpus": 1},
+        "ray_actor_options": {"num_cpus": 1, **({"num_gpus": num_gpus} if num_gpus else {})},
         "user_config": {"model_uri": args.model_uri},
     }
 
 
-def build_app(args: ServeArgs) -> Application:
-    """Application builder: ``serve run ray_rec.serve.app:build_app model_uri=s3://.../model``."""
-    return RecommenderService.options(**deployment_options(args)).bind(args.model_dump())  # type: ignore[attr-defined]
+def build_app(args: ServeArgs, num_gpus: float = 0) -> Application:
+    """Application builder: ``serve run ray_rec.serve.app:build_app model_uri=s3://.../model``;
+    ``num_gpus``: each replica's (``ray-rec serve --gpu``; a serve config sets its own)."""
+    return RecommenderService.options(**deployment_options(args, num_gpus)).bind(args.model_dump())  # type: ignore[attr-defined]

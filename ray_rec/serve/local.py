@@ -18,13 +18,13 @@ APP_NAME = "ray_rec"
 
 
 def start(model_uri: str, host: str = "127.0.0.1", port: int = 8000, request_timeout_s: float = REQUEST_TIMEOUT_S,
-          **args: object) -> str:
+          num_gpus: float = 0, **args: object) -> str:
     """Deploy the app on the current Ray and return its base URL. A request that gets no answer
     within ``request_timeout_s`` (a replica died mid-request, say) is answered with an error
-    rather than left hanging."""
+    rather than left hanging. ``num_gpus``: the replica's GPUs (it then scores on its GPU)."""
     warn_if_open(host, port, str(args.get("api_key_env") or ""))
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s})
-    serve.run(build_app(ServeArgs(model_uri=model_uri, **args)), name=APP_NAME, route_prefix="/")  # type: ignore[arg-type]
+    serve.run(build_app(ServeArgs(model_uri=model_uri, **args), num_gpus), name=APP_NAME, route_prefix="/")  # type: ignore[arg-type]
     return f"http://{host}:{port}"
 
 
@@ -41,12 +41,16 @@ def warn_if_open(host: str, port: int, api_key_env: str) -> bool:
     return True
 
 
-def serve_foreground(model_uri: str, host: str, port: int, max_batch_size: int, api_key_env: str) -> None:
+def serve_foreground(model_uri: str, host: str, port: int, max_batch_size: int, api_key_env: str, gpu: bool = False) -> None:
+    from ray_rec.device import resolve_device
     from ray_rec.predict import load_model
 
-    load_model(model_uri)  # a bad artifact fails here, with a clear message, before Ray starts
+    if gpu:
+        resolve_device("cuda")  # no GPU here: a clear error before Ray starts
+    load_model(model_uri, device="cpu")  # a bad artifact fails here, with a clear message, before Ray starts
     init_ray(1, serving=True)
-    url = start(model_uri, host, port, max_batch_size=max_batch_size, api_key_env=api_key_env)
+    url = start(model_uri, host, port, num_gpus=1 if gpu else 0, max_batch_size=max_batch_size, api_key_env=api_key_env,
+                device="cuda" if gpu else "cpu")
     print(f"serving {model_uri} at {url} (OpenAPI docs at {url}/docs); Ctrl-C stops", flush=True)
     try:
         while True:

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ray_rec.config import Config
+from ray_rec.config import Config, TrainConfig
+from ray_rec.device import autocast, model_device, to_device
 from ray_rec.progress import Progress
 from ray_rec.train.optim import clip_gradients
 from ray_rec.train.schedule import Plateau, halve_rate, set_rate
@@ -60,7 +61,7 @@ def fit(
     for epoch in range(state["epoch"] + 1, last_epoch + 1):
         if rates is not None:
             set_rate(optimizer, rates[epoch - 1])
-        metrics = _train_epoch(model, optimizer, tcfg.grad_clip, batches(epoch), Progress(tcfg.progress_s), say,
+        metrics = _train_epoch(model, optimizer, tcfg, batches(epoch), Progress(tcfg.progress_s), say,
                                f"{epoch}/{last_epoch}", before_step, world, epoch)
         state["steps"] = state.get("steps", 0) + metrics["steps"]  # a checkpoint from before the counter: 0
         metrics = {"epoch": epoch, "resumes": state.get("resumes", 0), **metrics}
@@ -92,12 +93,15 @@ def fit(
     return plateau
 
 
-def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float, batches: Iterable[Batch],
+def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, tcfg: TrainConfig, batches: Iterable[Batch],
                  pace: Progress, say: Callable[[str], None], label: str, before_step: Callable[[int, int], None],
                  world: int, epoch: int) -> dict[str, Any]:
-    """One pass over ``batches``: loss, steps, windows and the seconds spent, waiting for data among them."""
+    """One pass over ``batches`` on the model's device: loss, steps, windows and the seconds spent,
+    waiting for data among them. The loss is summed where it is computed and read back only for a
+    progress line and at the end, so a GPU never waits for the host between steps."""
     t0 = time.monotonic()
-    total, steps, examples, wait = 0.0, 0, 0, 0.0
+    device = model_device(model)
+    total, steps, examples, wait = torch.zeros((), dtype=torch.float64, device=device), 0, 0, 0.0
     stream = iter(batches)
     while True:
         t_wait = time.monotonic()
@@ -107,12 +111,12 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: 
             break
         steps += 1
         before_step(epoch, steps)
-        total += train_step(model, batch, optimizer, grad_clip)["loss"]
         examples += int(batch["items"].shape[0])
+        total += step_losses(model, to_device(batch, device), optimizer, tcfg.grad_clip, tcfg.precision)["loss"]
         if (seconds := pace.due()) is not None:
-            say(steps_line(label, steps, examples * world, seconds, wait, total / steps))
+            say(steps_line(label, steps, examples * world, seconds, wait, float(total) / steps))
     train_s = time.monotonic() - t0
-    return {"loss": total / max(steps, 1), "train_s": train_s, "data_wait_s": wait, "steps": steps,
+    return {"loss": float(total) / max(steps, 1), "train_s": train_s, "data_wait_s": wait, "steps": steps,
             "examples": examples * world, "examples_per_s": examples * world / max(train_s, 1e-9)}
 
 
@@ -123,17 +127,24 @@ def steps_line(epoch: str, steps: int, windows: int, seconds: float, wait_s: flo
             f"({windows / seconds:,.0f}/s; {wait_s:,.0f} s of it waiting for data), loss {loss:.4f} so far")
 
 
-def train_step(
-    model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, grad_clip: float
-) -> dict[str, float]:
-    """One optimisation step; returns the losses as floats."""
+def step_losses(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, grad_clip: float,
+                precision: str = "fp32") -> Batch:
+    """One optimisation step on a batch already on the model's device; returns the losses as
+    detached tensors there (reading them is the caller's sync point)."""
     model.train()
-    losses = model(batch)
+    with autocast(model_device(model), precision):
+        losses = model(batch)
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
     if grad_clip > 0:
         clip_gradients(model.parameters(), grad_clip)
     optimizer.step()
-    return {k: float(v.detach()) for k, v in losses.items()}
+    return {k: v.detach() for k, v in losses.items()}
 
 
+def train_step(
+    model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, grad_clip: float, precision: str = "fp32"
+) -> dict[str, float]:
+    """One optimisation step on a batch (moved to the model's device here); returns the losses as floats."""
+    losses = step_losses(model, to_device(batch, model_device(model)), optimizer, grad_clip, precision)
+    return {k: float(v) for k, v in losses.items()}

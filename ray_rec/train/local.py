@@ -16,6 +16,7 @@ from ray_rec.config import Config, for_data
 from ray_rec.data.examples import browse_width
 from ray_rec.data.local import InMemoryExamples
 from ray_rec.data.manifest import read_manifest
+from ray_rec.device import resolve_device
 from ray_rec.model.interest_model import InterestModel
 from ray_rec.predict.ranking import evaluate
 from ray_rec.train.fit import fit, new_state
@@ -44,10 +45,11 @@ class LocalRun:
 
 
 def train_local(
-    data: str, config: Config, evaluate_test: bool = True, log: Callable[[str], None] | None = None
+    data: str, config: Config, evaluate_test: bool = True, log: Callable[[str], None] | None = None,
+    device: str | torch.device = "cpu",
 ) -> LocalRun:
-    """Train on a prepared dataset in this process; keeps the epoch with the best validation
-    ``train.select_by``. With ``train.final_fit`` (where the data set allows it, `final_fit_split`)
+    """Train on a prepared dataset in this process, on ``device`` (`ray_rec.device.resolve_device`);
+    keeps the epoch with the best validation ``train.select_by``. With ``train.final_fit`` (where the data set allows it, `final_fit_split`)
     the returned model is then trained again on every click (`final_fit`); ``test`` always holds
     the split model's test metrics."""
     say = log or logger.info
@@ -55,13 +57,15 @@ def train_local(
     mcfg = for_data(config.model, manifest)
     say(f"model: {mcfg.describe()}")
     torch.manual_seed(config.train.seed)
-    model = InterestModel(mcfg)
+    target = resolve_device(device)
+    model = InterestModel(mcfg).to(target)
     tcfg = config.train
     train = InMemoryExamples.training(data, "train", mcfg.history_len, mcfg.time_buckets, browse_width(manifest, mcfg.resolved_loss))
     valid = InMemoryExamples.evaluation(data, "valid", mcfg.history_len, mcfg.time_buckets)
-    model.features.item.sparse = sparse_item_gradients(mcfg, tcfg, on_gpu=False)
-    if model.features.item.sparse:
-        say(sparse_items_line(mcfg))
+    on_gpu = target.type != "cpu"
+    model.features.item.sparse = sparse_item_gradients(mcfg, tcfg, on_gpu)
+    if (line := sparse_items_line(mcfg, tcfg, on_gpu)) is not None:
+        say(line)
     optimizer = make_optimizer(model, tcfg)
     run = LocalRun(model=model)
     best_state = copy.deepcopy(model.state_dict())
@@ -90,7 +94,7 @@ def train_local(
         say(final_fit_line(run.best_epoch, split))
     if split is not None:
         torch.manual_seed(config.train.seed)
-        run.split_model, run.model = model, InterestModel(mcfg)
+        run.split_model, run.model = model, InterestModel(mcfg).to(target)
         run.model.features.item.sparse = model.features.item.sparse
         everything = InMemoryExamples.training(data, split, mcfg.history_len, mcfg.time_buckets,
                                                browse_width(manifest, mcfg.resolved_loss))

@@ -53,7 +53,7 @@ class LazyAdam(torch.optim.Adam):
             state.pop("exp_avg", None)  # folded into the update from here on (N x D numbers freed)
             state.setdefault("step", torch.tensor(0.0))
             state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
-            state["last_step"] = torch.full((p.shape[0],), float(state["step"]), dtype=p.dtype)  # as a checkpoint reloads it
+            state["last_step"] = torch.full((p.shape[0],), float(state["step"]), dtype=p.dtype, device=p.device)  # as a checkpoint reloads it
         state["step"] += 1
         t = int(state["step"])
         beta1, beta2 = group["betas"]
@@ -83,10 +83,15 @@ def sparse_item_gradients(model: ModelConfig, train: TrainConfig, on_gpu: bool) 
     return train.sparse_items and not on_gpu and model.reads_item_sample
 
 
-def sparse_items_line(model: ModelConfig) -> str:
-    """What training says when `sparse_item_gradients` holds."""
-    return (f"item table: sparse gradients, Adam updating only the rows a step reads (the {model.loss_text()} loss "
-            "reads a sample of the catalog; train.sparse_items=false for dense updates)")
+def sparse_items_line(model: ModelConfig, train: TrainConfig, on_gpu: bool) -> str | None:
+    """What training says about the item table's gradients when they are sparse (`sparse_item_gradients`),
+    or would be but for the GPU; None when nothing is worth a line."""
+    if sparse_item_gradients(model, train, on_gpu):
+        return (f"item table: sparse gradients, Adam updating only the rows a step reads (the {model.loss_text()} loss "
+                "reads a sample of the catalog; train.sparse_items=false for dense updates)")
+    if on_gpu and train.sparse_items and model.reads_item_sample:
+        return "item table: dense gradients on GPU (DDP's NCCL all-reduce takes no sparse gradients; a dense update is cheap there)"
+    return None
 
 
 def clip_gradients(params: Iterable[torch.Tensor], max_norm: float) -> None:

@@ -27,7 +27,7 @@ from ray_rec.errors import TrainingError
 from ray_rec.model.artifact import REQUIRED_FILES
 from ray_rec.train.checkpoint import remove_partial_checkpoints
 from ray_rec.train.lineage import start_lineage, write_lineage
-from ray_rec.train.optim import sparse_item_gradients, sparse_items_line
+from ray_rec.train.optim import sparse_items_line
 from ray_rec.train.schedule import epoch_rates, final_fit_line, final_fit_split
 from ray_rec.train.tracking import EXPERIMENT, close_run, track_run, tracking_uri
 from ray_rec.train.worker import batch_line, train_loop_per_worker
@@ -130,8 +130,8 @@ def train(
     if manifest.has_browse and mcfg.resolved_loss != "bce":
         logger.info("the log's browse events are not used: the %s loss contrasts the next click with the catalog "
                     "(model.loss=bce trains on browsed items as negatives)", mcfg.resolved_loss)
-    if sparse_item_gradients(mcfg, config.train, use_gpu):
-        logger.info(sparse_items_line(mcfg))
+    if (line := sparse_items_line(mcfg, config.train, use_gpu)) is not None:
+        logger.info(line)
     sample = validation_sample(manifest, config.train.eval_users)
     kept, shards = len(sample.files["valid"]), len(manifest.files["valid"])
     if kept < shards:

@@ -28,6 +28,7 @@ from ray.train import Checkpoint
 from ray_rec import storage
 from ray_rec.config import Config, config_from_dict, for_data
 from ray_rec.data.examples import BUCKET_WINDOW, collate, evaluation_examples
+from ray_rec.device import device_name, model_device
 from ray_rec.metrics import RankingMetrics
 from ray_rec.model.interest_model import InterestModel
 from ray_rec.predict.ranking import evaluate
@@ -100,7 +101,7 @@ def _evaluate_shard(model: InterestModel, shard: Any, cfg: Config, cache: Exampl
     paced = Progress(cfg.train.progress_s).users(batches, _log, f"epoch {epoch} validation",
                                                  ray.train.get_context().get_world_size())
     full, _ = evaluate(model, paced, cfg.eval.ks)
-    sums = full.sums.clone()
+    sums = full.sums.to(model_device(model))  # NCCL reduces device tensors only
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
     merged = RankingMetrics(full.ks)
@@ -158,8 +159,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     _log(f"{threads} intra-op threads per worker (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
     mcfg = for_data(cfg.model, manifest)
     vocab = Vocabulary.load(loop_config["data"])
+    device = ray.train.torch.get_device()
+    _log(f"device: {device_name(device)}, {cfg.train.precision}")
     model = InterestModel(mcfg)
     model.features.set_item_side(torch.as_tensor(vocab.side_matrix()))
+    model.to(device)  # before the optimizer and a checkpoint's state: both then live on the device
     model.features.item.sparse = sparse_item_gradients(mcfg, cfg.train, loop_config["use_gpu"])
     optimizer = make_optimizer(model, cfg.train)
     final = loop_config.get("final")

@@ -207,3 +207,17 @@ def test_a_local_ray_started_to_serve_runs_its_workers_at_the_drivers_priority()
     assert out.returncode == 0, out.stderr[-2000:]
     (driver, serving), (driver_again, default) = [[int(n) for n in line.split()] for line in out.stdout.splitlines()[:2]]
     assert serving == driver and default > driver_again
+
+
+def test_a_serve_config_s_import_path_builds_the_app_from_its_args():
+    """`serve deploy`/`serve run` call `build_app` as an application builder (one argument, the
+    config's ``args``) through Serve's own function for it; bad args are refused by name."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.deployment import Application
+
+    from ray_rec.serve.app import build_app
+
+    app = call_user_app_builder_with_args_if_necessary(build_app, {"model_uri": "s3://b/model", "device": "cpu"})
+    assert isinstance(app, Application)
+    with pytest.raises(ValueError, match="device"):
+        call_user_app_builder_with_args_if_necessary(build_app, {"model_uri": "s3://b/model", "device": "gpu"})

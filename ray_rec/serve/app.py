@@ -171,7 +171,13 @@ def deployment_options(args: ServeArgs, num_gpus: float = 0) -> dict[str, Any]:
     }
 
 
-def build_app(args: ServeArgs, num_gpus: float = 0) -> Application:
-    """Application builder: ``serve run ray_rec.serve.app:build_app model_uri=s3://.../model``;
-    ``num_gpus``: each replica's (``ray-rec serve --gpu``; a serve config sets its own)."""
+def application(args: ServeArgs, num_gpus: float = 0) -> Application:
+    """The app with each replica holding ``num_gpus`` (``ray-rec serve --gpu``; a serve config sets
+    its own in ``ray_actor_options``)."""
     return RecommenderService.options(**deployment_options(args, num_gpus)).bind(args.model_dump())  # type: ignore[attr-defined]
+
+
+def build_app(args: ServeArgs) -> Application:
+    """Application builder: ``serve run ray_rec.serve.app:build_app model_uri=s3://.../model``.
+    (Serve calls a builder with exactly one argument.)"""
+    return application(args)

@@ -9,7 +9,7 @@ import time
 from ray import serve
 
 from ray_rec.ray_session import REQUEST_TIMEOUT_S, init_ray
-from ray_rec.serve.app import build_app
+from ray_rec.serve.app import application
 from ray_rec.serve.schemas import ServeArgs
 
 logger = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ def start(model_uri: str, host: str = "127.0.0.1", port: int = 8000, request_tim
     rather than left hanging. ``num_gpus``: the replica's GPUs (it then scores on its GPU)."""
     warn_if_open(host, port, str(args.get("api_key_env") or ""))
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s})
-    serve.run(build_app(ServeArgs(model_uri=model_uri, **args), num_gpus), name=APP_NAME, route_prefix="/")  # type: ignore[arg-type]
+    serve.run(application(ServeArgs(model_uri=model_uri, **args), num_gpus), name=APP_NAME, route_prefix="/")  # type: ignore[arg-type]
     return f"http://{host}:{port}"
 
 

@@ -25,6 +25,7 @@ from ray_rec.train.fit import train_step
 from ray_rec.train.local import train_local
 from ray_rec.train.optim import make_optimizer
 from ray_rec.vocab import Vocabulary
+from tests.conftest import tiny_artifact
 from tests.placement import DEVICE, Misplaced, OnDevice, OtherDevice
 
 
@@ -129,7 +130,7 @@ def _recommender(artifact: str, device: torch.device | str) -> Recommender:
 def test_recommend_and_score_run_on_the_model_device_and_answer_as_on_the_host(tmp_path: Path) -> None:
     histories = [["i1", "i2", "i3"], ["i4"], ["i5", "i9", "unknown"]]
     stamps = [[1.0e9, 1.0e9 + 60, 1.0e9 + 3600], [1.0e9], [1.0e9, 1.0e9 + 5, 1.0e9 + 9]]
-    artifact = tiny_artifact_path(tmp_path)
+    artifact = tiny_artifact(tmp_path)
     host = _recommender(artifact, "cpu")
     expected = host.recommend(histories, k=5, timestamps=stamps), host.score(histories, [["i7", "i8"], ["x"], ["i1"]])
     with OtherDevice():
@@ -150,7 +151,7 @@ def test_the_serve_batch_answers_mixed_requests_on_the_model_device(tmp_path: Pa
     from ray_rec.serve.app import RecommenderService
 
     batch = RecommenderService.func_or_class._batched.__wrapped__  # Serve's queue needs a replica around it
-    artifact = tiny_artifact_path(tmp_path)
+    artifact = tiny_artifact(tmp_path)
     queries = [Query([1, 2, 3], k=4), Query([4], candidates=[5, 6, 0]), Query([7, 8], k=2, exclude=False)]
     with OtherDevice():
         on_device, on_host = _recommender(artifact, DEVICE), _recommender(artifact, "cpu")
@@ -184,12 +185,6 @@ def test_evaluate_and_batch_score_actors_rank_on_their_model_device(tiny_data: s
     assert tops.column("items").to_pylist() == expected[1].column("items").to_pylist()
 
 
-def tiny_artifact_path(folder: Path) -> str:
-    from tests.conftest import tiny_artifact
-
-    return tiny_artifact(folder)
-
-
 def test_devices_are_named_clearly(tmp_path: Path) -> None:
     assert resolve_device("auto") == (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     assert resolve_device("CPU") == torch.device("cpu")
@@ -197,7 +192,7 @@ def test_devices_are_named_clearly(tmp_path: Path) -> None:
         resolve_device("gpu")
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError, match="sees no GPU"):
-            load_model(tiny_artifact_path(tmp_path), device="cuda:0")
+            load_model(tiny_artifact(tmp_path), device="cuda:0")
 
 
 def test_checkpoints_and_artifacts_saved_from_the_device_load_on_the_host(tmp_path: Path) -> None:
@@ -233,7 +228,7 @@ def test_on_a_gpu_training_and_ranking_run_on_it_in_both_precisions(tiny_data: s
 @gpu
 def test_on_a_gpu_recommend_matches_the_cpu(tmp_path: Path) -> None:
     histories = [["i1", "i2", "i3"], ["i4"]]
-    artifact = tiny_artifact_path(tmp_path)
+    artifact = tiny_artifact(tmp_path)
     cpu = _recommender(artifact, "cpu").recommend(histories, k=5)
     cuda = load_model(artifact, device="cuda")
     assert cuda.device.type == "cuda"

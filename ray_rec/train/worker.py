@@ -101,7 +101,7 @@ def _evaluate_shard(model: InterestModel, shard: Any, cfg: Config, cache: Exampl
     paced = Progress(cfg.train.progress_s).users(batches, _log, f"epoch {epoch} validation",
                                                  ray.train.get_context().get_world_size())
     full, _ = evaluate(model, paced, cfg.eval.ks)
-    sums = full.sums.to(model_device(model))  # NCCL reduces device tensors only
+    sums = full.sums.to(model_device(model), copy=True)  # NCCL reduces device tensors only
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
     merged = RankingMetrics(full.ks)

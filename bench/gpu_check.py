@@ -39,14 +39,12 @@ import torch
 
 from bench.model_quality import MODEL, SCHEDULE, prepared
 from bench.output import RESULTS, STORED, machine, write_json
+from bench.train_speed import plain_loop_run
 from ray_rec.config import for_data, load_config
 from ray_rec.data.examples import browse_width
-from ray_rec.data.local import InMemoryExamples
 from ray_rec.data.manifest import read_manifest
-from ray_rec.device import device_name, resolve_device, to_device
+from ray_rec.device import device_name, resolve_device
 from ray_rec.model.interest_model import InterestModel
-from ray_rec.train.fit import step_losses
-from ray_rec.train.optim import make_optimizer
 
 RESULT = "gpu_check.json"
 PARTS = ("speed", "quality", "recommend", "pipeline", "ray_train", "serve")
@@ -55,34 +53,10 @@ QUALITY_ROW = "default with model.tracker_layers=1, train.lr_patience=3"
 QUALITY_SET = {"model.tracker_layers": 1, "train.lr_patience": 3}
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def speed(data: str, device: torch.device, precision: str, epochs: int) -> dict[str, Any]:
     """Examples/s of the training step (the product's default model, batch 128) over the epochs after the first."""
-    cfg = load_config(None, {"train.batch_size": 128, "train.precision": precision})
-    manifest = read_manifest(data)
-    mcfg = for_data(cfg.model, manifest)
-    torch.manual_seed(0)
-    model = InterestModel(mcfg).to(device)
-    model.features.item.sparse = False  # the GPU path's dense gradients, on every device alike
-    optimizer = make_optimizer(model, cfg.train)
-    examples = InMemoryExamples.training(data, "train", mcfg.history_len, mcfg.time_buckets,
-                                         browse_width(manifest, mcfg.resolved_loss))
-    seconds, counted, epoch_s = 0.0, 0, []
-    for epoch in range(epochs):
-        t0 = time.perf_counter()
-        n = 0
-        for batch in examples.batches(cfg.train.batch_size, seed=epoch):
-            step_losses(model, to_device(batch, device), optimizer, cfg.train.grad_clip, precision)
-            n += int(batch["items"].shape[0])
-        synchronize(device)
-        epoch_s.append(time.perf_counter() - t0)
-        if epoch:
-            seconds, counted = seconds + epoch_s[-1], counted + n
-    return {"precision": precision, "examples_per_s": counted / seconds, "epoch_s": epoch_s, "model": mcfg.describe()}
+    run = plain_loop_run(data, {"train.batch_size": 128, "train.precision": precision}, epochs, device)
+    return {"precision": precision, **run}
 
 
 def alternating(data: str, device: torch.device, epochs: int, rounds: int) -> dict[str, Any]:
@@ -212,8 +186,8 @@ def serve_rate(data: str, gpu: bool, requests: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         run = train_local(data, load_config(None, {"train.epochs": 1, "train.final_fit": False}), evaluate_test=False,
                           log=lambda msg: None)
-        save_model(run.model, Vocabulary.load(data), f"{folder}/model")
         vocab = Vocabulary.load(data)
+        save_model(run.model, vocab, f"{folder}/model")
         init_ray(1, serving=True)
         port = free_port()
         url = start(f"{folder}/model", "127.0.0.1", port, num_gpus=1 if gpu else 0, device="cuda" if gpu else "cpu")

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from statistics import median
 
+import torch
+
 from bench.model_quality import prepared
 from bench.output import machine, write_result
 from ray_rec.config import for_data, load_config
@@ -30,30 +32,39 @@ from ray_rec.data.examples import browse_width
 from ray_rec.data.local import InMemoryExamples
 from ray_rec.data.manifest import read_manifest
 from ray_rec.data.prepare import PrepareOptions, prepare
+from ray_rec.device import resolve_device, to_device
 from ray_rec.model.interest_model import InterestModel
-from ray_rec.train.fit import train_step
+from ray_rec.train.fit import step_losses
 from ray_rec.train.optim import make_optimizer
 
 
 def plain_loop(data: str, overrides: dict, epochs: int) -> float:
     """Examples/s of the single-process loop over the epochs after the first."""
-    import torch
+    return float(plain_loop_run(data, overrides, epochs)["examples_per_s"])
 
+
+def plain_loop_run(data: str, overrides: dict, epochs: int, device: str | torch.device = "cpu") -> dict:
+    """The single-process loop on ``device`` (dense item gradients, ``train.precision`` from the
+    overrides): examples/s over the epochs after the first, each epoch's seconds, the model."""
     cfg = load_config(None, overrides)
     m = read_manifest(data)
     mcfg = for_data(cfg.model, m)
+    target = resolve_device(device)
     torch.manual_seed(0)
-    model = InterestModel(mcfg)
+    model = InterestModel(mcfg).to(target)
     opt = make_optimizer(model, cfg.train)
     ex = InMemoryExamples.training(data, "train", mcfg.history_len, mcfg.time_buckets, browse_width(m, mcfg.resolved_loss))
-    seconds, n = 0.0, 0
+    seconds, n, epoch_s = 0.0, 0, []
     for epoch in range(epochs):
         t0 = time.monotonic()
         for batch in ex.batches(cfg.train.batch_size, seed=epoch):
-            train_step(model, batch, opt, cfg.train.grad_clip)
+            step_losses(model, to_device(batch, target), opt, cfg.train.grad_clip, cfg.train.precision)
             n += batch["items"].shape[0] if epoch else 0
-        seconds += time.monotonic() - t0 if epoch else 0.0
-    return n / seconds
+        if target.type == "cuda":
+            torch.cuda.synchronize(target)  # the steps queued on the GPU are part of the epoch
+        epoch_s.append(time.monotonic() - t0)
+        seconds += epoch_s[-1] if epoch else 0.0
+    return {"examples_per_s": n / seconds, "epoch_s": epoch_s, "model": mcfg.describe()}
 
 
 def ray_trainer(data: str, overrides: dict, epochs: int, workers: int) -> dict:

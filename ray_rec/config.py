@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ray_rec.data.manifest import Manifest
 
 LOSSES = ("auto", "ce", "sampled_softmax", "bce")
+DEVICE_NAMES = r"auto|cpu|cuda(?::[0-9]+)?"  # what `ray_rec.device.resolve_device` takes
 PRECISIONS = ("fp32", "bf16")  # train.precision: the training forward pass's arithmetic (`ray_rec.device.autocast`)
 
 
@@ -282,7 +283,7 @@ class ServeConfig(BaseModel):
                                                                "default: load_model's (4096)")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413 unread")
     api_key_env: str = Field("", description="environment variable holding the API key; empty = no key")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+    device: str = Field("auto", pattern=f"^({DEVICE_NAMES})$",
                         description="where a replica scores: auto (the GPU its ray_actor_options.num_gpus gives it, "
                                     "else the CPU), cpu, cuda or cuda:N")
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ray_rec.checks import check_choice
-from ray_rec.config import PRECISIONS
+from ray_rec.config import DEVICE_NAMES, PRECISIONS
 
 T = TypeVar("T", bound=Mapping[str, torch.Tensor])
 
@@ -40,14 +40,13 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if name == "cpu":
         return torch.device("cpu")
-    match = re.fullmatch(r"cuda(?::(\d+))?", name)
-    if match is None:
+    if re.fullmatch(DEVICE_NAMES, name) is None:
         raise DeviceError(f"device={spec!r}: use auto, cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
         raise DeviceError(f"device={spec!r}: this process sees no GPU (PyTorch {torch.__version__}, "
                           f"CUDA {'not built in' if torch.version.cuda is None else 'built in, no device visible'}); "
                           f"use device='cpu' or 'auto'")
-    index = int(match.group(1) or 0)
+    index = int(name.partition(":")[2] or 0)
     if index >= torch.cuda.device_count():
         raise DeviceError(f"device={spec!r}: this process sees {torch.cuda.device_count()} GPU(s), cuda:0 to "
                           f"cuda:{torch.cuda.device_count() - 1}")

@@ -231,17 +231,34 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             report[name] = parts[name]()
             print(f"[gpu-check] {name} ({time.perf_counter() - t0:.0f} s): {json.dumps(report[name])}", flush=True)
-        if "pipeline" in report and "examples_per_s" in report["pipeline"] and "speed" in report:
-            consumed = report["speed"]["fp32"]["examples_per_s"]
-            report["pipeline"]["over_training"] = report["pipeline"]["examples_per_s"] / consumed
+    if not args.quick:
+        report = merged(report, device.type, args.parts)
+    if "examples_per_s" in report.get("pipeline", {}) and "speed" in report:
+        report["pipeline"]["over_training"] = report["pipeline"]["examples_per_s"] / report["speed"]["fp32"]["examples_per_s"]
     if args.quick:
         print(json.dumps(report, indent=2))
         return
-    path, committed = RESULTS / RESULT, STORED / RESULT  # the committed CPU baseline stays beside a GPU run's rows
-    stored = json.loads((path if path.exists() else committed).read_text()) if path.exists() or committed.exists() else {}
+    stored = stored_runs()  # the committed CPU baseline stays beside a GPU run's row
     stored[device.type] = report
-    write_json(path, stored)
+    path = write_json(RESULTS / RESULT, stored)
     print(f"[gpu-check] written to {path} under {device.type!r}")
+
+
+def stored_runs() -> dict[str, Any]:
+    """The results file's rows by device type (this run's results folder, else the committed one)."""
+    path, committed = RESULTS / RESULT, STORED / RESULT
+    source = path if path.exists() else committed
+    return json.loads(source.read_text()) if source.exists() else {}
+
+
+def merged(report: dict[str, Any], device_type: str, parts: list[str]) -> dict[str, Any]:
+    """``report`` over the stored row of its device type when it ran only some parts: a partial rerun
+    replaces its parts, keeps the others and adds its command to the row's."""
+    earlier = stored_runs().get(device_type) or {}
+    if not earlier or set(parts) >= set(PARTS):
+        return report
+    command = earlier.get("command", "?")
+    return {**earlier, **report, "command": command if report["command"] in command else f"{command}; then {report['command']}"}
 
 
 def synthetic(folder: str) -> str:

@@ -230,6 +230,27 @@ def test_scoring_actors_use_their_nodes_cores_and_one_per_node(ray_cluster):
 
 
 @pytest.mark.slow
+def test_reading_a_split_starts_no_actors_and_reshuffles_its_files_every_pass(ray_cluster, s3_data):
+    """Reads are plain tasks: an actor pool per pass would cost seconds a pass and, on an autoscaling
+    cluster, an actor placed on a node being removed would fail the read."""
+    import ray
+    from ray.util.state import list_actors
+
+    from ray_rec.data.pipeline import read_sequences
+
+    def actors() -> set[str]:
+        return {a.actor_id for a in list_actors(limit=10_000)}
+
+    before = actors()
+    ds = read_sequences(s3_data, "train", shuffle_seed=3)
+    passes = [[u for b in ds.iter_batches(batch_format="pyarrow") for u in b["user_id"].to_pylist()] for _ in range(6)]
+    started = [a.class_name for a in list_actors(limit=10_000) if a.actor_id not in before]
+    assert not [name for name in started if "Footer" in name], started
+    assert ray.data.DataContext.get_current().use_datasource_v2  # the caller's context is left as it was
+    assert all(sorted(p) == sorted(passes[0]) for p in passes)  # every user, once a pass
+    assert len({tuple(p) for p in passes}) > 1  # the file order is drawn anew for each pass
+
+
 def test_evaluate_reports_full_sampled_and_popularity(trained, s3_data):
     from ray_rec.predict.evaluate import evaluate_model
 

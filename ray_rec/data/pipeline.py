@@ -8,8 +8,10 @@ regroups each chunk by history length and collates it with the plain `collate` f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -64,7 +66,23 @@ def read_sequences(
     drawn from the seed anew for every execution (every epoch), reproducibly."""
     paths, fs = split_paths(data, split, manifest)
     shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True) if shuffle_seed is not None else None
-    return ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle)
+    with parquet_v1():
+        return ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle)
+
+
+@contextlib.contextmanager
+def parquet_v1() -> Iterator[None]:
+    """``read_parquet`` inside it builds Ray Data's V1 Parquet datasource (the context is restored
+    after). Why: the default V2 one starts 32 footer-reading actors spread over the cluster at every
+    execution, i.e. every epoch (4 s of an epoch of Beauty on 2 cores), and one placed on a node the
+    autoscaler is removing fails the whole read, as its actors are not restarted."""
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = False
+    try:
+        yield
+    finally:
+        ctx.use_datasource_v2 = before
 
 
 def validation_sample(manifest: Manifest, max_users: int) -> Manifest:

@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cutoff", help="with --split time: epoch seconds or ISO 8601 time")
     p.add_argument("--expected-events", type=int, help="approximate log size, to size the spill buckets")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument("--columns", metavar="FIELD=COLUMN,...",
+                   help="events format: the log's column of each field, e.g. user_id=uid,item_id=sku,timestamp=ts,event=action")
+    p.add_argument("--click-events", metavar="VALUE,...",
+                   help="events format: event values that are clicks (default click,1,true,clicked)")
+    p.add_argument("--browse-events", metavar="VALUE,...",
+                   help="events format: event values that are browses (default browse,0,false,impression,view,shown); "
+                        "any other value is dropped and counted by value in the manifest")
 
     p = sub.add_parser("train", help="train on Ray Train; writes checkpoints and <output>/model")
     p.add_argument("--data", required=True, help="prepared dataset (local path or s3://)")
@@ -124,7 +131,7 @@ def _json_object(text: str) -> dict:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from ray_rec.data.formats import parse_timestamps
+    from ray_rec.data.formats import parse_mapping, parse_timestamps, parse_values
     from ray_rec.data.prepare import PrepareOptions, prepare
 
     cutoff = None
@@ -137,14 +144,21 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     opts = PrepareOptions(
         input=args.input, output=args.output, format=args.format, items=args.items, num_shards=args.num_shards,
         min_clicks=args.min_clicks, split=args.split, cutoff=cutoff, expected_events=args.expected_events,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, columns=parse_mapping(args.columns) or None,
+        click_events=_listed(parse_values(args.click_events)), browse_events=_listed(parse_values(args.browse_events)),
     )
     manifest = prepare(opts, progress=lambda msg: print(f"[prepare] {msg}", file=sys.stderr, flush=True))
     c = manifest.counts
     print(f"prepared {args.output}: {c.users:,} users, {c.items:,} items, {c.events:,} events "
           f"({c.clicks:,} clicks) in {manifest.num_shards} shards")
     print("dropped: " + ", ".join(f"{k} {v:,}" for k, v in manifest.dropped.items()))
+    if manifest.dropped_event_values:
+        print("dropped event values: " + ", ".join(f"{k!r} {v:,}" for k, v in list(manifest.dropped_event_values.items())[:10]))
     return 0
+
+
+def _listed(values: tuple[str, ...] | None) -> list[str] | None:
+    return None if values is None else list(values)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -248,10 +248,15 @@ class PrepareOptions:
     cutoff: int | None = None  # epoch seconds, for split="time"
     expected_events: int | None = None  # sizes the spill buckets; None = estimate from the input
     overwrite: bool = False  # replace an output folder that holds files `prepare` did not write
+    columns: dict[str, str] | None = None  # events format: the log's column of a field where it names it otherwise, e.g. {user_id: uid, item_id: sku}
+    click_events: list[str] | None = None  # event values that are clicks (None: click, 1, true, clicked)
+    browse_events: list[str] | None = None  # event values that are browses (None: browse, 0, false, impression, view, shown)
 
     def __post_init__(self) -> None:
         check_types(self, "prepare")
         check_choice("prepare.format", self.format, FORMATS)
+        if self.format != "events" and (self.columns or self.click_events is not None or self.browse_events is not None):
+            raise ValueError(f"column and event mappings apply to the events format, not {self.format}")
         if self.num_shards < 1:
             raise ValueError(f"num_shards={self.num_shards} must be >= 1")
         if self.min_clicks < 3:

@@ -44,6 +44,18 @@ def test_prepare_reports_a_missing_column(tmp_path, capsys):
     assert "missing column(s) user_id" in capsys.readouterr().err
 
 
+def test_prepare_maps_columns_and_event_values_from_its_flags(tmp_path, capsys):
+    log = tmp_path / "log.csv"
+    log.write_text("uid,sku,ts,action\n" + "".join(f"a,i{n},{n},{'buy' if n % 2 else 'seen'}\n" for n in range(6)) + "a,x,9,zap\n")
+    out = str(tmp_path / "d")
+    mapped = ["--columns", "user_id=uid,item_id=sku,timestamp=ts,event=action", "--click-events", "buy", "--browse-events", "seen"]
+    assert main(["prepare", "--input", str(log), "--format", "events", "--output", out, *mapped]) == 0
+    printed = capsys.readouterr().out
+    assert "3 clicks" in printed and "dropped event values: 'zap' 1" in printed
+    assert main(["prepare", "--input", str(log), "--format", "events", "--output", out, "--columns", "user_id"]) == 2
+    assert "'user_id' is not field=column" in capsys.readouterr().err
+
+
 def test_prepare_prints_counts(tmp_path, capsys):
     data = tmp_path / "seq.txt"
     data.write_text("1 1 2 3 4\n2 2 3 4\n3 9\n")

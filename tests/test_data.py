@@ -63,6 +63,57 @@ def test_events_csv_counts_drops_split_and_vocab(tmp_path):
     assert [name[i] for i in train["bob"]["items"]] == ["pen"]
 
 
+def sequences(folder: Path) -> dict[str, dict[str, list]]:
+    """Every split's sequences by user, items as raw ids."""
+    vocab = Vocabulary.load(str(folder))
+    out = {}
+    for split in ("train", "valid", "test"):
+        for r in read_split(str(folder), split).to_pylist():
+            out[f"{split}/{r['user_id']}"] = {"items": [vocab.raw_id(i) for i in r["items"]], "events": r["events"],
+                                              "timestamps": r["timestamps"]}
+    return out
+
+
+def test_a_log_with_its_own_column_names_and_event_values_imports_as_the_standard_one(tmp_path):
+    """JSON Lines with other names, numeric ids and more event types, mapped, gives the data set of
+    the same events written in the standard layout; other event values are dropped, counted by value."""
+    rows = [("u1", 10, 100, "click"), ("u1", 11, 101, "impression"), ("u1", 12, 102, "purchase"), ("u1", 13, 103, "add_to_cart"),
+            ("u1", 14, 104, "Click"), ("u1", 15, 105, "view"), ("u1", 16, 106, "purchase"), ("u2", 10, 100, "click"),
+            ("u2", 12, 101, "purchase"), ("u2", 11, 102, "wishlist"), ("u2", 13, 103, "click"), ("u2", 14, 104, "add_to_cart")]
+    lines = [json.dumps({"uid": u, "sku": i, "ts": t, "action": a, "extra": {"x": 1}}) for u, i, t, a in rows]
+    lines.insert(3, "{not json")
+    (tmp_path / "log.jsonl").write_text("\n".join(lines) + "\n")
+    mapped = prepare(PrepareOptions(
+        input=str(tmp_path / "log.jsonl"), output=str(tmp_path / "mapped"), num_shards=2,
+        columns={"user_id": "uid", "item_id": "sku", "timestamp": "ts", "event": "action"},
+        click_events=["click", "purchase"], browse_events=["impression", "view"]))
+    assert mapped.dropped_event_values == {"add_to_cart": 2, "wishlist": 1}
+    assert mapped.dropped["bad_events"] == 3 and mapped.dropped["null_ids"] == 1  # the line that is not JSON
+    assert mapped.source["columns"]["item_id"] == "sku"
+    meaning = {"click": "click", "purchase": "click", "Click": "click", "impression": "browse", "view": "browse"}
+    standard = "user_id,item_id,timestamp,event\n" + "".join(f"{u},{i},{t},{meaning[a]}\n" for u, i, t, a in rows if a in meaning)
+    (tmp_path / "log.csv").write_text(standard)
+    plain = prepare(PrepareOptions(input=str(tmp_path / "log.csv"), output=str(tmp_path / "plain"), num_shards=2))
+    assert sequences(tmp_path / "mapped") == sequences(tmp_path / "plain")
+    assert asdict(mapped.counts) == {**asdict(plain.counts), "rows_read": plain.counts.rows_read + 4}
+
+
+def test_a_mapping_that_names_a_missing_column_fails_before_any_work(tmp_path):
+    pq.write_table(pa.table({"uid": ["a"], "sku": ["b"], "ts": [1]}), tmp_path / "part-0.parquet")
+    (tmp_path / "part-1.csv").write_text("uid,sku,time\na,b,1\n")
+    out = tmp_path / "out"
+    columns = {"user_id": "uid", "item_id": "sku", "timestamp": "ts"}
+    with pytest.raises(InputError, match=r"part-1\.csv: missing column\(s\) ts \(for timestamp\); found uid, sku, time"):
+        prepare(PrepareOptions(input=str(tmp_path), output=str(out), columns=columns))
+    assert not out.exists()
+    with pytest.raises(InputError, match=r"part-0\.parquet: missing column\(s\) action \(for event\)"):
+        prepare(PrepareOptions(input=str(tmp_path / "part-0.parquet"), output=str(out), columns={**columns, "event": "action"}))
+    with pytest.raises(ValueError, match="both click and browse"):
+        prepare(PrepareOptions(input=str(tmp_path), output=str(out), click_events=["view"], browse_events=["View"]))
+    with pytest.raises(ValueError, match="apply to the events format"):
+        PrepareOptions(input=str(tmp_path), output=str(out), format="seqtxt", columns={"user_id": "uid"})
+
+
 def test_movielens_formats(tmp_path):
     udata = "1\t10\t5\t881250949\n1\t20\t3\t881250950\n1\t30\t4\t881250951\n2\t10\t4\t881250952\n"
     m = run(tmp_path, udata, "u.data", "movielens")

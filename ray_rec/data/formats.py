@@ -1,18 +1,23 @@
 """Readers that turn a user's logs into a stream of standard event tables.
 
 Every reader yields pyarrow tables with columns ``user_id`` (string), ``item_id`` (string),
-``timestamp`` (int64 seconds; null where unparseable) and ``event`` (int8: 1 click, 0 browse,
--1 unknown value), one bounded batch at a time, so a log larger than memory streams through.
+``timestamp`` (int64 seconds; null where unparseable), ``event`` (int8: 1 click, 0 browse,
+-1 neither) and ``event_value`` (the raw value of a -1 event), one bounded batch at a time, so a
+log larger than memory streams through.
 """
 
 from __future__ import annotations
 
+import csv
 import io
+import json
 import math
 import posixpath
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -26,12 +31,71 @@ from ray_rec.data.examples import MAX_ABS_SECONDS
 from ray_rec.data.schema import check_schema, read_checked
 
 FORMATS = ("events", "movielens", "seqtxt")
+EVENT_SUFFIXES = (".parquet", ".pq", ".csv", ".csv.gz", ".tsv", ".jsonl", ".jsonl.gz", ".ndjson", ".json")
+JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json")
 BATCH_ROWS = 1 << 18
 TEXT_CHUNK_BYTES = 1 << 24
 MAX_LINE_BYTES = 1 << 26  # a longer "line" is not a log (a compressed file of zeros, say): refused
+MAX_HEADER_BYTES = 1 << 16  # a CSV header is read from this much of the file's start
 STANDARD = pa.schema(
-    [("user_id", pa.string()), ("item_id", pa.string()), ("timestamp", pa.int64()), ("event", pa.int8())]
+    [("user_id", pa.string()), ("item_id", pa.string()), ("timestamp", pa.int64()), ("event", pa.int8()),
+     ("event_value", pa.string())]  # the raw value of an event neither click nor browse (-1), else null
 )
+FIELDS = ("user_id", "item_id", "timestamp", "event")  # what a mapping may rename; event is optional
+DEFAULT_CLICKS = ("click", "1", "true", "clicked")
+DEFAULT_BROWSES = ("browse", "0", "false", "impression", "view", "shown")
+
+
+@dataclass(frozen=True)
+class EventMapping:
+    """Where the events format finds its fields and what its event values mean: ``columns`` maps a
+    field of `FIELDS` to the log's column name (unnamed fields keep their own name); event values
+    (compared trimmed and case-insensitively) in ``clicks`` are clicks, in ``browses`` browses, any
+    other is dropped and counted by value."""
+
+    columns: dict[str, str] = field(default_factory=dict)
+    clicks: tuple[str, ...] = DEFAULT_CLICKS
+    browses: tuple[str, ...] = DEFAULT_BROWSES
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.columns) - set(FIELDS))
+        if unknown:
+            raise ValueError(f"columns: {', '.join(unknown)} is not a field; map any of {', '.join(FIELDS)}")
+        sources = [self.source(f) for f in FIELDS]
+        if len(set(sources)) < len(sources):
+            raise ValueError(f"columns: two fields read the same column ({', '.join(f'{f}={c}' for f, c in zip(FIELDS, sources))})")
+        object.__setattr__(self, "clicks", tuple(v.strip().lower() for v in self.clicks))
+        object.__setattr__(self, "browses", tuple(v.strip().lower() for v in self.browses))
+        both = sorted(set(self.clicks) & set(self.browses))
+        if both:
+            raise ValueError(f"event value(s) {', '.join(both)} are both click and browse events")
+        if not self.clicks:
+            raise ValueError("click events: name at least one event value that is a click")
+
+    def source(self, name: str) -> str:
+        """The log's column holding field ``name``."""
+        return self.columns.get(name, name)
+
+
+def parse_mapping(text: str | None) -> dict[str, str]:
+    """``user_id=uid,item_id=sku`` -> {"user_id": "uid", "item_id": "sku"}.
+
+    Raises:
+        ValueError: an entry is not ``field=column``."""
+    out: dict[str, str] = {}
+    for entry in (text or "").split(","):
+        if not entry.strip():
+            continue
+        name, sep, column = entry.partition("=")
+        if not sep or not name.strip() or not column.strip():
+            raise ValueError(f"--columns entry {entry.strip()!r} is not field=column (e.g. user_id=uid)")
+        out[name.strip()] = column.strip()
+    return out
+
+
+def parse_values(text: str | None) -> tuple[str, ...] | None:
+    """``click,purchase`` -> ("click", "purchase"); None when not given."""
+    return None if text is None else tuple(v.strip() for v in text.split(",") if v.strip())
 _NUMERIC = r"^\s*-?\d+(\.\d*)?\s*$"
 
 
@@ -113,71 +177,117 @@ def _parse_one(text: str | None, is_num: bool) -> int | None:
     return int(stamp.timestamp())
 
 
-def parse_events(values: pa.Array | None, n: int) -> pa.Array:
-    """click/browse (any case; also 1/0, true/false) -> 1/0; other values -> -1; absent -> all clicks."""
+def parse_events(values: pa.Array | None, n: int, mapping: EventMapping | None = None) -> tuple[pa.Array, pa.Array]:
+    """Event values -> (1 click / 0 browse / -1 neither, int8; the raw value where -1, else null).
+    Values are compared trimmed and lower-cased with ``mapping``'s lists (by default click/browse,
+    1/0, true/false, ...); no event column means every row is a click."""
     if values is None:
-        return pa.array([1] * n, pa.int8())
-    text = pc.utf8_lower(pc.utf8_trim_whitespace(pc.cast(values, pa.string())))
-    click = pc.is_in(text, pa.array(["click", "1", "true", "clicked"]))
-    browse = pc.is_in(text, pa.array(["browse", "0", "false", "impression", "view", "shown"]))
-    return pc.cast(pc.if_else(click, 1, pc.if_else(browse, 0, -1)), pa.int8())
+        return pa.array([1] * n, pa.int8()), pa.nulls(n, pa.string())
+    mapping = mapping or EventMapping()
+    raw = pc.cast(values, pa.string())
+    text = pc.utf8_lower(pc.utf8_trim_whitespace(raw))
+    click = pc.fill_null(pc.is_in(text, pa.array(mapping.clicks, pa.string())), False)
+    browse = pc.fill_null(pc.is_in(text, pa.array(mapping.browses, pa.string())), False)
+    event = pc.cast(pc.if_else(click, 1, pc.if_else(browse, 0, -1)), pa.int8())
+    other = pc.invert(pc.or_(click, browse))
+    return event, pc.if_else(other, pc.fill_null(raw, "(null)"), pa.scalar(None, pa.string()))
 
 
-def standardise(table: pa.Table, source: str) -> pa.Table:
-    """Rename-free conversion of a table with the events columns to the `STANDARD` schema."""
+def standardise(table: pa.Table, source: str, mapping: EventMapping | None = None) -> pa.Table:
+    """A table holding the events fields (under ``mapping``'s column names) -> the `STANDARD` schema."""
+    mapping = mapping or EventMapping()
+
     def as_string(name: str) -> pa.Array:
-        col = table.column(name).combine_chunks()
+        col = table.column(mapping.source(name)).combine_chunks()
         if pa.types.is_floating(col.type):  # ints read as floats because of nulls
             col = pc.cast(col, pa.int64(), safe=False)
         try:
             return pc.cast(col, pa.string())
-        except pa.ArrowInvalid as exc:
-            raise InputError(f"{source}: column {name!r} cannot be read as ids: {exc}") from None
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise InputError(f"{source}: column {mapping.source(name)!r} ({name}) cannot be read as ids: {exc}") from None
 
-    event = table.column("event").combine_chunks() if "event" in table.column_names else None
+    has_event = mapping.source("event") in table.column_names
+    event, value = parse_events(table.column(mapping.source("event")).combine_chunks() if has_event else None,
+                                table.num_rows, mapping)
     return pa.table(
         {
             "user_id": as_string("user_id"),
             "item_id": as_string("item_id"),
-            "timestamp": parse_timestamps(table.column("timestamp").combine_chunks()),
-            "event": parse_events(event, table.num_rows),
+            "timestamp": parse_timestamps(table.column(mapping.source("timestamp")).combine_chunks()),
+            "event": event,
+            "event_value": value,
         },
         schema=STANDARD,
     )
 
 
-def _require(columns: list[str], required: tuple[str, ...], source: str) -> None:
-    missing = [c for c in required if c not in columns]
+def _require(columns: list[str], mapping: EventMapping, source: str) -> None:
+    """Raises InputError naming the file and every field whose column it lacks (event only when mapped)."""
+    needed = [f for f in FIELDS if f != "event" or "event" in mapping.columns]
+    missing = [f"{mapping.source(f)}" + (f" (for {f})" if mapping.source(f) != f else "") for f in needed
+               if mapping.source(f) not in columns]
     if missing:
         raise InputError(
             f"{source}: missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'} "
-            f"(the events format needs user_id, item_id, timestamp and optionally event)"
+            f"(the events format needs user_id, item_id, timestamp and optionally event; --columns maps other names)"
         )
 
 
-def read_events_format(uri: str) -> Iterator[pa.Table]:
-    """Parquet or CSV files with user_id, item_id, timestamp[, event]."""
-    for path in list_inputs(uri, (".parquet", ".pq", ".csv", ".csv.gz", ".tsv")):
+def check_event_columns(uri: str, mapping: EventMapping) -> None:
+    """Every events file at ``uri`` holds the columns ``mapping`` names, read from its schema, header
+    or first line only, so a wrong mapping fails before any work.
+
+    Raises:
+        InputError: naming the file and the missing column."""
+    for path in list_inputs(uri, EVENT_SUFFIXES):
+        fs, fpath = storage.resolve(path)
+        lower = path.lower()
+        try:
+            if lower.endswith((".parquet", ".pq")):
+                names = pq.read_schema(fpath, filesystem=fs).names
+            elif lower.endswith(JSON_SUFFIXES):
+                first = next((line for chunk in _text_chunks(path) for line in chunk.splitlines() if line.strip()), b"{}")
+                try:
+                    row = json.loads(first)
+                except ValueError as exc:
+                    raise InputError(f"{path}: the first line is not a JSON object: {exc}") from None
+                names = list(row) if isinstance(row, dict) else []
+            else:
+                with fs.open_input_stream(fpath, compression="detect") as stream:
+                    head = stream.read(MAX_HEADER_BYTES).split(b"\n", 1)[0].decode("utf-8", "replace")
+                names = next(csv.reader([head], delimiter="\t" if lower.endswith(".tsv") else ","), [])
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"{path}: cannot be read: {exc}") from None
+        _require(names, mapping, path)
+
+
+def read_events_format(uri: str, mapping: EventMapping | None = None) -> Iterator[pa.Table]:
+    """Parquet, CSV or JSON Lines files with user_id, item_id, timestamp[, event] (or the columns
+    ``mapping`` names)."""
+    mapping = mapping or EventMapping()
+    for path in list_inputs(uri, EVENT_SUFFIXES):
         fs, fpath = storage.resolve(path)
         try:
             if path.lower().endswith((".parquet", ".pq")):
                 schema = pq.read_schema(fpath, filesystem=fs)
-                _require(schema.names, ("user_id", "item_id", "timestamp"), path)
+                _require(schema.names, mapping, path)
                 check_schema(schema, path)
-                cols = [c for c in ("user_id", "item_id", "timestamp", "event") if c in schema.names]
+                cols = [mapping.source(c) for c in FIELDS if mapping.source(c) in schema.names]
                 source = pads.dataset(fpath, format="parquet", filesystem=fs)
                 for batch in source.to_batches(columns=cols, batch_size=BATCH_ROWS):
                     if batch.num_rows:
-                        yield standardise(pa.Table.from_batches([batch]), path)
+                        yield standardise(pa.Table.from_batches([batch]), path, mapping)
+            elif path.lower().endswith(JSON_SUFFIXES):
+                yield from _read_json_lines(path, mapping)
             else:
-                yield from _read_csv(path, fs, fpath)
+                yield from _read_csv(path, fs, fpath, mapping)
         except (pa.ArrowInvalid, OSError) as exc:
             raise InputError(f"{path}: cannot be read: {exc}") from None
 
 
-def _read_csv(path: str, fs: pafs.FileSystem, fpath: str) -> Iterator[pa.Table]:
+def _read_csv(path: str, fs: pafs.FileSystem, fpath: str, mapping: EventMapping) -> Iterator[pa.Table]:
     delimiter = "\t" if path.lower().endswith(".tsv") else ","
-    text_cols = {c: pa.string() for c in ("user_id", "item_id", "event")}
+    text_cols = {mapping.source(c): pa.string() for c in ("user_id", "item_id", "event")}
     with fs.open_input_stream(fpath, compression="detect") as stream:
         reader = pacsv.open_csv(
             stream,
@@ -185,10 +295,33 @@ def _read_csv(path: str, fs: pafs.FileSystem, fpath: str) -> Iterator[pa.Table]:
             parse_options=pacsv.ParseOptions(delimiter=delimiter),
             convert_options=pacsv.ConvertOptions(column_types=text_cols, strings_can_be_null=True),
         )
-        _require(reader.schema.names, ("user_id", "item_id", "timestamp"), path)
+        _require(reader.schema.names, mapping, path)
         for batch in reader:
             if batch.num_rows:
-                yield standardise(pa.Table.from_batches([batch]), path)
+                yield standardise(pa.Table.from_batches([batch]), path, mapping)
+
+
+def _read_json_lines(path: str, mapping: EventMapping) -> Iterator[pa.Table]:
+    """One JSON object a line. A line that is not an object, or a field that is not a plain value,
+    reads as nulls (counted as dropped rows downstream); ids may be numbers or strings."""
+    names = [mapping.source(f) for f in FIELDS]
+    for chunk in _text_chunks(path):
+        columns: list[list[Any]] = [[] for _ in names]
+        for line in chunk.splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict):
+                row = {}
+            for column, name in zip(columns, names):
+                value = row.get(name)
+                column.append(None if value is None or isinstance(value, (dict, list)) else str(value))
+        if columns[0]:
+            table = pa.table({name: pa.array(values, pa.string()) for name, values in zip(names, columns)})
+            yield standardise(table, path, mapping)
 
 
 def _text_chunks(path: str) -> Iterator[bytes]:
@@ -285,15 +418,16 @@ def read_seqtxt(uri: str) -> Iterator[pa.Table]:
                         "item_id": pa.array(items, pa.string()),
                         "timestamp": pa.array(stamps, pa.int64()),
                         "event": pa.array([1] * len(users), pa.int8()),
+                        "event_value": pa.nulls(len(users), pa.string()),
                     },
                     schema=STANDARD,
                 )
 
 
-def read_input(uri: str, fmt: str) -> Iterator[pa.Table]:
-    """Dispatch on ``fmt`` (one of `FORMATS`)."""
+def read_input(uri: str, fmt: str, mapping: EventMapping | None = None) -> Iterator[pa.Table]:
+    """Dispatch on ``fmt`` (one of `FORMATS`); ``mapping`` applies to the events format."""
     if fmt == "events":
-        return read_events_format(uri)
+        return read_events_format(uri, mapping)
     if fmt == "movielens":
         return read_movielens(uri)
     if fmt == "seqtxt":

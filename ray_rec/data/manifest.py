@@ -51,6 +51,7 @@ class Manifest:
     num_shards: int
     id_type: str
     dropped: dict[str, int] = field(default_factory=dict)
+    dropped_event_values: dict[str, int] = field(default_factory=dict)  # bad_events by value (the most frequent)
     source: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     schema_version: int = SCHEMA_VERSION

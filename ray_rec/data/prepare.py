@@ -32,7 +32,16 @@ import pyarrow.parquet as pq
 
 from ray_rec import storage
 from ray_rec.config import PrepareOptions
-from ray_rec.data.formats import InputError, estimate_events, read_input, read_item_features
+from ray_rec.data.formats import (
+    DEFAULT_BROWSES,
+    DEFAULT_CLICKS,
+    EventMapping,
+    InputError,
+    check_event_columns,
+    estimate_events,
+    read_input,
+    read_item_features,
+)
 from ray_rec.data.manifest import SCHEMA_VERSION, SPLITS, DataCounts, Manifest, SplitFacts
 from ray_rec.data.schema import SEQUENCE_SCHEMA
 from ray_rec.vocab import Vocabulary
@@ -43,6 +52,7 @@ BUCKET_TARGET_ROWS = 1_000_000  # events per spill bucket, bounding pass-2 memor
 ROW_GROUP_USERS = 8192
 SPILL_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
 MAX_BUCKETS = 512  # open spill files in pass 1; past 512M events the buckets grow instead
+MAX_EVENT_VALUES = 100  # dropped event values the manifest counts one by one (the most frequent)
 DROP_REASONS = ("null_ids", "bad_timestamps", "bad_events", "duplicates", "short_users", "short_user_events")
 
 
@@ -55,6 +65,7 @@ class Counts:
     events: int = 0
     clicks: int = 0
     dropped: Counter = field(default_factory=Counter)
+    event_values: Counter = field(default_factory=Counter)  # dropped rows by their event value
 
 
 def _user_buckets(users: pa.Array, n: int) -> np.ndarray:
@@ -87,8 +98,11 @@ def _clean(table: pa.Table, counts: Counts) -> pa.Table:
     counts.dropped["null_ids"] += pc.sum(null_ids).as_py() or 0
     counts.dropped["bad_timestamps"] += pc.sum(bad_time).as_py() or 0
     counts.dropped["bad_events"] += pc.sum(bad_event).as_py() or 0
+    if pc.any(bad_event).as_py():
+        for entry in pc.value_counts(table["event_value"].filter(bad_event)).to_pylist():
+            counts.event_values[entry["values"]] += entry["counts"]
     keep = pc.invert(pc.or_(pc.or_(null_ids, bad_time), bad_event))
-    return table.filter(keep)
+    return table.filter(keep).drop_columns(["event_value"])
 
 
 def _spill(opts: PrepareOptions, scratch: str, progress: Callable[[str], None]) -> tuple[int, Counts, Counter, set[str]]:
@@ -103,7 +117,7 @@ def _spill(opts: PrepareOptions, scratch: str, progress: Callable[[str], None]) 
     seq = 0
     started = time.monotonic()
     try:
-        for raw in read_input(opts.input, opts.format):
+        for raw in read_input(opts.input, opts.format, event_mapping(opts)):
             table = _clean(raw, counts)
             if not table.num_rows:
                 continue
@@ -222,13 +236,24 @@ def _split_bucket(table: pa.Table, vocab_ids: pa.Array, opts: PrepareOptions, co
     return {s: _prefix_rows(user_start, ends[s], masks[s] & (ends[s] > user_start), table, users) for s in SPLITS}
 
 
+def event_mapping(opts: PrepareOptions) -> EventMapping:
+    """The events format's mapping from ``opts`` (defaults where a part is not given)."""
+    return EventMapping(columns=dict(opts.columns or {}),
+                        clicks=DEFAULT_CLICKS if opts.click_events is None else tuple(opts.click_events),
+                        browses=DEFAULT_BROWSES if opts.browse_events is None else tuple(opts.browse_events))
+
+
 def _write_manifest(opts: PrepareOptions, vocab: Vocabulary, counts: Counts, files: dict[str, list[str]], has_time: bool, has_browse: bool) -> Manifest:
     return Manifest(
         schema_version=SCHEMA_VERSION,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        source={"input": opts.input, "format": opts.format, "items": opts.items},
+        source={"input": opts.input, "format": opts.format, "items": opts.items,
+                **({"columns": opts.columns} if opts.columns else {}),
+                **({"click_events": opts.click_events} if opts.click_events is not None else {}),
+                **({"browse_events": opts.browse_events} if opts.browse_events is not None else {})},
         counts=DataCounts(users=counts.users, items=len(vocab), events=counts.events, clicks=counts.clicks, rows_read=counts.rows),
         dropped={k: counts.dropped.get(k, 0) for k in DROP_REASONS},
+        dropped_event_values=dict(counts.event_values.most_common(MAX_EVENT_VALUES)),
         split=SplitFacts(protocol=opts.split, cutoff=opts.cutoff, min_clicks=opts.min_clicks),
         num_shards=max(len(f) for f in files.values()),
         has_time=has_time,
@@ -247,6 +272,9 @@ def prepare(opts: PrepareOptions, progress: Callable[[str], None] | None = None)
         OutputError: the output holds files `prepare` did not write (see `storage.claim_output`).
     """
     say = progress or (lambda msg: logger.info(msg))
+    mapping = event_mapping(opts)
+    if opts.format == "events":
+        check_event_columns(opts.input, mapping)  # a wrong mapping fails before any work
     storage.claim_output(opts.output, "prepare", opts.overwrite, reads=(opts.input, opts.items or ""))
     run_id = uuid.uuid4().hex[:8]
     staging = storage.join(opts.output, f"_staging-{run_id}")

@@ -89,6 +89,7 @@ FULL = {
     "cluster": [["bench.cluster"]],
     # The CPU baseline of the GPU check (bench/gpu_check.sh runs the GPU side on a GPU machine).
     "gpu": [["bench.gpu_check", "--device", "cpu", "--parts", "speed", "recommend", "pipeline", "ray_train", "serve"]],
+    "explain": [["bench.explain", "--dataset", "Beauty"]],
     "scale": [["bench.topk_scale", "--catalogs", "10000", "100000", "1000000", "--requests", "200"],
               ["bench.recommend_many", "--users", "20000", "--items", "20000", "--rounds", "3"],
               ["bench.recommend_many", "--call", "evaluate", "--users", "2048", "--items", "1000000", "--rounds", "3"]],
@@ -105,6 +106,8 @@ QUICK = {
     "data": [["bench.data_scale", "--sizes", "200000", "400000"]],
     "cluster": [["bench.cluster", "--epochs", "3"]],
     "gpu": [["bench.gpu_check", "--device", "cpu", "--quick"]],
+    "explain": [["bench.explain", "--dataset", "Beauty", "--set", "train.epochs=1", "--users", "200", "--requests", "100",
+                 "--rounds", "1"]],
     "scale": [["bench.topk_scale", "--catalogs", "10000", "100000", "--requests", "100", "--repeats", "10"],
               ["bench.recommend_many", "--users", "2000", "--items", "5000", "--rounds", "1"],
               ["bench.recommend_many", "--call", "evaluate", "--users", "1024", "--items", "100000", "--rounds", "1"]],

@@ -402,6 +402,39 @@ def gpu(folder: Path) -> list[str]:
     return out + [""]
 
 
+def explanations(folder: Path) -> list[str]:
+    """`bench.explain`: each attribution method's deletions against random and recent ones, and the cost."""
+    out: list[str] = []
+    for r in _load(folder, "explain_*.json"):
+        f, sv = r["faithfulness"], r.get("serve", {})
+        d, ms = f["deletions"], f["ms_per_query"]
+        out += [f"### {r['dataset']}", "", _source(r) + f" Model: {r['model']}.", "",
+                f"Faithfulness on {f['users']:,} test users (history without the held-out click, at least 4 clicks): the "
+                "recommended item's rank (1 before) and score after deleting 3 of the clicks the model reads. *Wins*: the "
+                "method's deletion drops the rank at least as far and the score further than both the random and the "
+                "recent deletion; *rank wins*: the rank strictly further than both.", "",
+                "| deleted clicks | mean rank drop | median rank drop | mean score drop | wins | rank wins | same 3 clicks as a baseline | wins where the clicks differ | ms per query, batches of 32 |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for name, row in d.items():
+            label = {"random": "3 at random", "recent": "the 3 most recent"}.get(
+                name, f"top 3 by `{name}`" if " " not in name else f"3 by {name} (not in the product)")
+            extra = (f"{row['wins']:.0%} | {row['rank_wins']:.0%} | {row['same_clicks_as_a_baseline']:.0%} | "
+                     f"{row.get('wins_where_the_clicks_differ', 0):.0%}" if "wins" in row else "- | - | - | -")
+            cost = f"{ms[name]:.2f} (plain {ms['plain']:.2f})" if name in ms else "-"
+            out.append(f"| {label} | {row['mean_rank_drop']:,.1f} | {row['median_rank_drop']:,.0f} | "
+                       f"{row['mean_score_drop']:.3f} | {extra} | {cost} |")
+        if sv:
+            out += ["", f"Serve, `/v1/recommend` (k=10, a history of {sv['history_length']} clicks), medians over the rounds:", "",
+                    "| concurrency | plain req/s | plain p50 / p99 ms | explain req/s | explain p50 / p99 ms | p50 ratio | errors |",
+                    "|---|---|---|---|---|---|---|"]
+            for c in (1, 32):
+                p, e = sv[f"c{c}_plain"], sv[f"c{c}_explain"]
+                out.append(f"| {c} | {p['rps']:,.0f} | {p['p50_ms']:.1f} / {p['p99_ms']:.1f} | {e['rps']:,.0f} | "
+                           f"{e['p50_ms']:.1f} / {e['p99_ms']:.1f} | {sv[f'c{c}_p50_ratio']:.2f}x | {p['errors'] + e['errors']} |")
+        out.append("")
+    return out
+
+
 def write_report(folder: Path, target: Path, quick: bool = False) -> Path:
     rel = str(folder.relative_to(target.parent)) if folder.is_relative_to(target.parent) else str(folder)
     lines = ["# Benchmarks" + (" (quick sizes: not the reference figures)" if quick else ""), "",
@@ -423,7 +456,7 @@ def write_report(folder: Path, target: Path, quick: bool = False) -> Path:
                 ("Training speed", speed(folder) + shared_cores(folder) + loss_memory(folder) + sparse_items(folder) + ray_runs(folder)
                  + relevance_cost(folder) + enhancer_cost(folder)), ("Data: import and streaming at scale", data(folder)),
                 ("Serving", serving(folder, rel) + serve_start(folder)), ("Top-k latency against catalog size", topk(folder) + recommend_many(folder)),
-                ("On a cluster", cluster(folder)), ("On a GPU", gpu(folder))]
+                ("Explanations", explanations(folder)), ("On a cluster", cluster(folder)), ("On a GPU", gpu(folder))]
     for title, body in sections:
         lines += [f"## {title}", ""] + (body or ["Not measured yet: run its command.", ""])
     target.write_text("\n".join(lines))

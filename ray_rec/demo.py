@@ -147,10 +147,11 @@ def _run(opts: DemoOptions, workdir: str, root: str) -> int:
     try:
         users = generate(SyntheticSpec(users=3, items=max(200, opts.users // 6), topics=25, seed=99))[0]
         clicks = [r["item_id"] for r in users.to_pylist() if r["event"] == "click" and r["user_id"] == "u0"][-8:]
-        print(f"POST {url}/v1/recommend  history={clicks}")
-        rec = _post(url + "/v1/recommend", {"history": clicks, "k": 5})
+        print(f"POST {url}/v1/recommend  history={clicks}  explain=true")
+        rec = _post(url + "/v1/recommend", {"history": clicks, "k": 5, "explain": True, "explain_top": 2})
         for item in rec["items"]:
-            print(f"  {item['item_id']:>8}  score {item['score']:.3f}")
+            because = ", ".join(f"{b['item_id']} ({b['share']:+.0%})" for b in item["because"])
+            print(f"  {item['item_id']:>8}  score {item['score']:.3f}  because of {because}")
         cands = [i["item_id"] for i in rec["items"][:2]] + ["i1", "i2"]
         print(f"POST {url}/v1/score  candidates={cands}")
         print("  " + json.dumps(_post(url + "/v1/score", {"history": clicks, "candidates": cands})["scores"]))

@@ -81,6 +81,41 @@ def test_concurrent_mixed_requests_are_all_answered(service):
     assert codes == [200] * 64
 
 
+def test_explanations_through_batches_that_mix_explained_and_plain_requests(service, trained):
+    from concurrent.futures import ThreadPoolExecutor
+
+    rec = load_model(trained.model_uri)
+    history = ["i1", "nope", "i5", "i7", "i9"]
+
+    def one(i):
+        if i % 4 == 0:
+            return post(service, "/v1/recommend", {"history": history, "k": 3, "explain": True, "explain_top": 2})
+        if i % 4 == 1:
+            return post(service, "/v1/score", {"history": history, "candidates": ["i2", "x"], "explain": True})
+        return post(service, "/v1/recommend", {"history": history, "k": 3})
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, range(48)))
+    assert [r.status_code for r in answers] == [200] * 48
+    want = rec.recommend([history], k=3, explain=True, explain_top=2)[0]
+    scored = rec.score([history], [["i2", "x"]], explain=True)[0]
+    for i, r in enumerate(answers):
+        body = r.json()
+        if i % 4 == 0:
+            assert [(x["item_id"], [(b["item_id"], b["position"]) for b in x["because"]]) for x in body["items"]] == \
+                [(item, [(b.item_id, b.position) for b in why]) for item, _, why in want]
+            assert [b["share"] for x in body["items"] for b in x["because"]] == \
+                pytest.approx([b.share for _, _, why in want for b in why], rel=1e-3, abs=1e-4)
+        elif i % 4 == 1:
+            assert [[(b["item_id"], b["position"]) for b in row] for row in body["because"]] == \
+                [[(b.item_id, b.position) for b in why] for _, why in scored]
+            assert body["because"][1] == []  # the unknown candidate
+        else:
+            assert all(x.get("because") is None for x in body["items"])
+    r = post(service, "/v1/recommend", {"history": history, "explain": True, "explain_top": 0})
+    assert r.status_code == 422 and "explain_top=0" in r.text
+
+
 @pytest.mark.parametrize(
     "path,body,code,needle",
     [

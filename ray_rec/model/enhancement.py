@@ -111,13 +111,17 @@ class AUGRUEnhancer(nn.Module):
         flip[d : 2 * d] = -1.0
         self.register_buffer("flip", flip, persistent=False)
 
-    def forward(self, states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) states and (B, L) validity -> (B, L, D) enhanced interests."""
-        b, length, d = states.shape
+    def step_scores(self, states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The attention score a_t of every step, (B, L, 1) in [0, 1]; zero at padding."""
         shifts = consecutive_differences(states, valid)
         prev = states - shifts
         score = torch.sigmoid(self.attention(torch.cat([states, shifts, states * prev], -1)))  # (B, L, 1)
-        score = score * valid.unsqueeze(-1)
+        return score * valid.unsqueeze(-1)
+
+    def forward(self, states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) states and (B, L) validity -> (B, L, D) enhanced interests."""
+        b, length, d = states.shape
+        score = self.step_scores(states, valid)
         flip = self.flip
         # The recurrence in fp32 under bf16 autocast too (torch.gru_cell takes one dtype; its steps are small).
         with full_precision(states.device):

@@ -20,6 +20,7 @@ from ray_rec.config import ModelConfig
 from ray_rec.device import device_name, resolve_device, to_device
 from ray_rec.model.artifact import ArtifactError, LoadedArtifact, read_artifact
 from ray_rec.model.interest_model import InterestModel
+from ray_rec.predict import explain as explain_api
 from ray_rec.predict import ranking
 from ray_rec.predict.inputs import check_rows, click_time_buckets, pad_rows, window
 from ray_rec.vocab import RawId, Vocabulary
@@ -38,6 +39,7 @@ class Query:
     k: int = 0
     exclude: bool = True  # leave the history's items out of the top-k
     time_buckets: list[int] | None = None  # one per history click, when the request sent click times
+    explain: int = 0  # name this many clicks per returned item or candidate (0: no explanation)
 
 
 @dataclass
@@ -49,6 +51,9 @@ class Answer:
     scores: Sequence[float | None]
     items: list[int] | None = None
     fallback: str | None = None
+    # With ``Query.explain``: per returned item or candidate, its clicks as (index in
+    # ``Query.history``, signed share), largest contribution first; empty for an unknown candidate.
+    reasons: list[list[tuple[int, float]]] | None = None
 
 
 class Recommender:
@@ -86,10 +91,14 @@ class Recommender:
     # ---------------------------------------------------------------------------- the batched API
 
     @torch.inference_mode()
-    def predict(self, queries: Sequence[Query]) -> list[Answer]:
+    def predict(self, queries: Sequence[Query], explain_method: str = explain_api.DEFAULT_METHOD) -> list[Answer]:
         """Answer score and recommend queries together: one encoding of the histories per block of
         `ranking.BLOCK_ROWS`, the catalog scored in `ranking.top_k`'s bounded blocks, on the
-        model's device (each block's inputs go there in one `to_device`)."""
+        model's device (each block's inputs go there in one `to_device`). Queries that ask for an
+        explanation get their answers' reasons by ``explain_method`` (`ray_rec.predict.explain`),
+        all of them in one pass."""
+        if any(q.explain for q in queries):
+            explain_api.check_method(explain_method, self.model)
         answers: list[Answer | None] = [None if q.history else self._fallback(q) for q in queries]
         modelled = [r for r, q in enumerate(queries) if q.history]
         length = self.config.history_len
@@ -119,7 +128,21 @@ class Recommender:
                 for i, row_ids, row_scores in zip(ranked, ids.cpu().tolist(), scores.cpu().tolist()):
                     pairs = [(idx, s) for idx, s in zip(row_ids[: block[i].k], row_scores[: block[i].k]) if s != float("-inf")]
                     answers[modelled[start + i]] = Answer([s for _, s in pairs], [idx for idx, _ in pairs])
-        return answers  # type: ignore[return-value]  # every slot is filled above
+        self._explain(queries, answers, explain_method)  # type: ignore[arg-type]  # every slot is filled above
+        return answers  # type: ignore[return-value]
+
+    def _explain(self, queries: Sequence[Query], answers: list[Answer], method: str) -> None:
+        """Fill the reasons of the answers whose query asks for them (a popularity answer has none)."""
+        asked = [r for r, q in enumerate(queries) if q.explain]
+        jobs = []
+        for r in asked:
+            q, a = queries[r], answers[r]
+            targets = a.items if a.items is not None else list(q.candidates or [])
+            jobs.append(explain_api.Job(q.history if a.fallback is None else [], q.time_buckets, targets))
+        for r, job, found in zip(asked, jobs, explain_api.contributions(self.model, jobs, method)):
+            first = len(job.history) - found.shape[1]
+            answers[r].reasons = [[(first + j, share) for j, share in row] if target else []
+                                  for target, row in zip(job.targets, explain_api.reasons(found, queries[r].explain))]
 
     def _fallback(self, query: Query) -> Answer:
         """A query whose history holds no known item: candidates scored by their training click
@@ -164,20 +187,29 @@ class Recommender:
         histories: list[list[RawId]],
         candidates: list[list[RawId]],
         timestamps: list[list[float]] | None = None,
-    ) -> list[list[float | None]]:
+        explain: bool = False,
+        explain_top: int = explain_api.DEFAULT_TOP,
+        explain_method: str = explain_api.DEFAULT_METHOD,
+    ) -> list[list[Any]]:
         """Relevance of each candidate to each history (higher = more likely the next click).
 
         Unknown candidates get None. ``histories`` and ``candidates`` are parallel lists. A history
         with no known item scores its candidates by their training click counts, as ``recommend``
-        ranks for it. ``timestamps``: optional, as in ``recommend``.
+        ranks for it. ``timestamps``: optional, as in ``recommend``. With ``explain``, each score
+        comes as (score, reasons), as in ``recommend``; an unknown candidate has no reasons.
         """
-        queries = self._queries(histories, timestamps)
+        top = self._explain_top(explain, explain_top)
+        rows = check_rows("histories", histories)
+        queries = self._queries(rows, timestamps, explain=top)
         index = [[self.vocab.index_of(raw) or 0 for raw in row] for row in check_rows("candidates", candidates)]
         if len(queries) != len(index):
             raise ValueError(f"{len(queries)} histories but {len(index)} candidate lists")
         for query, row in zip(queries, index):
             query.candidates = row
-        return [list(answer.scores) for answer in self.predict(queries)]
+        answers = self.predict(queries, explain_method)
+        if not top:
+            return [list(answer.scores) for answer in answers]
+        return [list(zip(a.scores, self.raw_reasons(a, raw))) for a, raw in zip(answers, rows)]
 
     def recommend(
         self,
@@ -185,7 +217,10 @@ class Recommender:
         k: int = 10,
         exclude_seen: bool = True,
         timestamps: list[list[float]] | None = None,
-    ) -> list[list[tuple[RawId, float]]]:
+        explain: bool = False,
+        explain_top: int = explain_api.DEFAULT_TOP,
+        explain_method: str = explain_api.DEFAULT_METHOD,
+    ) -> list[list[tuple[Any, ...]]]:
         """The top-k items of the catalog for each history, as (raw id, score), best first.
 
         A history with no known item (empty, or only ids the model never saw) tells the model
@@ -195,11 +230,33 @@ class Recommender:
         ``timestamps``: optional click times, one list per history, one epoch second (or
         millisecond) per item, oldest first. A model trained on data with times reads the time
         between clicks as it did in training; without them every gap reads as unknown.
+
+        ``explain``: each item comes as (raw id, score, reasons): the ``explain_top`` history clicks
+        that raised its score most, as `ray_rec.predict.explain.Reason` (raw id, position in the history, signed
+        share), by ``explain_method`` (see `ray_rec.predict.explain`; a popularity answer has none).
         """
         if k < 1:
             raise ValueError(f"k={k} must be >= 1")
-        answers = self.predict(self._queries(histories, timestamps, k=k, exclude=exclude_seen))
-        return [[(self.vocab.raw_id(i), s) for i, s in zip(a.items or [], a.scores)] for a in answers]  # type: ignore[misc]
+        top = self._explain_top(explain, explain_top)
+        rows = check_rows("histories", histories)
+        answers = self.predict(self._queries(rows, timestamps, k=k, exclude=exclude_seen, explain=top), explain_method)
+        if not top:
+            return [[(self.vocab.raw_id(i), s) for i, s in zip(a.items or [], a.scores)] for a in answers]  # type: ignore[misc]
+        return [[(self.vocab.raw_id(i), s, why) for i, s, why in zip(a.items or [], a.scores, self.raw_reasons(a, raw))]
+                for a, raw in zip(answers, rows)]
+
+    @staticmethod
+    def _explain_top(explain: bool, top: int) -> int:
+        if not explain:
+            return 0
+        if not 1 <= top <= explain_api.MAX_TOP:
+            raise ValueError(f"explain_top={top} must be between 1 and {explain_api.MAX_TOP}")
+        return top
+
+    def raw_reasons(self, answer: Answer, history: Sequence[RawId]) -> list[list[explain_api.Reason]]:
+        """``answer.reasons`` (on the known clicks of ``history``) as raw ids and positions in ``history``."""
+        known = [p for p, i in enumerate(self.vocab.indices(history)) if i is not None]
+        return [[explain_api.Reason(history[known[j]], known[j], share) for j, share in row] for row in answer.reasons or []]
 
     def clicks(self, index: Sequence[int]) -> list[float]:
         """Training click counts of item indices (0 for padding)."""

@@ -17,6 +17,7 @@ from ray.serve import Application
 
 from ray_rec.device import device_name
 from ray_rec.predict import Answer, Query, Recommender, load_model
+from ray_rec.predict.explain import MAX_TOP
 from ray_rec.serve import http as replica_http
 from ray_rec.serve.http import BodyLimit, RequireKey, validation_error
 from ray_rec.serve.schemas import (
@@ -87,6 +88,13 @@ class RecommenderService:
         except ValueError as exc:  # the click times do not fit the history
             raise HTTPException(422, str(exc)) from None
 
+    @staticmethod
+    def _explain_top(explain: bool, top: int) -> int:
+        """Clicks to name per answer (0 without ``explain``)."""
+        if explain and not 1 <= top <= MAX_TOP:
+            raise HTTPException(422, f"explain_top={top} must be between 1 and {MAX_TOP}")
+        return top if explain else 0
+
     @api.post("/v1/score", response_model=ScoreResponse)
     async def score(self, body: ScoreRequest) -> dict[str, Any]:
         """Relevance of each candidate to the history, in order (null for unknown candidates)."""
@@ -97,10 +105,12 @@ class RecommenderService:
             raise HTTPException(422, f"{len(body.candidates)} candidates; the limit is {self.args.max_candidates}")
         rec = self.rec
         idx = [rec.vocab.index_of(c) or 0 for c in body.candidates]
-        answer = await self._call(Query(history, candidates=idx, time_buckets=times), rec)
+        top = self._explain_top(body.explain, body.explain_top)
+        answer = await self._call(Query(history, candidates=idx, time_buckets=times, explain=top), rec)
         return {
             "model_version": rec.version,
             "scores": answer.scores,
+            "because": [[r._asdict() for r in row] for row in rec.raw_reasons(answer, body.history)] if top else None,
             "unknown_history": unknown,
             "unknown_candidates": [c for c, i in zip(body.candidates, idx) if not i],
             "fallback": answer.fallback,
@@ -113,8 +123,12 @@ class RecommenderService:
         if not 1 <= body.k <= self.args.max_k:
             raise HTTPException(422, f"k={body.k} must be between 1 and {self.args.max_k}")
         rec = self.rec
-        answer = await self._call(Query(history, k=body.k, exclude=body.exclude_history, time_buckets=times), rec)
-        items = [{"item_id": rec.vocab.raw_id(i), "score": s} for i, s in zip(answer.items or [], answer.scores)]
+        top = self._explain_top(body.explain, body.explain_top)
+        answer = await self._call(Query(history, k=body.k, exclude=body.exclude_history, time_buckets=times, explain=top), rec)
+        items: list[dict[str, Any]] = [{"item_id": rec.vocab.raw_id(i), "score": s} for i, s in zip(answer.items or [], answer.scores)]
+        if top:
+            for item, why in zip(items, rec.raw_reasons(answer, body.history)):
+                item["because"] = [r._asdict() for r in why]
         return {"model_version": rec.version, "items": items, "unknown_history": unknown, "fallback": answer.fallback}
 
     @api.get("/v1/model", response_model=ModelInfo)

@@ -32,6 +32,8 @@ class ScoreRequest(BaseModel):
     timestamps: Times | None = Field(
         None, description="optional click time of each history item (epoch seconds or milliseconds), oldest first"
     )
+    explain: bool = Field(False, description="also name the history clicks that raised each answer's score most")
+    explain_top: StrictInt = Field(3, description="with explain: how many clicks to name per answer (1-20)")
 
 
 class RecommendRequest(BaseModel):
@@ -44,11 +46,24 @@ class RecommendRequest(BaseModel):
     timestamps: Times | None = Field(
         None, description="optional click time of each history item (epoch seconds or milliseconds), oldest first"
     )
+    explain: bool = Field(False, description="also name the history clicks that raised each answer's score most")
+    explain_top: StrictInt = Field(3, description="with explain: how many clicks to name per answer (1-20)")
+
+
+class Because(BaseModel):
+    """A history click that moved an item's score."""
+
+    item_id: AnswerId
+    position: int = Field(..., description="its index in the request's history (0 = oldest)")
+    share: float = Field(..., description="its signed share of the clicks' total absolute contribution to the score")
 
 
 class ScoreResponse(BaseModel):
     model_version: str
     scores: list[float | None] = Field(..., description="relevance per candidate, in order; null = unknown item")
+    because: list[list[Because]] | None = Field(
+        None, description="with explain: per candidate, the clicks that raised its score most (empty for an unknown one)"
+    )
     unknown_history: list[AnswerId]
     unknown_candidates: list[AnswerId]
     fallback: str | None = Field(
@@ -59,6 +74,7 @@ class ScoreResponse(BaseModel):
 class RecommendedItem(BaseModel):
     item_id: AnswerId
     score: float
+    because: list[Because] | None = Field(None, description="with explain: the clicks that raised its score most")
 
 
 class RecommendResponse(BaseModel):

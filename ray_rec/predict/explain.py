@@ -57,6 +57,16 @@ class Job:
     targets: list[int]
 
 
+def clicks_asked(explain: bool, top: int) -> int:
+    """Clicks to name per answer: ``top`` with ``explain``, else 0.
+
+    Raises:
+        ValueError: ``explain`` with ``top`` outside 1..`MAX_TOP`."""
+    if explain and not 1 <= top <= MAX_TOP:
+        raise ValueError(f"explain_top={top} must be between 1 and {MAX_TOP}")
+    return top if explain else 0
+
+
 def check_method(method: str, model: InterestModel) -> None:
     """Raises ValueError: ``method`` is not one of `METHODS`, or does not apply to this model."""
     if method not in METHODS:
@@ -91,7 +101,7 @@ def reasons(contribution: np.ndarray, top: int) -> list[list[tuple[int, float]]]
     return out
 
 
-def _windows(job: Job, length: int) -> tuple[int, int]:
+def _read_span(job: Job, length: int) -> tuple[int, int]:
     """(clicks read, index of the first one in the history)."""
     n = min(len(job.history), length)
     return n, len(job.history) - n
@@ -104,7 +114,7 @@ def _leave_one_out(model: InterestModel, jobs: Sequence[Job]) -> list[np.ndarray
     targets: list[list[int]] = []
     spans = []
     for job in jobs:
-        n, first = _windows(job, length)
+        n, first = _read_span(job, length)
         spans.append((len(rows), n))
         buckets = job.time_buckets or [0] * len(job.history)
         for drop in [None, *range(first, first + n)]:  # the whole history, then each click deleted
@@ -155,7 +165,7 @@ def _gradient(model: InterestModel, jobs: Sequence[Job], attention: bool) -> lis
     values = attributed.detach().float().cpu().numpy()
     out, row = [], 0
     for job, m in zip(jobs, per_job):
-        n, _ = _windows(job, length)
+        n, _ = _read_span(job, length)
         block = values[row : row + m, values.shape[1] - n :]  # left padding: the clicks are the last n columns
         out.append(np.repeat(block, len(job.targets), 0) if attention else block)
         row += m

@@ -198,7 +198,7 @@ class Recommender:
         ranks for it. ``timestamps``: optional, as in ``recommend``. With ``explain``, each score
         comes as (score, reasons), as in ``recommend``; an unknown candidate has no reasons.
         """
-        top = self._explain_top(explain, explain_top)
+        top = explain_api.clicks_asked(explain, explain_top)
         rows = check_rows("histories", histories)
         queries = self._queries(rows, timestamps, explain=top)
         index = [[self.vocab.index_of(raw) or 0 for raw in row] for row in check_rows("candidates", candidates)]
@@ -237,21 +237,13 @@ class Recommender:
         """
         if k < 1:
             raise ValueError(f"k={k} must be >= 1")
-        top = self._explain_top(explain, explain_top)
+        top = explain_api.clicks_asked(explain, explain_top)
         rows = check_rows("histories", histories)
         answers = self.predict(self._queries(rows, timestamps, k=k, exclude=exclude_seen, explain=top), explain_method)
         if not top:
             return [[(self.vocab.raw_id(i), s) for i, s in zip(a.items or [], a.scores)] for a in answers]  # type: ignore[misc]
         return [[(self.vocab.raw_id(i), s, why) for i, s, why in zip(a.items or [], a.scores, self.raw_reasons(a, raw))]
                 for a, raw in zip(answers, rows)]
-
-    @staticmethod
-    def _explain_top(explain: bool, top: int) -> int:
-        if not explain:
-            return 0
-        if not 1 <= top <= explain_api.MAX_TOP:
-            raise ValueError(f"explain_top={top} must be between 1 and {explain_api.MAX_TOP}")
-        return top
 
     def raw_reasons(self, answer: Answer, history: Sequence[RawId]) -> list[list[explain_api.Reason]]:
         """``answer.reasons`` (on the known clicks of ``history``) as raw ids and positions in ``history``."""

@@ -17,7 +17,7 @@ from ray.serve import Application
 
 from ray_rec.device import device_name
 from ray_rec.predict import Answer, Query, Recommender, load_model
-from ray_rec.predict.explain import MAX_TOP
+from ray_rec.predict.explain import clicks_asked
 from ray_rec.serve import http as replica_http
 from ray_rec.serve.http import BodyLimit, RequireKey, validation_error
 from ray_rec.serve.schemas import (
@@ -90,10 +90,11 @@ class RecommenderService:
 
     @staticmethod
     def _explain_top(explain: bool, top: int) -> int:
-        """Clicks to name per answer (0 without ``explain``)."""
-        if explain and not 1 <= top <= MAX_TOP:
-            raise HTTPException(422, f"explain_top={top} must be between 1 and {MAX_TOP}")
-        return top if explain else 0
+        """Clicks to name per answer (0 without ``explain``); a bad count is a 422."""
+        try:
+            return clicks_asked(explain, top)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
 
     @api.post("/v1/score", response_model=ScoreResponse)
     async def score(self, body: ScoreRequest) -> dict[str, Any]:

@@ -33,14 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="import event logs into a sharded sequence dataset")
     p.add_argument("--input", required=True, help="log file or folder (local path or s3://)")
-    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--format", choices=FORMATS, help=f"the log's format (default {PREPARE.format})")
     p.add_argument("--output", required=True, help="dataset folder to write (local path or s3://)")
+    p.add_argument("--config", help="YAML file whose 'prepare:' section sets any flag below (a flag given here wins)")
     p.add_argument("--items", help="item side features: Parquet/CSV with item_id, or MovieLens u.item/movies.dat")
-    p.add_argument("--num-shards", type=int, default=PREPARE.num_shards,
+    p.add_argument("--num-shards", type=int,
                    help=f"Parquet files per split, at least; large logs get more, of about 1M events each (default {PREPARE.num_shards})")
-    p.add_argument("--min-clicks", type=int, default=PREPARE.min_clicks,
-                   help=f"drop users with fewer clicks (>= 3; default {PREPARE.min_clicks})")
-    p.add_argument("--split", choices=SPLITS, default=PREPARE.split)
+    p.add_argument("--min-clicks", type=int, help=f"drop users with fewer clicks (>= 3; default {PREPARE.min_clicks})")
+    p.add_argument("--split", choices=SPLITS, help=f"default {PREPARE.split}")
     p.add_argument("--cutoff", help="with --split time: epoch seconds or ISO 8601 time")
     p.add_argument("--expected-events", type=int, help="approximate log size, to size the spill buckets")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
@@ -131,22 +131,27 @@ def _json_object(text: str) -> dict:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
+    from ray_rec.config import prepare_settings
     from ray_rec.data.formats import parse_mapping, parse_timestamps, parse_values
     from ray_rec.data.prepare import PrepareOptions, prepare
 
-    cutoff = None
-    if args.cutoff is not None:
+    flags = {"format": args.format, "items": args.items, "num_shards": args.num_shards, "min_clicks": args.min_clicks,
+             "split": args.split, "cutoff": args.cutoff, "expected_events": args.expected_events,
+             "columns": args.columns, "click_events": args.click_events, "browse_events": args.browse_events}
+    settings = {**(prepare_settings(args.config) if args.config else {}), **{k: v for k, v in flags.items() if v is not None}}
+    if isinstance(settings.get("columns"), str):  # the flag's FIELD=COLUMN,... form (a config file may map instead)
+        settings["columns"] = parse_mapping(settings["columns"]) or None
+    for key in ("click_events", "browse_events"):
+        if isinstance(settings.get(key), str):
+            settings[key] = list(parse_values(settings[key]) or ())
+    if settings.get("cutoff") is not None:
         import pyarrow as pa
 
-        cutoff = parse_timestamps(pa.array([args.cutoff])).to_pylist()[0]
+        cutoff = parse_timestamps(pa.array([str(settings["cutoff"])])).to_pylist()[0]
         if cutoff is None:
-            raise ValueError(f"--cutoff {args.cutoff!r} is neither epoch seconds nor ISO 8601")
-    opts = PrepareOptions(
-        input=args.input, output=args.output, format=args.format, items=args.items, num_shards=args.num_shards,
-        min_clicks=args.min_clicks, split=args.split, cutoff=cutoff, expected_events=args.expected_events,
-        overwrite=args.overwrite, columns=parse_mapping(args.columns) or None,
-        click_events=_listed(parse_values(args.click_events)), browse_events=_listed(parse_values(args.browse_events)),
-    )
+            raise ValueError(f"cutoff {settings['cutoff']!r} is neither epoch seconds nor ISO 8601")
+        settings["cutoff"] = cutoff
+    opts = PrepareOptions(input=args.input, output=args.output, overwrite=args.overwrite, **settings)
     manifest = prepare(opts, progress=lambda msg: print(f"[prepare] {msg}", file=sys.stderr, flush=True))
     c = manifest.counts
     print(f"prepared {args.output}: {c.users:,} users, {c.items:,} items, {c.events:,} events "
@@ -156,9 +161,6 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         print("dropped event values: " + ", ".join(f"{k!r} {v:,}" for k, v in list(manifest.dropped_event_values.items())[:10]))
     return 0
 
-
-def _listed(values: tuple[str, ...] | None) -> list[str] | None:
-    return None if values is None else list(values)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -313,15 +313,16 @@ def build(cls: type[T], values: dict[str, Any] | None, section: str) -> T:
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+PREPARE_SECTION = "prepare"  # `ray-rec prepare --config`'s settings (`prepare_settings`), beside the run's
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build a `Config` from a nested dict (as read from YAML)."""
     if not isinstance(raw, dict):
         raise ValueError("a config must be a mapping with sections model, data, train, eval")
-    unknown = sorted(set(raw) - set(SECTIONS))
+    unknown = sorted(set(raw) - set(SECTIONS) - {PREPARE_SECTION})
     if unknown:
-        raise ValueError(f"unknown config section(s): {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+        raise ValueError(f"unknown config section(s): {', '.join(unknown)}; known: {', '.join([*SECTIONS, PREPARE_SECTION])}")
     return Config(**{name: build(cls, raw.get(name), name) for name, cls in SECTIONS.items()})  # type: ignore[arg-type]
 
 
@@ -344,27 +345,52 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML config file's sections, unchecked.
+
+    Raises:
+        ValueError: the file cannot be read, is not YAML, or is not a mapping."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file {path} must hold a mapping with sections model, data, train, eval, prepare")
+    return raw
+
+
+def prepare_settings(path: str | Path) -> dict[str, Any]:
+    """The ``prepare:`` section of a config file: `PrepareOptions` fields but the per-run ``input``,
+    ``output`` and ``overwrite`` (e.g. ``format``, ``columns``, ``click_events``); {} without one.
+
+    Raises:
+        ValueError: the section is not a mapping or names another setting."""
+    section = read_config_file(path).get(PREPARE_SECTION) or {}
+    if not isinstance(section, dict):
+        raise ValueError(f"config file {path}: section {PREPARE_SECTION!r} must be a mapping")
+    allowed = {f.name for f in dataclasses.fields(PrepareOptions)} - {"input", "output", "overwrite"}
+    unknown = sorted(set(section) - allowed)
+    if unknown:
+        raise ValueError(f"config file {path}: unknown setting(s) in section 'prepare': {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(allowed))}")
+    return section
+
+
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
     """Read a YAML config (or the defaults when ``path`` is None) and apply dotted overrides.
+    A ``prepare:`` section is `ray-rec prepare`'s (`prepare_settings`) and is not read here.
 
     Example:
         >>> load_config(None, {"model.dim": 32}).model.dim
         32
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        import yaml
-
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ValueError(f"cannot read config file {path}: {exc.strerror}") from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"config file {path} must hold a mapping with sections model, data, train, eval")
+    raw: dict[str, Any] = read_config_file(path) if path is not None else {}
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         if not key:

@@ -52,7 +52,7 @@ def reference() -> str:
                 "from the loss" if default is None else shown(default)
             out.append(f"| `{name}.{f.name}` | `{_type_name(hints[f.name])}` | {value} | {meaning} |")
         out.append("")
-    out += ["## `prepare` (`ray-rec prepare` flags)", "", "| setting | type | default | meaning |", "|---|---|---|---|"]
+    out += ["## `prepare` (`ray-rec prepare` flags, or `prepare:` in the file of `ray-rec prepare --config`)", "", "| setting | type | default | meaning |", "|---|---|---|---|"]
     hints, notes = typing.get_type_hints(PrepareOptions), _field_notes(PrepareOptions)
     for f in fields(PrepareOptions):
         default = "required" if f.default is dataclasses.MISSING else shown(f.default) if f.default is not None else "none"

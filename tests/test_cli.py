@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ray_rec.cli import main
+from ray_rec.data.manifest import read_manifest
 
 CLI = [sys.executable, "-m", "ray_rec.cli"]
 
@@ -54,6 +55,25 @@ def test_prepare_maps_columns_and_event_values_from_its_flags(tmp_path, capsys):
     assert "3 clicks" in printed and "dropped event values: 'zap' 1" in printed
     assert main(["prepare", "--input", str(log), "--format", "events", "--output", out, "--columns", "user_id"]) == 2
     assert "'user_id' is not field=column" in capsys.readouterr().err
+
+
+def test_prepare_reads_its_mapping_from_the_config_file_and_train_reads_the_same_file(tmp_path, capsys):
+    log = tmp_path / "log.csv"
+    log.write_text("uid,sku,ts,action\n" + "".join(f"a,i{n},{n},{'buy' if n % 2 else 'seen'}\n" for n in range(6)))
+    config = tmp_path / "run.yaml"
+    config.write_text("prepare:\n  columns: {user_id: uid, item_id: sku, timestamp: ts, event: action}\n"
+                      "  click_events: [buy]\n  browse_events: seen\n  min_clicks: 5\nmodel: {dim: 16}\n")
+    out = str(tmp_path / "d")
+    assert main(["prepare", "--input", str(log), "--output", out, "--config", str(config), "--min-clicks", "3"]) == 0
+    assert "3 clicks" in capsys.readouterr().out
+    manifest = read_manifest(out)
+    assert manifest.split.min_clicks == 3 and manifest.source["click_events"] == ["buy"]  # the flag wins over the file
+    from ray_rec.config import load_config
+
+    assert load_config(str(config)).model.dim == 16
+    config.write_text("prepare: {colums: {user_id: uid}}\n")
+    assert main(["prepare", "--input", str(log), "--output", out, "--config", str(config)]) == 2
+    assert "unknown setting(s) in section 'prepare': colums" in capsys.readouterr().err
 
 
 def test_prepare_prints_counts(tmp_path, capsys):

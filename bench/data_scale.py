@@ -3,7 +3,9 @@
 For each size it writes a generated events log (Parquet, 1M events a file, a 50,000-item
 catalog), then in fresh processes:
 - `ray-rec prepare`'s code imports it to ``s3://`` on a local ``moto_server``: seconds, events/s,
-  peak RSS of the importing process;
+  peak RSS of the importing process; then again with ``--engine ray`` on a local one-node Ray
+  (same counts checked): events/s, the largest process's peak, every Ray process's together and the
+  object-store pages;
 - the Ray Data pipeline streams the training split back from S3 into training tensors exactly as a
   training worker does (`iter_batches` -> `shuffle_chunks` -> `length_buckets` -> `collate`; with
   the browsed negatives a `bce` model reads, the heaviest examples), on a
@@ -111,10 +113,37 @@ def child_prepare(src: str, out: str) -> dict[str, Any]:
     from ray_rec.data.prepare import PrepareOptions, prepare
 
     t0 = time.monotonic()
-    manifest = prepare(PrepareOptions(input=src, output=out, num_shards=8))
+    manifest = prepare(PrepareOptions(input=src, output=out, num_shards=8, engine="local"))
     seconds = time.monotonic() - t0
     return {"seconds": seconds, "events_per_s": manifest.counts.rows_read / seconds, "peak_rss_mb": vm_hwm_mb(),
             "counts": dataclasses.asdict(manifest.counts)}
+
+
+def child_prepare_ray(src: str, out: str) -> dict[str, Any]:
+    """The Ray engine on a local one-node Ray (object store capped at `OBJECT_STORE_MB`): seconds,
+    events/s, the largest process's peak and the peak of every process together, object-store pages apart."""
+    import ray
+
+    from ray_rec.data.prepare import PrepareOptions, prepare
+    from ray_rec.ray_session import init_ray, local_cpus
+
+    ray.init(address="local", num_cpus=local_cpus(1), object_store_memory=OBJECT_STORE_MB * 2**20, logging_level=logging.WARNING)
+    init_ray(1)
+    largest = 0.0
+
+    def pids() -> list[int]:
+        nonlocal largest
+        found = _ray_pids()
+        largest = max([largest, *(_pss_mb([p])[0] for p in found)])
+        return found
+
+    with PeakMemory(pids) as peak:
+        t0 = time.monotonic()
+        manifest = prepare(PrepareOptions(input=src, output=out, num_shards=8, engine="ray"))
+        seconds = time.monotonic() - t0
+    ray.shutdown()
+    return {"seconds": seconds, "events_per_s": manifest.counts.rows_read / seconds, "peak_process_mb": largest,
+            "peak_pss_mb": peak.peak, "peak_object_store_pages_mb": peak.peak_shm, "counts": dataclasses.asdict(manifest.counts)}
 
 
 def child_stream(data: str) -> dict[str, Any]:
@@ -199,7 +228,7 @@ def main() -> None:
     if args.child:
         kind, *rest = args.child
         children: dict[str, Callable[..., dict[str, Any]]] = {
-            "prepare": child_prepare, "stream": child_stream, "train_rate": lambda d: child_train_rate(d, 60)}
+            "prepare": child_prepare, "prepare_ray": child_prepare_ray, "stream": child_stream, "train_rate": lambda d: child_train_rate(d, 60)}
         fn = children[kind]
         print(json.dumps(fn(*rest)), flush=True)
         return
@@ -221,12 +250,18 @@ def main() -> None:
                 imp = _child("prepare", tmp, data)
                 print(f"[{size:,} events] import to S3: {imp['seconds']:.0f} s ({imp['events_per_s']:,.0f} events/s), "
                       f"peak RSS {imp['peak_rss_mb']:,.0f} MB", flush=True)
+                on_ray = _child("prepare_ray", tmp, data + "-ray")
+                if on_ray["counts"] != imp["counts"]:
+                    raise SystemExit(f"the engines disagree: local {imp['counts']}, ray {on_ray['counts']}")
+                print(f"[{size:,} events] import to S3 on Ray (one node): {on_ray['seconds']:.0f} s ({on_ray['events_per_s']:,.0f} events/s, "
+                      f"{on_ray['events_per_s'] / imp['events_per_s']:.2f}x the local engine), largest process {on_ray['peak_process_mb']:,.0f} MB, "
+                      f"all processes {on_ray['peak_pss_mb']:,.0f} MB + object store pages {on_ray['peak_object_store_pages_mb']:,.0f} MB", flush=True)
                 stream = _child("stream", data)
                 print(f"[{size:,} events] stream from S3: {stream['examples']:,} examples in {stream['seconds']:.1f} s "
                       f"({stream['examples_per_s']:,.0f}/s), peak memory of the driver and Ray processes {stream['peak_pss_mb']:,.0f} MB "
                       f"+ object store pages {stream['peak_object_store_pages_mb']:,.0f} MB (store capped at {OBJECT_STORE_MB:,} MB)",
                       flush=True)
-                rows[str(size)] = {"generate_s": gen_s, "import": imp, "stream": stream}
+                rows[str(size)] = {"generate_s": gen_s, "import": imp, "import_ray": on_ray, "stream": stream}
         largest = str(max(args.sizes))
         train = _child("train_rate", f"s3://{BUCKET}/scale-{largest}")
         ratio = rows[largest]["stream"]["examples_per_s"] / train["examples_per_s"]
@@ -241,9 +276,11 @@ def main() -> None:
         "pipeline_over_training": ratio,
         "import_peak_growth": rows[sizes[-1]]["import"]["peak_rss_mb"] / rows[sizes[-2]]["import"]["peak_rss_mb"],
         "stream_peak_growth": rows[sizes[-1]]["stream"]["peak_pss_mb"] / rows[sizes[-2]]["stream"]["peak_pss_mb"],
+        "import_ray_peak_growth": rows[sizes[-1]]["import_ray"]["peak_process_mb"] / rows[sizes[-2]]["import_ray"]["peak_process_mb"],
     }
     print(f"peak memory, {int(sizes[-1]):,} vs {int(sizes[-2]):,} events: import {report['import_peak_growth']:.2f}x, "
-          f"stream {report['stream_peak_growth']:.2f}x (flat = about 1x)")
+          f"import on Ray (largest process) {report['import_ray_peak_growth']:.2f}x, stream {report['stream_peak_growth']:.2f}x "
+          "(flat = about 1x)")
     write_result("data_scale.json", report)
 
 

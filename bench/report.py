@@ -236,17 +236,26 @@ def ray_runs(folder: Path) -> list[str]:
 def data(folder: Path) -> list[str]:
     out: list[str] = []
     for r in _load(folder, "data_scale.json"):
-        out += [_source(r), "", "| events | import s | import events/s | import peak RSS MB | stream examples/s (S3 -> tensors) | stream peak MB (processes) | stream object-store pages MB |",
-                "|---|---|---|---|---|---|---|"]
+        on_ray = all("import_ray" in row for row in r["sizes"].values())
+        out += [_source(r), "", "| events | import s | import events/s | import peak RSS MB | "
+                + ("import on Ray (1 node) events/s (vs local) | its largest process / all processes / object-store pages MB | " if on_ray else "")
+                + "stream examples/s (S3 -> tensors) | stream peak MB (processes) | stream object-store pages MB |",
+                "|---|---|---|---|" + ("---|---|" if on_ray else "") + "---|---|---|"]
         for size, row in sorted(r["sizes"].items(), key=lambda kv: int(kv[0])):
             imp, st = row["import"], row["stream"]
-            out.append(f"| {int(size):,} | {imp['seconds']:.0f} | {imp['events_per_s']:,.0f} | {imp['peak_rss_mb']:,.0f} | "
+            ray_cells = ""
+            if on_ray:
+                x = row["import_ray"]
+                ray_cells = (f"{x['events_per_s']:,.0f} ({x['events_per_s'] / imp['events_per_s']:.2f}x) | "
+                             f"{x['peak_process_mb']:,.0f} / {x['peak_pss_mb']:,.0f} / {x['peak_object_store_pages_mb']:,.0f} | ")
+            out.append(f"| {int(size):,} | {imp['seconds']:.0f} | {imp['events_per_s']:,.0f} | {imp['peak_rss_mb']:,.0f} | {ray_cells}"
                        f"{st['examples_per_s']:,.0f} | {st['peak_pss_mb']:,.0f} | {st.get('peak_object_store_pages_mb', 0):,.0f} |")
         t = r["train_step"]
         out += ["", f"Default model training step rate on the largest set ({t['catalog']:,} items, one process): "
                 f"{t['examples_per_s']:,.0f} examples/s; pipeline / training = **{r['pipeline_over_training']:.1f}x**. "
-                f"Peak memory, largest vs second-largest size: import {r['import_peak_growth']:.2f}x, stream "
-                f"{r['stream_peak_growth']:.2f}x.", ""]
+                f"Peak memory, largest vs second-largest size: import {r['import_peak_growth']:.2f}x, "
+                + (f"import on Ray (largest process) {r['import_ray_peak_growth']:.2f}x, " if "import_ray_peak_growth" in r else "")
+                + f"stream {r['stream_peak_growth']:.2f}x.", ""]
     return out
 
 

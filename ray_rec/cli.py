@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from ray_rec import __version__
-from ray_rec.config import FORMATS, SPLITS, PrepareOptions, ServeConfig
+from ray_rec.config import ENGINES, FORMATS, SPLITS, PrepareOptions, ServeConfig
 
 PREPARE = PrepareOptions(input="", output="")  # the defaults the prepare flags show
 SERVE = ServeConfig.model_fields  # the defaults the serve flags show
@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cutoff", help="with --split time: epoch seconds or ISO 8601 time")
     p.add_argument("--expected-events", type=int, help="approximate log size, to size the spill buckets")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument("--engine", choices=ENGINES,
+                   help="local: one process; ray: tasks on the Ray cluster (RAY_ADDRESS, else a local Ray); "
+                        "auto (default): ray on a cluster for logs over 50M events")
     p.add_argument("--columns", metavar="FIELD=COLUMN,...",
                    help="events format: the log's column of each field, e.g. user_id=uid,item_id=sku,timestamp=ts,event=action")
     p.add_argument("--click-events", metavar="VALUE,...",
@@ -137,7 +140,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
     flags = {"format": args.format, "items": args.items, "num_shards": args.num_shards, "min_clicks": args.min_clicks,
              "split": args.split, "cutoff": args.cutoff, "expected_events": args.expected_events,
-             "columns": args.columns, "click_events": args.click_events, "browse_events": args.browse_events}
+             "columns": args.columns, "click_events": args.click_events, "browse_events": args.browse_events,
+             "engine": args.engine}
     settings = {**(prepare_settings(args.config) if args.config else {}), **{k: v for k, v in flags.items() if v is not None}}
     if isinstance(settings.get("columns"), str):  # the flag's FIELD=COLUMN,... form (a config file may map instead)
         settings["columns"] = parse_mapping(settings["columns"]) or None

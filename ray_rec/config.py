@@ -251,10 +251,12 @@ class PrepareOptions:
     columns: dict[str, str] | None = None  # events format: the log's column of a field where it names it otherwise, e.g. {user_id: uid, item_id: sku}
     click_events: list[str] | None = None  # event values that are clicks (None: click, 1, true, clicked)
     browse_events: list[str] | None = None  # event values that are browses (None: browse, 0, false, impression, view, shown)
+    engine: str = "auto"  # local (one process), ray (tasks on the Ray cluster), auto: ray when RAY_ADDRESS names a cluster and the log holds over 50M events
 
     def __post_init__(self) -> None:
         check_types(self, "prepare")
         check_choice("prepare.format", self.format, FORMATS)
+        check_choice("prepare.engine", self.engine, ENGINES)
         if self.format != "events" and (self.columns or self.click_events is not None or self.browse_events is not None):
             raise ValueError(f"column and event mappings apply to the events format, not {self.format}")
         if self.num_shards < 1:
@@ -269,6 +271,7 @@ class PrepareOptions:
 
 FORMATS = ("events", "movielens", "seqtxt")
 SPLITS = ("leave_one_out", "time")
+ENGINES = ("auto", "local", "ray")
 MAX_REQUEST_LIST = 10_000  # the HTTP API's ceiling on any list in a request (`ray_rec.serve.schemas`)
 
 

@@ -398,7 +398,7 @@ _SPACES = re.compile(rb"\s+")
 
 def read_seqtxt(uri: str) -> Iterator[pa.Table]:
     """One user a line, ``user item item ...`` in time order; timestamps are the positions."""
-    for path in list_inputs(uri, (".txt", ".txt.gz", ".seq")):
+    for path in list_inputs(uri, SEQTXT_SUFFIXES):
         for chunk in _text_chunks(path):
             users: list[str] = []
             items: list[str] = []
@@ -422,6 +422,20 @@ def read_seqtxt(uri: str) -> Iterator[pa.Table]:
                     },
                     schema=STANDARD,
                 )
+
+
+SEQTXT_SUFFIXES = (".txt", ".txt.gz", ".seq")
+
+
+def input_files(uri: str, fmt: str) -> list[str]:
+    """The files of an input, each readable alone by `read_input` (the Ray engine's unit of work)."""
+    if fmt == "events":
+        return list_inputs(uri, EVENT_SUFFIXES)
+    if fmt == "movielens":
+        return [_movielens_file(uri)]
+    if fmt == "seqtxt":
+        return list_inputs(uri, SEQTXT_SUFFIXES)
+    raise InputError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
 
 
 def read_input(uri: str, fmt: str, mapping: EventMapping | None = None) -> Iterator[pa.Table]:

@@ -52,6 +52,7 @@ BUCKET_TARGET_ROWS = 1_000_000  # events per spill bucket, bounding pass-2 memor
 ROW_GROUP_USERS = 8192
 SPILL_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
 MAX_BUCKETS = 512  # open spill files in pass 1; past 512M events the buckets grow instead
+RAY_ENGINE_EVENTS = 50_000_000  # engine auto: larger logs go to the Ray cluster (one process does ~0.8M events/s)
 MAX_EVENT_VALUES = 100  # dropped event values the manifest counts one by one (the most frequent)
 DROP_REASONS = ("null_ids", "bad_timestamps", "bad_events", "duplicates", "short_users", "short_user_events")
 
@@ -118,30 +119,39 @@ def _spill(opts: PrepareOptions, scratch: str, progress: Callable[[str], None]) 
     started = time.monotonic()
     try:
         for raw in read_input(opts.input, opts.format, event_mapping(opts)):
-            table = _clean(raw, counts)
-            if not table.num_rows:
-                continue
-            table = table.append_column("seq", pa.array(np.arange(seq, seq + table.num_rows, dtype=np.int64)))
-            seq += table.num_rows
-            is_click = pc.equal(table["event"], 1)
-            for entry in pc.value_counts(table["item_id"].filter(is_click)).to_pylist():
-                clicks[entry["values"]] += entry["counts"]
-            items.update(pc.unique(table["item_id"]).to_pylist())
-            buckets = _user_buckets(table["user_id"], n_buckets)
-            order = np.argsort(buckets, kind="stable")
-            sorted_buckets = buckets[order]
-            table = table.take(pa.array(order))
-            bounds = np.flatnonzero(np.diff(sorted_buckets)) + 1
-            for start, end in zip(np.r_[0, bounds], np.r_[bounds, len(order)]):
-                b = int(sorted_buckets[start])
+            seq, pieces = ingest(raw, counts, clicks, items, seq, n_buckets)
+            for b, piece in pieces:
                 if b not in writers:
-                    writers[b] = pa.ipc.new_stream(os.path.join(scratch, f"bucket-{b:05d}.arrow"), table.schema, options=SPILL_OPTIONS)
-                writers[b].write_table(table.slice(start, end - start))
+                    writers[b] = pa.ipc.new_stream(os.path.join(scratch, f"bucket-{b:05d}.arrow"), piece.schema, options=SPILL_OPTIONS)
+                writers[b].write_table(piece)
             progress(f"read {counts.rows:,} rows ({counts.rows / max(time.monotonic() - started, 1e-6):,.0f}/s)")
     finally:
         for w in writers.values():
             w.close()
     return n_buckets, counts, clicks, items
+
+
+def ingest(raw: pa.Table, counts: Counts, clicks: Counter, items: set[str], seq: int,
+           n_buckets: int) -> tuple[int, list[tuple[int, pa.Table]]]:
+    """Pass 1 for one standard table (both engines): drop bad rows (counted), number the rest from
+    ``seq`` in read order (duplicates keep the first), count item clicks and ids, and cut the rows
+    into per-bucket pieces by user. Returns the next ``seq`` and the (bucket, piece) pairs."""
+    table = _clean(raw, counts)
+    if not table.num_rows:
+        return seq, []
+    table = table.append_column("seq", pa.array(np.arange(seq, seq + table.num_rows, dtype=np.int64)))
+    is_click = pc.equal(table["event"], 1)
+    for entry in pc.value_counts(table["item_id"].filter(is_click)).to_pylist():
+        clicks[entry["values"]] += entry["counts"]
+    items.update(pc.unique(table["item_id"]).to_pylist())
+    buckets = _user_buckets(table["user_id"], n_buckets)
+    order = np.argsort(buckets, kind="stable")
+    sorted_buckets = buckets[order]
+    table = table.take(pa.array(order))
+    bounds = np.flatnonzero(np.diff(sorted_buckets)) + 1
+    pieces = [(int(sorted_buckets[start]), table.slice(start, end - start))
+              for start, end in zip(np.r_[0, bounds], np.r_[bounds, len(order)])]
+    return seq + table.num_rows, pieces
 
 
 def _build_vocab(clicks: Counter, items: set[str], side: pa.Table | None) -> Vocabulary:
@@ -236,11 +246,40 @@ def _split_bucket(table: pa.Table, vocab_ids: pa.Array, opts: PrepareOptions, co
     return {s: _prefix_rows(user_start, ends[s], masks[s] & (ends[s] > user_start), table, users) for s in SPLITS}
 
 
+def chosen_engine(opts: PrepareOptions) -> str:
+    """``opts.engine``, with ``auto`` resolved: ray on a cluster (``RAY_ADDRESS`` set, as in a Ray
+    job) for a log of more than `RAY_ENGINE_EVENTS` events, else local."""
+    if opts.engine != "auto":
+        return opts.engine
+    if not os.environ.get("RAY_ADDRESS"):
+        return "local"
+    return "ray" if (opts.expected_events or estimate_events(opts.input, opts.format)) > RAY_ENGINE_EVENTS else "local"
+
+
 def event_mapping(opts: PrepareOptions) -> EventMapping:
     """The events format's mapping from ``opts`` (defaults where a part is not given)."""
     return EventMapping(columns=dict(opts.columns or {}),
                         clicks=DEFAULT_CLICKS if opts.click_events is None else tuple(opts.click_events),
                         browses=DEFAULT_BROWSES if opts.browse_events is None else tuple(opts.browse_events))
+
+
+def split_bucket_files(bucket: pa.Table, b: int, vocab_ids: pa.Array, opts: PrepareOptions, counts: Counts,
+                       folder: str) -> tuple[list[str], bool]:
+    """Pass 2 for bucket ``b`` (both engines): the per-user rules of `_split_bucket`, then one file
+    per split, ``{split}/part-{b:05d}.parquet`` under ``folder`` (local or s3://), written whole: no
+    writer stays open across buckets and no file holds more than a bucket's events, so neither this
+    nor a Ray Data read task grows with the log. Returns the files written (relative to ``folder``)
+    and whether the bucket holds browses."""
+    has_browse = bool(pc.any(pc.equal(bucket["event"], 0)).as_py())
+    written = []
+    for split, rows in _split_bucket(bucket, vocab_ids, opts, counts).items():
+        if rows.num_rows:
+            name = f"{split}/part-{b:05d}.parquet"
+            buf = pa.BufferOutputStream()
+            pq.write_table(rows, buf, row_group_size=ROW_GROUP_USERS, use_dictionary=False)
+            storage.write_bytes(storage.join(folder, name), buf.getvalue().to_pybytes())
+            written.append(name)
+    return written, has_browse
 
 
 def _write_manifest(opts: PrepareOptions, vocab: Vocabulary, counts: Counts, files: dict[str, list[str]], has_time: bool, has_browse: bool) -> Manifest:
@@ -272,6 +311,13 @@ def prepare(opts: PrepareOptions, progress: Callable[[str], None] | None = None)
         OutputError: the output holds files `prepare` did not write (see `storage.claim_output`).
     """
     say = progress or (lambda msg: logger.info(msg))
+    if chosen_engine(opts) == "ray":
+        from ray_rec.data.prepare_ray import prepare_on_ray
+        from ray_rec.ray_session import init_ray
+
+        init_ray(1)
+        say("engine: ray (tasks on the Ray cluster)")
+        return prepare_on_ray(opts, say)
     mapping = event_mapping(opts)
     if opts.format == "events":
         check_event_columns(opts.input, mapping)  # a wrong mapping fails before any work
@@ -294,16 +340,10 @@ def prepare(opts: PrepareOptions, progress: Callable[[str], None] | None = None)
                 continue
             with pa.ipc.open_stream(path) as reader:
                 bucket = reader.read_all()
-            has_browse = has_browse or bool(pc.any(pc.equal(bucket["event"], 0)).as_py())
-            # One file per bucket and split, written whole: no writer stays open across buckets, so
-            # memory does not grow with the shard count, and no file holds more than a bucket's
-            # events, so a Ray Data read task's memory does not grow with the log either.
-            for split, rows in _split_bucket(bucket, vocab_ids, opts, counts).items():
-                if rows.num_rows:
-                    os.makedirs(os.path.join(local_out, split), exist_ok=True)
-                    name = f"{split}/part-{b:05d}.parquet"
-                    pq.write_table(rows, os.path.join(local_out, name), row_group_size=ROW_GROUP_USERS, use_dictionary=False)
-                    files[split].append(name)
+            written, browses = split_bucket_files(bucket, b, vocab_ids, opts, counts, local_out)
+            has_browse = has_browse or browses
+            for name in written:
+                files[name.split("/", 1)[0]].append(name)
             del bucket
             os.remove(path)
             say(f"split bucket {b + 1}/{n_buckets}")

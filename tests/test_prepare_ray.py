@@ -69,3 +69,10 @@ def test_the_ray_engine_writes_to_s3_and_a_failed_run_leaves_nothing_that_looks_
         prepare(PrepareOptions(input=s3.uri("ray-engine/logs"), output=out, num_shards=2, engine="ray", overwrite=True))
     assert read_manifest(out).counts == made.counts  # the failed run changed nothing
     assert not [f for f in storage.list_files(out) if f.startswith("_staging")]
+
+
+def test_on_a_cluster_the_ray_engine_needs_its_input_and_output_on_s3(ray_cluster, tiny_logs, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "auto")  # as inside a Ray job: the tasks may run on any node
+    with pytest.raises(InputError, match="--input and --output must be s3://"):
+        prepare(PrepareOptions(input=str(tiny_logs / "events.parquet"), output=str(tmp_path / "out"), engine="ray"))
+    assert not (tmp_path / "out").exists()

@@ -68,6 +68,15 @@ class Counts:
     dropped: Counter = field(default_factory=Counter)
     event_values: Counter = field(default_factory=Counter)  # dropped rows by their event value
 
+    def add(self, other: Counts) -> None:
+        """Add the counts of another part of the same import (the Ray engine's tasks)."""
+        self.rows += other.rows
+        self.users += other.users
+        self.events += other.events
+        self.clicks += other.clicks
+        self.dropped.update(other.dropped)
+        self.event_values.update(other.event_values)
+
 
 def _user_buckets(users: pa.Array, n: int) -> np.ndarray:
     """A stable bucket per row from a CRC32 of its user id (the same on every run and machine)."""
@@ -154,7 +163,8 @@ def ingest(raw: pa.Table, counts: Counts, clicks: Counter, items: set[str], seq:
     return seq + table.num_rows, pieces
 
 
-def _build_vocab(clicks: Counter, items: set[str], side: pa.Table | None) -> Vocabulary:
+def build_vocab(clicks: Counter, items: set[str], side: pa.Table | None) -> Vocabulary:
+    """Every item, most clicked first (ties by id), with its side features from ``side``."""
     ids = sorted(items, key=lambda i: (-clicks.get(i, 0), len(i), i))
     id_type = "int" if all(i.lstrip("-").isdigit() for i in ids) else "str"
     if id_type == "int":
@@ -282,7 +292,8 @@ def split_bucket_files(bucket: pa.Table, b: int, vocab_ids: pa.Array, opts: Prep
     return written, has_browse
 
 
-def _write_manifest(opts: PrepareOptions, vocab: Vocabulary, counts: Counts, files: dict[str, list[str]], has_time: bool, has_browse: bool) -> Manifest:
+def dataset_manifest(opts: PrepareOptions, vocab: Vocabulary, counts: Counts, files: dict[str, list[str]], has_time: bool, has_browse: bool) -> Manifest:
+    """The manifest of a finished import (written last by `commit_dataset`)."""
     return Manifest(
         schema_version=SCHEMA_VERSION,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -329,7 +340,7 @@ def prepare(opts: PrepareOptions, progress: Callable[[str], None] | None = None)
         if not items:
             raise InputError(f"{opts.input}: no usable events (read {counts.rows:,} rows; dropped {dict(counts.dropped)})")
         side = read_item_features(opts.items) if opts.items else None
-        vocab = _build_vocab(clicks, items, side)
+        vocab = build_vocab(clicks, items, side)
         vocab_ids = pa.array(vocab.ids, pa.string())
         has_browse = False
         local_out = os.path.join(scratch, "out")
@@ -354,14 +365,14 @@ def prepare(opts: PrepareOptions, progress: Callable[[str], None] | None = None)
             )
         vocab.save(local_out)
         has_time = opts.format != "seqtxt"
-        manifest = _write_manifest(opts, vocab, counts, {s: sorted(f) for s, f in files.items()}, has_time, has_browse)
+        manifest = dataset_manifest(opts, vocab, counts, {s: sorted(f) for s, f in files.items()}, has_time, has_browse)
         say("uploading shards")
         storage.copy_dir(local_out, staging)
-    _commit(opts.output, staging, manifest)
+    commit_dataset(opts.output, staging, manifest)
     return manifest
 
 
-def _commit(output: str, staging: str, manifest: Manifest) -> None:
+def commit_dataset(output: str, staging: str, manifest: Manifest) -> None:
     """Replace the dataset at ``output`` with ``staging``; the manifest goes last."""
     manifest_uri = storage.join(output, "manifest.json")
     for name in ("manifest.json", *SPLITS, "items.parquet", "side_features.json"):  # manifest first

@@ -16,6 +16,7 @@ be on shared storage (s3://).
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections import Counter
@@ -39,9 +40,9 @@ from ray_rec.data.manifest import Manifest
 from ray_rec.data.prepare import (
     SPLITS,
     Counts,
-    _build_vocab,
-    _commit,
-    _write_manifest,
+    build_vocab,
+    commit_dataset,
+    dataset_manifest,
     event_mapping,
     ingest,
     spill_buckets,
@@ -49,15 +50,6 @@ from ray_rec.data.prepare import (
 )
 
 FILE_ROWS_SHIFT = 40  # row numbers are file index << 40 + row: 1e12 rows a file
-
-
-def merge(into: Counts, part: Counts) -> None:
-    into.rows += part.rows
-    into.users += part.users
-    into.events += part.events
-    into.clicks += part.clicks
-    into.dropped.update(part.dropped)
-    into.event_values.update(part.event_values)
 
 
 def _read_file(path: str, index: int, opts: PrepareOptions, n_buckets: int) -> tuple[Any, ...]:
@@ -90,12 +82,14 @@ def _unwrapped(exc: ray.exceptions.RayTaskError) -> Exception:
 
 
 def _check_shared(opts: PrepareOptions) -> None:
-    """On more than one node, input and output must be on storage every node reads (s3://)."""
-    if len(ray.nodes()) > 1:
+    """On a cluster (one joined through ``RAY_ADDRESS``, or more than one live node), input and
+    output must be on storage every node reads (s3://): the tasks run wherever Ray places them."""
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if os.environ.get("RAY_ADDRESS") or nodes > 1:
         local = [name for name, uri in (("--input", opts.input), ("--output", opts.output)) if not storage.is_s3(uri)]
         if local:
-            raise InputError(f"{' and '.join(local)} must be s3:// with --engine ray on a cluster of "
-                             f"{len(ray.nodes())} nodes: every node reads the input and writes the output")
+            raise InputError(f"{' and '.join(local)} must be s3:// with --engine ray on a cluster: every node "
+                             "reads the input and writes the output")
 
 
 def prepare_on_ray(opts: PrepareOptions, progress: Callable[[str], None]) -> Manifest:
@@ -117,20 +111,20 @@ def prepare_on_ray(opts: PrepareOptions, progress: Callable[[str], None]) -> Man
         counts, clicks, items = Counts(), Counter(), set()  # type: ignore[var-annotated]
         for done, output in enumerate(outputs, 1):
             part_counts, part_clicks, part_items = ray.get(list(output[:3]))
-            merge(counts, part_counts)
+            counts.add(part_counts)
             clicks.update(part_clicks)
             items.update(part_items)
             say(f"read {done}/{len(paths)} files, {counts.rows:,} rows ({counts.rows / max(time.monotonic() - started, 1e-6):,.0f}/s)")
         if not items:
             raise InputError(f"{opts.input}: no usable events (read {counts.rows:,} rows; dropped {dict(counts.dropped)})")
-        vocab = _build_vocab(clicks, items, read_item_features(opts.items) if opts.items else None)
+        vocab = build_vocab(clicks, items, read_item_features(opts.items) if opts.items else None)
         vocab_ref = ray.put(pa.array(vocab.ids, pa.string()))
         split = ray.remote(_split_task)
         pending = [split.remote(b, opts, vocab_ref, staging, *[o[3 + b] for o in outputs]) for b in range(n_buckets)]
         files: dict[str, list[str]] = {s: [] for s in SPLITS}
         has_browse = False
         for done, (part, written, browses) in enumerate((ray.get(p) for p in pending), 1):
-            merge(counts, part)
+            counts.add(part)
             has_browse = has_browse or browses
             for name in written:
                 files[name.split("/", 1)[0]].append(name)
@@ -146,6 +140,6 @@ def prepare_on_ray(opts: PrepareOptions, progress: Callable[[str], None]) -> Man
         raise InputError(f"{opts.input}: no user has {opts.min_clicks} or more clicks (read {counts.rows:,} rows); "
                          f"lower --min-clicks or check the event column")
     vocab.save(staging)
-    manifest = _write_manifest(opts, vocab, counts, {s: sorted(f) for s, f in files.items()}, opts.format != "seqtxt", has_browse)
-    _commit(opts.output, staging, manifest)
+    manifest = dataset_manifest(opts, vocab, counts, {s: sorted(f) for s, f in files.items()}, opts.format != "seqtxt", has_browse)
+    commit_dataset(opts.output, staging, manifest)
     return manifest

@@ -141,6 +141,45 @@ def test_a_node_joins_with_cluster_yaml_start_commands_and_clients_need_the_toke
     assert listed.returncode != 0
 
 
+def test_a_node_lost_mid_import_on_the_ray_engine_still_gives_the_same_data_set(cluster, jobs, s3, tmp_path):
+    """`prepare --engine ray` as a job on 8 files in S3; once the first read is back, a whole worker
+    node that ran its tasks (not the driver's) is killed: Ray reruns them, and the data set equals
+    the local engine's, committed once, with no staging left."""
+    import pyarrow.parquet as pq
+
+    from bench.cluster import job_logs, job_status, kill_node, submit
+    from ray_rec.data.manifest import read_manifest
+    from ray_rec.data.prepare import PrepareOptions, prepare
+    from ray_rec.data.synthetic import bulk_log
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i, chunk in enumerate(bulk_log(1_600_000, chunk_events=200_000, seed=5)):
+        pq.write_table(chunk, raw / f"part-{i}.parquet")
+        s3.client.upload_file(str(raw / f"part-{i}.parquet"), s3.bucket, f"cluster/big/part-{i}.parquet")
+    local = prepare(PrepareOptions(input=str(raw), output=str(tmp_path / "local"), num_shards=4, engine="local"))
+    out = s3.uri("cluster/big-data")
+    # The driver takes a whole CPU node (2 CPUs), so every task runs on other nodes: there is one to lose.
+    submitted = submit(cluster, "jobs/prepare.py", "--input", s3.uri("cluster/big"), "--output", out, "--engine", "ray",
+                       "--num-shards", "4", entrypoint_cpus=2, wait=False)
+    job_id = next(line.split("'")[1] for line in submitted.stdout.splitlines() if "submitted successfully" in line)
+    deadline = time.monotonic() + 600
+    while "read 1/8 files" not in job_logs(cluster, job_id):
+        assert job_status(cluster, job_id) not in ("FAILED", "STOPPED", "SUCCEEDED"), job_logs(cluster, job_id)[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    driver = cluster.api(f"/api/jobs/{job_id}").get("driver_node_id")
+    victim = next(n["node_id"] for n in cluster.worker_nodes() if n["node_id"] != driver)
+    assert kill_node(victim) >= 3
+    while (status := job_status(cluster, job_id)) not in ("FAILED", "STOPPED", "SUCCEEDED"):
+        assert time.monotonic() < deadline, "the import did not end"
+        time.sleep(1)
+    assert status == "SUCCEEDED", job_logs(cluster, job_id)[-4000:]
+    made = read_manifest(out)
+    assert made.counts == local.counts and made.dropped == local.dropped and made.files == local.files
+    assert not [f for f in storage.list_files(out) if f.startswith("_staging")]
+
+
 def test_zz_idle_worker_nodes_are_removed_once_the_work_is_done(cluster, jobs):
     """After the jobs, the lost node's run and the Serve app (deleted by its test): the head alone
     again within the idle timeout (15 s here) and the autoscaler's reaction time."""

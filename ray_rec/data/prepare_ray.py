@@ -94,7 +94,6 @@ def _check_shared(opts: PrepareOptions) -> None:
 
 def prepare_on_ray(opts: PrepareOptions, progress: Callable[[str], None]) -> Manifest:
     """`prepare.prepare` on the connected Ray cluster (`ray_rec.ray_session.init_ray` first)."""
-    say = progress
     mapping = event_mapping(opts)
     if opts.format == "events":
         check_event_columns(opts.input, mapping)
@@ -114,7 +113,7 @@ def prepare_on_ray(opts: PrepareOptions, progress: Callable[[str], None]) -> Man
             counts.add(part_counts)
             clicks.update(part_clicks)
             items.update(part_items)
-            say(f"read {done}/{len(paths)} files, {counts.rows:,} rows ({counts.rows / max(time.monotonic() - started, 1e-6):,.0f}/s)")
+            progress(f"read {done}/{len(paths)} files, {counts.rows:,} rows ({counts.rows / max(time.monotonic() - started, 1e-6):,.0f}/s)")
         if not items:
             raise InputError(f"{opts.input}: no usable events (read {counts.rows:,} rows; dropped {dict(counts.dropped)})")
         vocab = build_vocab(clicks, items, read_item_features(opts.items) if opts.items else None)
@@ -128,7 +127,7 @@ def prepare_on_ray(opts: PrepareOptions, progress: Callable[[str], None]) -> Man
             has_browse = has_browse or browses
             for name in written:
                 files[name.split("/", 1)[0]].append(name)
-            say(f"split bucket {done}/{n_buckets}")
+            progress(f"split bucket {done}/{n_buckets}")
     except ray.exceptions.RayTaskError as exc:
         storage.delete_dir(staging)
         raise _unwrapped(exc) from None

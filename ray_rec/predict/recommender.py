@@ -170,9 +170,9 @@ class Recommender:
             return known, unknown, None
         return known, unknown, [int(b) for b, i in zip(buckets, index) if i is not None]
 
-    def _queries(self, histories: Iterable[Iterable[RawId]], timestamps: Iterable[Iterable[float]] | None,
+    def _queries(self, rows: list[list[RawId]], timestamps: Iterable[Iterable[float]] | None,
                  **fields: Any) -> list[Query]:
-        rows = check_rows("histories", histories)
+        """Queries from histories already checked by `check_rows`."""
         stamps = None if timestamps is None else check_rows("timestamps", timestamps, "click times")
         if stamps is not None and len(stamps) != len(rows):
             raise ValueError(f"{len(rows)} histories but {len(stamps)} timestamp lists")

@@ -1,8 +1,8 @@
 """Reliability figures: runs ``tests/test_reliability.py`` (faults injected for real, fuzzed input,
-leak checks) with its records switched on, and keeps each test's figures in
+leak checks) and ``tests/test_user_state.py`` (Redis and replica faults) with their records switched on, and keeps each test's figures in
 ``reliability.json`` under the results folder, from which RELIABILITY.md is written.
 
-    python -m bench.reliability            # every reliability test (about 6 minutes on 2 cores)
+    python -m bench.reliability            # every reliability test (about 9 minutes on 2 cores)
     python -m bench.reliability -k fuzzed  # some of them; the others keep their last figures
 """
 
@@ -28,7 +28,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         records = Path(tmp, "records.jsonl")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_reliability.py")]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+               *(str(ROOT / "tests" / name) for name in ("test_reliability.py", "test_user_state.py"))]
         rc = subprocess.call([*cmd, *(["-k", args.k] if args.k else [])], cwd=ROOT, env={**os.environ, RECORDS_ENV: str(records)})
         new = [json.loads(line) for line in records.read_text().splitlines()] if records.exists() else []
     path = RESULTS / "reliability.json"

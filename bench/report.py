@@ -295,6 +295,25 @@ def serving(folder: Path, rel: str) -> list[str]:
     return out
 
 
+def by_user_id(folder: Path) -> list[str]:
+    out: list[str] = []
+    for r in _load(folder, "serve_by_user_id.json"):
+        out += ["### Recommend by user id", "", _source(r), "",
+                f"HAProxy ingress, one replica; {r['users']:,} users of {r['clicks']} clicks each, the same histories "
+                f"sent with every request or stored (Redis: a real redis-server on loopback, password and "
+                f"`appendfsync always` on; memory: the replica's own store). Medians over {r['rounds']} rounds of "
+                f"{r['requests_per_level']:,} requests a level, the setups alternating level by level.", "",
+                "| setup | concurrency | req/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]
+        for setup, levels in r["rows"].items():
+            for c, row in levels.items():
+                out.append(f"| {setup} | {c} | {row['rps']:,.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['errors']} |")
+        out += ["", "| by user id | req/s / with the history, c=32 | p99 / with the history, c=32 |", "|---|---|---|"]
+        for setup, x in r["summary"].items():
+            out.append(f"| {setup} | **{x['rps_ratio_c32']:.2f}x** | **{x['p99_ratio_c32']:.2f}x** |")
+        out += ["", "Target: at least 0.8x the requests/s and at most 1.25x the p99 of recommending with the history.", ""]
+    return out
+
+
 def serve_start(folder: Path) -> list[str]:
     out: list[str] = []
     for r in _load(folder, "serve_start.json"):
@@ -464,7 +483,7 @@ def write_report(folder: Path, target: Path, quick: bool = False) -> Path:
                 ("The product as a user runs it, on the next click", next_click(folder)),
                 ("Training speed", speed(folder) + shared_cores(folder) + loss_memory(folder) + sparse_items(folder) + ray_runs(folder)
                  + relevance_cost(folder) + enhancer_cost(folder)), ("Data: import and streaming at scale", data(folder)),
-                ("Serving", serving(folder, rel) + serve_start(folder)), ("Top-k latency against catalog size", topk(folder) + recommend_many(folder)),
+                ("Serving", serving(folder, rel) + serve_start(folder) + by_user_id(folder)), ("Top-k latency against catalog size", topk(folder) + recommend_many(folder)),
                 ("Explanations", explanations(folder)), ("On a cluster", cluster(folder)), ("On a GPU", gpu(folder))]
     for title, body in sections:
         lines += [f"## {title}", ""] + (body or ["Not measured yet: run its command.", ""])
@@ -494,6 +513,16 @@ RELIABILITY = {
         "Fault: the S3 server stops for 20 s during the upload, with retries cut to 2 attempts (`RAY_REC_S3_RETRIES`).",
         "The import fails with an error naming the key; no manifest is written, so no half dataset looks complete.",
         "test_import_during_an_s3_outage_completes_or_leaves_nothing_complete"),
+    "Serve replica SIGKILL while events arrive, 2 replicas on Redis (6 clients)": (
+        "Fault: one of two replicas (user state in Redis) is SIGKILLed while 6 clients post one event at a time, "
+        "each with its own timestamp, resending when a connection is reset.",
+        "Every event answered 200 is in Redis afterwards (acknowledged means written).",
+        "test_a_replica_killed_while_events_arrive_loses_no_acknowledged_event"),
+    "redis-server SIGKILL and restart while events arrive (appendfsync always, 4 clients)": (
+        "Fault: redis-server (append-only, fsync always) is SIGKILLed while 4 clients post events, and restarted 2 s later.",
+        "While it is down a request by user id alone gets 503 at once and one with a history gets 200; after the "
+        "restart every event answered 200 is there and requests by id are answered again.",
+        "test_redis_killed_and_restarted_loses_nothing_acknowledged_and_answers_503_only_for_id_requests"),
     "Serve replica SIGKILL under load (8 clients)": (
         "Fault: the only replica process is SIGKILLed while 8 clients send requests through the HAProxy ingress "
         "(request timeout 10 s; clients send a request again when its connection is reset).",
@@ -583,9 +612,10 @@ SECURITY = [
 def write_reliability(results: Path, target: Path) -> Path:
     data = json.loads((results / "reliability.json").read_text()) if (results / "reliability.json").exists() else {}
     lines = ["# Reliability", "",
-             "What ray_rec does when things go wrong, each class shown by a test in `tests/test_reliability.py` that "
+             "What ray_rec does when things go wrong, each class shown by a test in `tests/test_reliability.py` or "
+             "`tests/test_user_state.py` that "
              "injects the fault for real (a real SIGKILL, a real S3-protocol server stopped and restarted, real HTTP "
-             "against Ray Serve). Figures are from the last run of those tests by `python -m bench.reliability` (a plain `make test` "
+             "against Ray Serve, a real redis-server killed and restarted). Figures are from the last run of those tests by `python -m bench.reliability` (a plain `make test` "
              "records nothing), read from `bench/results/reliability.json`; `python -m bench --report` rewrites this file.", "",
              "| class | what happens | what is checked | figures (last run) |", "|---|---|---|---|"]
     for name, (what, checked, test) in RELIABILITY.items():

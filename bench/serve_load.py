@@ -10,7 +10,13 @@ are the medians over ``--rounds``. Each child also records the CPU time the mode
 no-op replica and the ingress (Serve proxy, HAProxy) spend per request at concurrency 32.
 Loopback only; every level sends a bounded number of requests.
 
+``--by-user-id`` measures recommending by user id instead (HAProxy ingress, one Ray): the same
+1,000 users' 39-click histories sent with every request, read from Redis (a real redis-server,
+password and fsync-always persistence on) and read from the replica's memory, the three setups
+alternating level by level in every round.
+
     python -m bench.serve_load [--requests 1000] [--rounds 3]
+    python -m bench.serve_load --by-user-id [--requests 2000] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -62,19 +68,21 @@ def small_artifact(folder: str) -> str:
     return f"{folder}/model"
 
 
-async def load(url: str, body: dict, concurrency: int, total: int) -> dict[str, Any]:
+async def load(url: str, body: dict | list[dict], concurrency: int, total: int) -> dict[str, Any]:
+    """``total`` POSTs of ``body`` (or of the bodies in turn) from ``concurrency`` clients."""
     import aiohttp
 
     latencies: list[float] = []
     errors = 0
     queue: Iterator[int] = iter(())
+    bodies = body if isinstance(body, list) else [body]
 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal errors
-        for _ in queue:
+        for i in queue:
             t0 = time.perf_counter()
             try:
-                async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=60)) as r:
+                async with session.post(url, json=bodies[i % len(bodies)], timeout=aiohttp.ClientTimeout(total=60)) as r:
                     await r.read()
                     if r.status != 200:
                         errors += 1
@@ -180,6 +188,86 @@ def child(ingress: str, model_uri: str, requests: int, out: str) -> None:
     Path(out).write_text(json.dumps({"rows": rows, "cpu_ms_per_request": cpu}))
 
 
+USERS, CLICKS = 1000, 39
+BY_ID_SETUPS = ("recommend with the history", "recommend by user id (redis)", "recommend by user id (memory)")
+
+
+def by_id_child(model_uri: str, requests: int, rounds: int, out: str) -> None:
+    """One Ray behind HAProxy with the app twice (user state in Redis; in the replica's memory),
+    both holding the same users' histories; every round runs each setup at each level in turn."""
+    import random
+
+    import ray
+    import requests as http
+    from ray import serve
+
+    from bench.redis_server import RedisServer
+    from ray_rec.serve.app import build_app
+    from ray_rec.serve.schemas import ServeArgs
+
+    redis = RedisServer(Path(tempfile.mkdtemp()))
+    redis.start()
+    os.environ["BENCH_REDIS_URL"], os.environ["BENCH_REDIS_PASSWORD"] = redis.url, redis.password  # before Ray starts
+    rng = random.Random(0)
+    users = {f"u{u}": [f"i{rng.randrange(1, 5000)}" for _ in range(CLICKS)] for u in range(USERS)}
+    port = free_port()
+    ray.init(address="local", num_cpus=4, logging_level=logging.WARNING)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        redis_state = {"backend": "redis", "url_env": "BENCH_REDIS_URL", "password_env": "BENCH_REDIS_PASSWORD"}
+        serve.run(build_app(ServeArgs(model_uri=model_uri, state=redis_state)), name="redis", route_prefix="/redis")
+        serve.run(build_app(ServeArgs(model_uri=model_uri)), name="memory", route_prefix="/memory")
+        for app in ("redis", "memory"):  # the same events through the API, 1,000 users at a time
+            events: list[Any] = [{"user_id": u, "item_id": item, "timestamp": 1_700_000_000 + 60 * j}
+                                 for u, clicks in users.items() for j, item in enumerate(clicks)]
+            for start in range(0, len(events), 5000):
+                http.post(f"{base}/{app}/v1/events", json={"events": events[start:start + 5000]}, timeout=60).raise_for_status()
+        stamps = [1_700_000_000 + 60 * j for j in range(CLICKS)]
+        bodies: dict[str, tuple[str, list[Any]]] = {
+            BY_ID_SETUPS[0]: ("/redis", [{"history": c, "timestamps": stamps, "k": 10} for c in users.values()]),
+            BY_ID_SETUPS[1]: ("/redis", [{"user_id": u, "k": 10} for u in users]),
+            BY_ID_SETUPS[2]: ("/memory", [{"user_id": u, "k": 10} for u in users]),
+        }
+        same = [http.post(f"{base}{prefix}/v1/recommend", json=dict(b[7]), timeout=30).json()["items"] for prefix, b in bodies.values()]
+        assert same[0] == same[1] == same[2], "the three setups answer differently"
+        runs: list[dict[str, dict[int, Any]]] = []
+        for n in range(rounds):
+            row: dict[str, dict[int, Any]] = {}
+            for c in LEVELS:
+                for name, (prefix, b) in bodies.items():
+                    row.setdefault(name, {})[c] = res = asyncio.run(load(f"{base}{prefix}/v1/recommend", b, c, requests))
+                    print(f"round {n + 1} {name:32} c={c:<4} {res['rps']:7.0f} req/s  p50 {res['p50_ms']:6.1f} ms  "
+                          f"p99 {res['p99_ms']:7.1f} ms  errors {res['errors']}", flush=True)
+            runs.append(row)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        redis.kill()
+    Path(out).write_text(json.dumps(runs))
+
+
+def by_id_main(model_uri: str, requests: int, rounds: int) -> None:
+    from ray_rec.ray_session import FAST_INGRESS
+
+    env = {**os.environ, **FAST_INGRESS, "RAY_worker_niceness": "0"}
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        subprocess.run([sys.executable, "-m", "bench.serve_load", "--child", "by-user-id", "--model", model_uri,
+                        "--requests", str(requests), "--rounds", str(rounds), "--out", out.name], env=env, check=True)
+        runs = [{name: {int(c): v for c, v in levels.items()} for name, levels in row.items()}
+                for row in json.loads(Path(out.name).read_text())]
+    rows = {name: medians([run[name] for run in runs]) for name in BY_ID_SETUPS}
+    explicit = rows[BY_ID_SETUPS[0]]
+    summary = {name: {"rps_ratio_c32": statistics.median(run[name][32]["rps"] / run[BY_ID_SETUPS[0]][32]["rps"] for run in runs),
+                      "p99_ratio_c32": statistics.median(run[name][32]["p99_ms"] / run[BY_ID_SETUPS[0]][32]["p99_ms"] for run in runs)}
+               for name in BY_ID_SETUPS[1:]}
+    print(json.dumps({"with_history_c32": explicit[32], **summary}, indent=2))
+    write_result("serve_by_user_id.json", {
+        "machine": machine(), "requests_per_level": requests, "rounds": rounds, "users": USERS, "clicks": CLICKS,
+        "rows": rows, "raw_rounds": runs, "summary": summary,
+        "command": f"python -m bench.serve_load --by-user-id --requests {requests} --rounds {rounds}"})
+
+
 def run_child(ingress: str, model_uri: str, requests: int) -> dict[str, Any]:
     from ray_rec.ray_session import FAST_INGRESS
 
@@ -213,16 +301,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1000, help="requests per setup and concurrency level")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, each running every ingress and bare uvicorn once")
-    parser.add_argument("--child", choices=list(INGRESSES), help=argparse.SUPPRESS)
+    parser.add_argument("--by-user-id", action="store_true", help="recommend by user id (Redis, memory) against "
+                                                                   "recommend with the history, instead")
+    parser.add_argument("--child", choices=[*INGRESSES, "by-user-id"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child == "by-user-id":
+        by_id_child(args.model, args.requests, args.rounds, args.out)
+        return
     if args.child:
         child(args.child, args.model, args.requests, args.out)
         return
 
     tmp = tempfile.mkdtemp()
     model_uri = small_artifact(tmp)
+    if args.by_user_id:
+        by_id_main(model_uri, args.requests, args.rounds)
+        return
     from ray_rec import load_model
     from ray_rec.predict import Query
 

@@ -1,4 +1,4 @@
-"""`ray-rec`: prepare, train, evaluate, serve, demo, batch-score, config.
+"""`ray-rec`: prepare, train, evaluate, serve, state, demo, batch-score, config.
 
 User mistakes (missing paths, bad config, bad input files) end with one clear line and exit 2;
 only bugs show a stack trace.
@@ -13,10 +13,20 @@ import sys
 from collections.abc import Sequence
 
 from ray_rec import __version__
-from ray_rec.config import ENGINES, FORMATS, SPLITS, PrepareOptions, ServeConfig
+from ray_rec.config import (
+    ENGINES,
+    FORMATS,
+    REDIS_PASSWORD_ENV,
+    REDIS_URL_ENV,
+    SPLITS,
+    PrepareOptions,
+    ServeConfig,
+    StateConfig,
+)
 
 PREPARE = PrepareOptions(input="", output="")  # the defaults the prepare flags show
 SERVE = ServeConfig.model_fields  # the defaults the serve flags show
+STATE = StateConfig.model_fields
 
 logger = logging.getLogger("ray_rec")
 
@@ -91,6 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help=SERVE["max_batch_size"].description)
     p.add_argument("--api-key-env", default=SERVE["api_key_env"].default, help=SERVE["api_key_env"].description)
     p.add_argument("--gpu", action="store_true", help="the replica takes one GPU and scores on it")
+    p.add_argument("--state", choices=["memory", "redis"], default=STATE["backend"].default,
+                   help=f"where the user state that requests by user_id read lives: {STATE['backend'].description} "
+                        f"(redis: URL in ${REDIS_URL_ENV}, password in ${REDIS_PASSWORD_ENV})")
+
+    p = sub.add_parser("state", help="the user-state store that requests by user id read")
+    state = p.add_subparsers(dest="state_command", required=True, metavar="STATE_COMMAND")
+    p = state.add_parser("load", help="write a prepared data set's latest user histories to Redis (replacing "
+                                      "those users' stored events)")
+    p.add_argument("--data", required=True, help="the prepared data set")
+    p.add_argument("--redis", help=f"the Redis URL, without a password (default: ${REDIS_URL_ENV}); the password "
+                                   f"is read from ${REDIS_PASSWORD_ENV}")
+    p.add_argument("--max-events", type=int, default=STATE["max_events"].default, help=STATE["max_events"].description)
+    p.add_argument("--ttl-s", type=int, default=None, help=STATE["ttl_s"].description)
+    p.add_argument("--key-prefix", default=STATE["key_prefix"].default, help=STATE["key_prefix"].description)
 
     p = sub.add_parser("batch-score", help="top-k recommendations for every user of a split, to Parquet")
     p.add_argument("--data", required=True)
@@ -220,7 +244,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     use_fast_ingress()  # before Serve is imported: it reads the variables once
     from ray_rec.serve.local import serve_foreground
 
-    serve_foreground(args.model, args.host, args.port, args.max_batch_size, args.api_key_env, args.gpu)
+    serve_foreground(args.model, args.host, args.port, args.max_batch_size, args.api_key_env, args.gpu, args.state)
     return 0
 
 
@@ -242,6 +266,28 @@ def _cmd_batch_score(args: argparse.Namespace) -> int:
                     progress=lambda msg: print(f"[batch-score] {msg}", file=sys.stderr, flush=True))
     print(f"wrote top-{args.k} recommendations for {n:,} users to {args.output}")
     print(f"model {rec.version}: {describe(rec.meta.get('lineage'))}")
+    return 0
+
+
+def _cmd_state(args: argparse.Namespace) -> int:
+    import os
+
+    from ray_rec.data.manifest import read_manifest
+    from ray_rec.ray_session import init_ray
+    from ray_rec.serve.state_load import connect, load_state
+
+    state = StateConfig(backend="redis", max_events=args.max_events, ttl_s=args.ttl_s, key_prefix=args.key_prefix)
+    url = args.redis or os.environ.get(REDIS_URL_ENV, "").strip()
+    if not url:
+        raise ValueError(f"give the Redis URL with --redis or in ${REDIS_URL_ENV}")
+    password = os.environ.get(REDIS_PASSWORD_ENV, "").strip() or None
+    read_manifest(args.data)  # fail fast, before Ray starts
+    connect(url, password).close()
+    init_ray(1)
+    written = load_state(args.data, url, password, state,
+                         progress=lambda msg: print(f"[state load] {msg}", file=sys.stderr, flush=True))
+    print(f"stored the latest histories of {max(written.values(), default=0):,} users in Redis "
+          f"(by split: {', '.join(f'{k} {v:,}' for k, v in written.items())})")
     return 0
 
 
@@ -304,6 +350,7 @@ COMMANDS = {
     "evaluate": _cmd_evaluate,
     "serve": _cmd_serve,
     "batch-score": _cmd_batch_score,
+    "state": _cmd_state,
     "demo": _cmd_demo,
     "config": _cmd_config,
     "local-cluster": _cmd_local_cluster,

@@ -155,6 +155,13 @@ def _run(opts: DemoOptions, workdir: str, root: str) -> int:
         cands = [i["item_id"] for i in rec["items"][:2]] + ["i1", "i2"]
         print(f"POST {url}/v1/score  candidates={cands}")
         print("  " + json.dumps(_post(url + "/v1/score", {"history": clicks, "candidates": cands})["scores"]))
+        # By user id: the service keeps the user's clicks (in the replica's memory here; Redis in production).
+        events = [{"user_id": "demo-user", "item_id": item, "event": "click"} for item in clicks]
+        print(f"POST {url}/v1/events  {len(events)} clicks of user demo-user")
+        print("  " + json.dumps(_post(url + "/v1/events", {"events": events})))
+        by_id = _post(url + "/v1/recommend", {"user_id": "demo-user", "k": 5})
+        print(f"POST {url}/v1/recommend  user_id=demo-user  ->  {[i['item_id'] for i in by_id['items']]} "
+              f"(from {by_id['stored_clicks']} stored clicks)")
     finally:
         _step(6, "shutting down Serve and Ray")
         serve.shutdown()

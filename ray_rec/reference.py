@@ -8,7 +8,9 @@ import typing
 from dataclasses import fields
 from typing import Any
 
-from ray_rec.config import SECTIONS, PrepareOptions, ServeConfig
+from pydantic import BaseModel
+
+from ray_rec.config import SECTIONS, PrepareOptions, ServeConfig, StateConfig
 
 
 def _field_notes(cls: type) -> dict[str, str]:
@@ -59,9 +61,12 @@ def reference() -> str:
         out.append(f"| `{f.name}` | `{_type_name(hints[f.name])}` | {default} | {notes.get(f.name, '')} |")
     out += ["", "## `serve` (the Serve application's `args`; `ray-rec serve` flags)", "",
             "| setting | type | default | meaning |", "|---|---|---|---|"]
-    for key, info in ServeConfig.model_fields.items():
-        default = "required" if info.is_required() else shown(info.default) if info.default is not None else "none"
-        out.append(f"| `{key}` | `{_type_name(info.annotation)}` | {default} | {info.description or ''} |")
+    for prefix, model in (("", ServeConfig), ("state.", StateConfig)):
+        for key, info in model.model_fields.items():
+            if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+                continue  # a nested section: its own rows follow
+            default = "required" if info.is_required() else shown(info.default) if info.default is not None else "none"
+            out.append(f"| `{prefix}{key}` | `{_type_name(info.annotation)}` | {default} | {info.description or ''} |")
     return "\n".join(out) + "\n"
 
 

@@ -7,6 +7,7 @@ process inherits them (set later, reads happened to work and writes failed).
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import signal
@@ -44,6 +45,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# The test Redis's URL and password reach Serve replicas only through the environment the session's
+# Ray starts with (as in production, where they come from a Secret), so its port is chosen here.
+REDIS_URL_ENV, REDIS_PASSWORD_ENV, REDIS_PASSWORD = "RAY_REC_TEST_REDIS_URL", "RAY_REC_TEST_REDIS_PASSWORD", "rr-redis-8d41e0"
+REDIS_PORT = free_port()
+os.environ[REDIS_URL_ENV] = f"redis://127.0.0.1:{REDIS_PORT}/0"
+os.environ[REDIS_PASSWORD_ENV] = REDIS_PASSWORD
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A real redis-server on loopback (password on, append-only with fsync always)."""
+    from bench.redis_server import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"), REDIS_PASSWORD, REDIS_PORT)
+    server.start()
+    yield server
+    server.kill()
 
 
 @dataclass
@@ -244,3 +264,53 @@ def make_manifest(users: int = 10, items: int = 5, clicks: int = 30, files: dict
     return Manifest(counts=DataCounts(users=users, items=items, events=clicks, clicks=clicks, rows_read=clicks),
                     split=SplitFacts(protocol=protocol, cutoff=0 if protocol == "time" else None, min_clicks=3),
                     files=files or {}, side_features={}, has_time=False, has_browse=has_browse, num_shards=1, id_type="str")
+
+
+def retrying_session():  # type: ignore[no-untyped-def]
+    """A client as the README recommends one: it sends a request again (up to 3 times) when the
+    connection is reset before an answer came, or closed in the middle of one, which the HAProxy
+    ingress does to requests in flight on a replica that dies; scoring and recommending are
+    idempotent. HTTP error answers are returned as they are, never retried."""
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
+    class Session(requests.Session):
+        def request(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            for _ in range(2):
+                try:
+                    return super().request(*args, **kwargs)
+                except requests.exceptions.ChunkedEncodingError:  # the answer was cut short
+                    time.sleep(0.1)
+            return super().request(*args, **kwargs)  # the third try's error goes to the caller
+
+    session = Session()
+    session.mount("http://", HTTPAdapter(max_retries=Retry(total=3, status=0, allowed_methods=None, backoff_factor=0.1,
+                                                           raise_on_status=False)))
+    return session
+
+
+def replica_pids(app: str, count: int, timeout_s: float = 60) -> list[int]:
+    """Process ids of the ``count`` live replicas of Serve app ``app`` (Ray's state API lags Serve:
+    asked again until it lists them)."""
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
+        pids = sorted(a.pid for a in actors if "RecommenderService" in (a.class_name or "") and f"{app}#" in (a.name or ""))
+        if len(pids) == count or time.monotonic() > deadline:
+            return pids
+        time.sleep(1)
+
+
+RECORDS_ENV = "RAY_REC_RELIABILITY_RECORDS"
+
+
+def record(name: str, **figures: object) -> None:
+    """Add a reliability test's figures to the file ``RAY_REC_RELIABILITY_RECORDS`` names (one JSON line
+    each); nothing without it."""
+    target = os.environ.get(RECORDS_ENV)
+    if target:
+        with open(target, "a") as f:
+            f.write(json.dumps({"name": name, **figures, "recorded": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")

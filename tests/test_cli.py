@@ -138,7 +138,7 @@ def test_the_configuration_reference_is_generated_from_the_code_and_names_every_
     every section with its real default."""
     import dataclasses
 
-    from ray_rec.config import Config, ServeConfig
+    from ray_rec.config import Config, ServeConfig, StateConfig
     from ray_rec.reference import reference
 
     text = reference()
@@ -154,8 +154,9 @@ def test_the_configuration_reference_is_generated_from_the_code_and_names_every_
             row = re.search(rf"^\| `{section}\.{f.name}` \| `[^`]+` \| ([^|]+) \| (.+) \|$", text, re.M)
             if row is None or not row.group(1).startswith(shown) or not row.group(2).strip():
                 wrong.append(f"{section}.{f.name}: {row.group(0) if row else 'missing'}")
-    for key in ServeConfig.model_fields:
-        if not re.search(rf"^\| `{key}` \| .+ \| \S.* \|$", text, re.M):
+    serve_keys = [k for k in ServeConfig.model_fields if k != "state"] + [f"state.{k}" for k in StateConfig.model_fields]
+    for key in serve_keys:
+        if not re.search(rf"^\| `{re.escape(key)}` \| .+ \| \S.* \|$", text, re.M):
             wrong.append(f"serve {key}")
     assert not wrong, wrong
 

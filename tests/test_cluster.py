@@ -128,15 +128,19 @@ def test_kuberay_clusters_use_token_auth_a_network_policy_and_locked_down_pods()
                 assert not [e for e in container.get("env", []) if "value" in e and "KEY" in e["name"].upper()]
 
 
-def test_the_rayservice_runs_the_serve_app_with_the_key_from_a_secret():
+def test_the_rayservice_runs_the_serve_app_with_the_key_and_redis_from_secrets():
+    from ray_rec.config import ServeConfig
+
     service = _manifests()["rayservice.yaml"]
     app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
     assert app["import_path"] == "ray_rec.serve.app:build_app"
-    key_env = app["args"]["api_key_env"]
+    args = ServeConfig(**app["args"])  # the application's arguments as the replicas will check them
+    assert args.state.backend == "redis"
     workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-    sources = [e["valueFrom"]["secretKeyRef"] for g in workers for c in g["template"]["spec"]["containers"]
-               for e in c.get("env", []) if e["name"] == key_env]
-    assert sources and all(s["name"] for s in sources)
+    for env in (args.api_key_env, args.state.url_env, args.state.password_env):
+        sources = [e["valueFrom"]["secretKeyRef"] for g in workers for c in g["template"]["spec"]["containers"]
+                   for e in c.get("env", []) if e["name"] == env]
+        assert sources and all(s["name"] for s in sources), env
     assert "ray_rec.cli train" in _manifests()["rayjob-train.yaml"]["spec"]["entrypoint"]
 
 

@@ -22,18 +22,18 @@ import requests
 from ray_rec import load_model
 from ray_rec.config import load_config
 
-from .conftest import ACCESS_KEY_ID, API_KEY, API_KEY_ENV, SECRET_KEY, Payload, free_port, tiny_artifact
-
-RECORDS_ENV = "RAY_REC_RELIABILITY_RECORDS"
-
-
-def record(name: str, **figures: object) -> None:
-    """Add this test's figures to the file ``RAY_REC_RELIABILITY_RECORDS`` names (one JSON line
-    each); nothing without it."""
-    target = os.environ.get(RECORDS_ENV)
-    if target:
-        with open(target, "a") as f:
-            f.write(json.dumps({"name": name, **figures, "recorded": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+from .conftest import (
+    ACCESS_KEY_ID,
+    API_KEY,
+    API_KEY_ENV,
+    SECRET_KEY,
+    Payload,
+    free_port,
+    record,
+    replica_pids,
+    retrying_session,
+    tiny_artifact,
+)
 
 
 def history(s3, out: str) -> list[dict]:
@@ -176,29 +176,6 @@ def keyed_service(trained, ray_cluster):
 HEADERS = {"X-API-Key": API_KEY}
 
 
-def retrying_session() -> requests.Session:
-    """A client as the README recommends one: it sends a request again (up to 3 times) when the
-    connection is reset before an answer came, or closed in the middle of one, which the HAProxy
-    ingress does to requests in flight on a replica that dies; scoring and recommending are
-    idempotent. HTTP error answers are returned as they are, never retried."""
-    from requests.adapters import HTTPAdapter
-    from urllib3.util.retry import Retry
-
-    class Session(requests.Session):
-        def request(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-            for _ in range(2):
-                try:
-                    return super().request(*args, **kwargs)
-                except requests.exceptions.ChunkedEncodingError:  # the answer was cut short
-                    time.sleep(0.1)
-            return super().request(*args, **kwargs)  # the third try's error goes to the caller
-
-    session = Session()
-    session.mount("http://", HTTPAdapter(max_retries=Retry(total=3, status=0, allowed_methods=None, backoff_factor=0.1,
-                                                           raise_on_status=False)))
-    return session
-
-
 def _replica_pid() -> int:
     from ray.util.state import list_actors
 
@@ -277,7 +254,6 @@ def test_a_replica_killed_under_load_fails_no_request_while_another_serves(train
     flight on the dead one has its connection reset and the client sends it again (`retrying_session`),
     so every request succeeds."""
     from ray import serve
-    from ray.util.state import list_actors
 
     from ray_rec.serve.app import RecommenderService, deployment_options
     from ray_rec.serve.schemas import ServeArgs
@@ -287,13 +263,7 @@ def test_a_replica_killed_under_load_fails_no_request_while_another_serves(train
     serve.run(two, name="two", route_prefix="/two")
     url = keyed_service + "/two"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
-            pids = sorted(a.pid for a in actors if "RecommenderService" in (a.class_name or "") and "two#" in (a.name or ""))
-            if len(pids) == 2 or time.monotonic() > deadline:
-                break
-            time.sleep(1)
+        pids = replica_pids("two", 2)
         assert len(pids) == 2, pids
         stop, lock = threading.Event(), threading.Lock()
         outcomes: list[str] = []

@@ -384,7 +384,7 @@ def test_serve_configs_install_nothing_and_hold_no_secret():
         ServeDeploySchema.model_validate(config)
         for env in _runtime_envs(config):
             assert not {"pip", "uv", "conda", "py_modules"} & set(env), f"{name} installs code at deploy time"
-            secret_like = [k for k in env.get("env_vars", {}) if any(w in k.upper() for w in ("KEY", "SECRET", "TOKEN", "PASSWORD"))]
+            secret_like = [k for k in env.get("env_vars", {}) if any(w in k.upper() for w in ("KEY", "SECRET", "TOKEN", "PASSWORD", "REDIS"))]
             assert not secret_like, f"{name}: {secret_like} in a runtime_env (Ray logs it)"
         for app in config["applications"]:
             ServeArgs(**app["args"])  # typos and unknown settings are refused

@@ -134,7 +134,7 @@ def test_explanations_through_batches_that_mix_explained_and_plain_requests(serv
         ("/v1/score", {"history": ["i1", "i2"], "candidates": ["i3"], "timestamps": [5, 1]}, 422, "must be oldest first"),
         # Python's JSON parser reads Infinity and NaN (JSON has neither); the 422 never echoes input, so
         # there is nothing for JSON to fail on
-        ("/v1/score", b'{"timestamps": [Infinity]}', 422, '"loc":["body","history"],"msg":"Field required"'),
+        ("/v1/score", b'{"timestamps": [Infinity]}', 422, '"loc":["body","candidates"],"msg":"Field required"'),
         ("/v1/recommend", b'{"history": ["i1"], "timestamps": [NaN]}', 422, "finite number"),
     ],
 )

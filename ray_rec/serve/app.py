@@ -7,7 +7,10 @@ the new artifact is bad).
 
 
 import logging
-from typing import Any
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 from fastapi import FastAPI, HTTPException
@@ -21,15 +24,22 @@ from ray_rec.predict.explain import clicks_asked
 from ray_rec.serve import http as replica_http
 from ray_rec.serve.http import BodyLimit, RequireKey, validation_error
 from ray_rec.serve.schemas import (
+    MAX_ID_CHARS,
+    EventsRequest,
+    EventsResponse,
+    Forgotten,
     ModelInfo,
     RecommendRequest,
     RecommendResponse,
     ScoreRequest,
     ScoreResponse,
     ServeArgs,
+    UserState,
 )
+from ray_rec.serve.state import BROWSE, CLICK, Event, StateUnavailable, UserStore, event_time, open_store
 
 logger = logging.getLogger("ray.serve")
+T = TypeVar("T")
 BATCH = ServeArgs.model_fields
 
 api = FastAPI(
@@ -40,6 +50,26 @@ api = FastAPI(
 api.add_middleware(BodyLimit)
 api.add_middleware(RequireKey)  # added last, runs first: no body is read without the key
 api.add_exception_handler(RequestValidationError, validation_error)
+
+
+@dataclass
+class Ask:
+    """A score or recommend request as a batch takes it: ``fields`` of its `Query` beyond the history."""
+
+    body: ScoreRequest | RecommendRequest
+    rec: Recommender
+    fields: dict[str, Any]
+
+
+@dataclass
+class Reply:
+    """A request's answer, the raw history it was answered from, its unknown ids and the
+    ``stored_clicks`` part of the response."""
+
+    history: list[Any]
+    unknown: list[Any]
+    read: dict[str, Any]
+    answer: Answer = field(default_factory=lambda: Answer([]))
 
 
 @serve.deployment
@@ -56,6 +86,14 @@ class RecommenderService:
         self.reload_error: str | None = None
         self._batched.set_max_batch_size(self.args.max_batch_size)  # type: ignore[attr-defined]
         self._batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        state = self.args.state
+        self.store: UserStore = open_store(state)
+        if state.backend == "memory":
+            logger.info("user state in this replica's memory: events sent to another replica are not seen here "
+                        "and all are lost when it stops (state.backend: redis shares them)")
+        if state.max_events < self.rec.config.history_len:
+            logger.warning("state.max_events=%d keeps fewer clicks than the model reads (%d)", state.max_events,
+                           self.rec.config.history_len)
         replica_http.REPLICA.service = self  # through the module: Serve ships this class by value
         torch.set_num_threads(1)
         logger.info("serving model %s from %s on %s", self.rec.version, self.args.model_uri, device_name(self.rec.device))
@@ -77,42 +115,36 @@ class RecommenderService:
         self.rec, self.reload_error = new, None
         logger.info("model reloaded: now serving %s from %s", new.version, uri)
 
-    def _history(self, raw: list[Any], stamps: list[float] | None) -> tuple[list[int], list[Any], list[int] | None]:
-        """Known item indices, unknown ids, and the known items' time buckets (None without times)."""
-        if not raw:
-            raise HTTPException(422, "history is empty: send at least one clicked item id")
-        if len(raw) > self.args.max_history:
-            raise HTTPException(422, f"history has {len(raw)} items; the limit is {self.args.max_history}")
+    def _check(self, body: ScoreRequest | RecommendRequest) -> int:
+        """What every score or recommend request must meet before it is batched; returns the clicks to
+        name per answer (0 without ``explain``)."""
+        if len(body.history) > self.args.max_history:
+            raise HTTPException(422, f"history has {len(body.history)} items; the limit is {self.args.max_history}")
+        if body.user_id is None and not body.history:
+            raise HTTPException(422, "history is empty: send at least one clicked item id, or a user_id")
         try:
-            return self.rec.lookup(raw, stamps)
-        except ValueError as exc:  # the click times do not fit the history
-            raise HTTPException(422, str(exc)) from None
-
-    @staticmethod
-    def _explain_top(explain: bool, top: int) -> int:
-        """Clicks to name per answer (0 without ``explain``); a bad count is a 422."""
-        try:
-            return clicks_asked(explain, top)
+            return clicks_asked(body.explain, body.explain_top)
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
 
     @api.post("/v1/score", response_model=ScoreResponse)
     async def score(self, body: ScoreRequest) -> dict[str, Any]:
         """Relevance of each candidate to the history, in order (null for unknown candidates)."""
-        history, unknown, times = self._history(body.history, body.timestamps)
+        top = self._check(body)
         if not body.candidates:
             raise HTTPException(422, "candidates is empty")
         if len(body.candidates) > self.args.max_candidates:
             raise HTTPException(422, f"{len(body.candidates)} candidates; the limit is {self.args.max_candidates}")
         rec = self.rec
         idx = [rec.vocab.index_of(c) or 0 for c in body.candidates]
-        top = self._explain_top(body.explain, body.explain_top)
-        answer = await self._call(Query(history, candidates=idx, time_buckets=times, explain=top), rec)
+        reply = await self._answer(Ask(body, rec, {"candidates": idx, "explain": top}))
+        answer = reply.answer
         return {
+            **reply.read,
             "model_version": rec.version,
             "scores": answer.scores,
-            "because": [[r._asdict() for r in row] for row in rec.raw_reasons(answer, body.history)] if top else None,
-            "unknown_history": unknown,
+            "because": [[r._asdict() for r in row] for row in rec.raw_reasons(answer, reply.history)] if top else None,
+            "unknown_history": reply.unknown,
             "unknown_candidates": [c for c, i in zip(body.candidates, idx) if not i],
             "fallback": answer.fallback,
         }
@@ -120,17 +152,59 @@ class RecommenderService:
     @api.post("/v1/recommend", response_model=RecommendResponse)
     async def recommend(self, body: RecommendRequest) -> dict[str, Any]:
         """The top-k items of the catalog for the history."""
-        history, unknown, times = self._history(body.history, body.timestamps)
+        top = self._check(body)
         if not 1 <= body.k <= self.args.max_k:
             raise HTTPException(422, f"k={body.k} must be between 1 and {self.args.max_k}")
         rec = self.rec
-        top = self._explain_top(body.explain, body.explain_top)
-        answer = await self._call(Query(history, k=body.k, exclude=body.exclude_history, time_buckets=times, explain=top), rec)
+        reply = await self._answer(Ask(body, rec, {"k": body.k, "exclude": body.exclude_history, "explain": top}))
+        answer = reply.answer
         items: list[dict[str, Any]] = [{"item_id": rec.vocab.raw_id(i), "score": s} for i, s in zip(answer.items or [], answer.scores)]
         if top:
-            for item, why in zip(items, rec.raw_reasons(answer, body.history)):
+            for item, why in zip(items, rec.raw_reasons(answer, reply.history)):
                 item["because"] = [r._asdict() for r in why]
-        return {"model_version": rec.version, "items": items, "unknown_history": unknown, "fallback": answer.fallback}
+        return {**reply.read, "model_version": rec.version, "items": items, "unknown_history": reply.unknown,
+                "fallback": answer.fallback}
+
+    @api.post("/v1/events", response_model=EventsResponse)
+    async def events(self, body: EventsRequest) -> dict[str, Any]:
+        """Store a batch of user events, all or none; 503 when the store cannot take them (nothing
+        of the batch is stored then: send it again)."""
+        now = time.time()
+        events = [Event(str(e.user_id), e.item_id, event_time(e.timestamp, now), CLICK if e.event == "click" else BROWSE)
+                  for e in body.events]
+        await self._state(self.store.append(events), "nothing was stored, send the events again")
+        known = self.rec.vocab.indices([e.item_id for e in events])
+        return {"stored": len(events), "users": len({e.user_id for e in events}),
+                "unknown_items": sum(i is None for i in known)}
+
+    @api.get("/v1/users/{user_id}", response_model=UserState)
+    async def user(self, user_id: str) -> dict[str, Any]:
+        """A user's stored clicks and browses (empty lists for a user with none)."""
+        self._check_user(user_id)
+        stored = await self._state(self.store.history(user_id), "retry")
+        return {"user_id": user_id, **{kind: [{"item_id": item, "timestamp": t} for item, t in pairs]
+                                       for kind, pairs in (("clicks", stored.clicks), ("browses", stored.browses))}}
+
+    @api.delete("/v1/users/{user_id}", response_model=Forgotten)
+    async def forget(self, user_id: str) -> dict[str, Any]:
+        """Erase everything stored for a user (the right to be forgotten)."""
+        self._check_user(user_id)
+        erased = await self._state(self.store.forget(user_id), "nothing was erased, retry")
+        return {"user_id": user_id, "erased": erased}
+
+    @staticmethod
+    async def _state(call: Awaitable[T], then: str) -> T:
+        """``call``'s result; 503 saying ``then`` (what the client should do) when the store cannot answer."""
+        try:
+            return await call
+        except StateUnavailable as exc:
+            logger.warning("%s", exc)
+            raise HTTPException(503, f"the user state store is unavailable: {then}") from None
+
+    @staticmethod
+    def _check_user(user_id: str) -> None:
+        if not user_id or len(user_id) > MAX_ID_CHARS:
+            raise HTTPException(422, f"a user id is 1 to {MAX_ID_CHARS} characters")
 
     @api.get("/v1/model", response_model=ModelInfo)
     async def model_info(self) -> dict[str, Any]:
@@ -151,25 +225,69 @@ class RecommenderService:
         """Liveness; needs no API key."""
         return {"status": "ok", "model_version": self.rec.version}
 
-    async def _call(self, query: Query, rec: Recommender) -> Answer:
-        if self.args.batching and query.history:  # a popularity answer needs no batch
-            return await self._batched((query, rec))
-        return rec.predict([query])[0]
+    async def _answer(self, ask: Ask) -> Reply:
+        reply = await self._batched(ask) if self.args.batching else (await self._answer_all([ask]))[0]
+        if isinstance(reply, HTTPException):
+            raise reply
+        return reply
 
     @serve.batch(max_batch_size=BATCH["max_batch_size"].default,  # both reset from ServeArgs in __init__
                  batch_wait_timeout_s=BATCH["batch_wait_timeout_s"].default)
-    async def _batched(self, items: list[tuple[Query, Recommender]]) -> list[Answer]:
-        """One `Recommender.predict` for a whole batch of queries (grouped by model, which only
-        differs across a hot reload)."""
-        out: list[Any] = [None] * len(items)
-        by_model: dict[int, list[int]] = {}
-        for i, (_, rec) in enumerate(items):
-            by_model.setdefault(id(rec), []).append(i)
-        for positions in by_model.values():
-            rec = items[positions[0]][1]
-            for pos, result in zip(positions, rec.predict([items[p][0] for p in positions])):
-                out[pos] = result
-        return out
+    async def _batched(self, asks: list[Ask]) -> list[Reply | HTTPException]:
+        return await self._answer_all(asks)
+
+    async def _answer_all(self, asks: list[Ask]) -> list[Reply | HTTPException]:
+        """A batch of requests: the stored clicks of all its users in one store round trip, then one
+        `Recommender.predict` per model (models only differ across a hot reload). A request that
+        cannot be answered gets its HTTP error in its place."""
+        users = [str(a.body.user_id) for a in asks if a.body.user_id is not None]
+        stored: dict[str, list[tuple[Any, float]]] | None = {}
+        if users:
+            try:
+                stored = dict(zip(users, await self.store.clicks(users)))
+            except StateUnavailable as exc:
+                logger.warning("%s", exc)
+                stored = None
+        out: list[Reply | HTTPException | None] = [None] * len(asks)
+        queries: dict[int, list[tuple[int, Query]]] = {}
+        for pos, ask in enumerate(asks):
+            try:
+                raw, stamps, read = self._history(ask.body, stored)
+                known, unknown, buckets = ask.rec.lookup(raw, stamps)
+            except ValueError as exc:  # the click times do not fit the history
+                out[pos] = HTTPException(422, str(exc))
+                continue
+            except HTTPException as exc:
+                out[pos] = exc
+                continue
+            out[pos] = Reply(raw, unknown, read)
+            queries.setdefault(id(ask.rec), []).append((pos, Query(known, time_buckets=buckets, **ask.fields)))
+        for group in queries.values():
+            rec = asks[group[0][0]].rec
+            for (pos, _), answer in zip(group, rec.predict([q for _, q in group])):
+                out[pos].answer = answer  # type: ignore[union-attr]
+        return out  # type: ignore[return-value]
+
+    def _history(self, body: ScoreRequest | RecommendRequest, stored: dict[str, list[tuple[Any, float]]] | None,
+                 ) -> tuple[list[Any], list[float] | None, dict[str, Any]]:
+        """The history a request is answered from, its click times, and the answer's ``stored_clicks``:
+        the user's stored clicks (``stored``; None: the store did not answer) followed by the
+        request's own items. The stored times are kept when the request's items come with times,
+        or with no items. Store down: a request that carries a history is answered from it; one by
+        id alone gets 503. A user with no stored clicks and no history gets the popularity answer."""
+        if body.user_id is None:
+            return list(body.history), body.timestamps, {}
+        if stored is None:
+            if not body.history:
+                raise HTTPException(503, "the user state store is unavailable: retry, or send the history")
+            return list(body.history), body.timestamps, {"stored_clicks": None}
+        clicks = stored[str(body.user_id)]
+        room = self.args.max_history - len(body.history)  # the stored clicks past it are the oldest
+        clicks = clicks[len(clicks) - room:] if len(clicks) > room else clicks
+        items = [item for item, _ in clicks] + list(body.history)
+        if body.history and body.timestamps is None:
+            return items, None, {"stored_clicks": len(clicks)}
+        return items, [t for _, t in clicks] + list(body.timestamps or []), {"stored_clicks": len(clicks)}
 
 
 def deployment_options(args: ServeArgs, num_gpus: float = 0) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import time
 
 from ray import serve
 
+from ray_rec.config import StateConfig
 from ray_rec.ray_session import REQUEST_TIMEOUT_S, init_ray
 from ray_rec.serve.app import application
 from ray_rec.serve.schemas import ServeArgs
@@ -28,6 +29,17 @@ def start(model_uri: str, host: str = "127.0.0.1", port: int = 8000, request_tim
     return f"http://{host}:{port}"
 
 
+def check_redis(config: StateConfig) -> None:
+    """Fail before Ray starts when the Redis ``config`` names is not configured or does not answer.
+
+    Raises:
+        ValueError: the URL variable is unset.
+        ConnectionError: Redis did not answer, or refused the password."""
+    from ray_rec.serve.state import connect, redis_url
+
+    connect(*redis_url(config)).close()
+
+
 def warn_if_open(host: str, port: int, api_key_env: str) -> bool:
     """Log a warning (and return True) when the endpoint listens beyond loopback without a key."""
     try:
@@ -41,16 +53,19 @@ def warn_if_open(host: str, port: int, api_key_env: str) -> bool:
     return True
 
 
-def serve_foreground(model_uri: str, host: str, port: int, max_batch_size: int, api_key_env: str, gpu: bool = False) -> None:
+def serve_foreground(model_uri: str, host: str, port: int, max_batch_size: int, api_key_env: str, gpu: bool = False,
+                     state: str = "memory") -> None:
     from ray_rec.device import resolve_device
     from ray_rec.predict import load_model
 
     if gpu:
         resolve_device("cuda")  # no GPU here: a clear error before Ray starts
     load_model(model_uri, device="cpu")  # a bad artifact fails here, with a clear message, before Ray starts
+    if state == "redis":
+        check_redis(StateConfig(backend="redis"))
     init_ray(1, serving=True)
     url = start(model_uri, host, port, num_gpus=1 if gpu else 0, max_batch_size=max_batch_size, api_key_env=api_key_env,
-                device="cuda" if gpu else "cpu")
+                device="cuda" if gpu else "cpu", state={"backend": state})
     print(f"serving {model_uri} at {url} (OpenAPI docs at {url}/docs); Ctrl-C stops", flush=True)
     try:
         while True:

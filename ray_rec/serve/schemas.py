@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
 
@@ -21,17 +21,22 @@ ItemId = StrictInt | TextId
 Ids = Annotated[list[ItemId], Field(max_length=MAX_LIST)]
 Times = Annotated[list[float], Field(max_length=MAX_LIST)]
 AnswerId = StrictInt | StrictStr  # ids in answers come from the catalog, unchecked
+UserId = StrictInt | Annotated[StrictStr, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)]
+USER_ID_HELP = ("a user whose events were sent to /v1/events: their stored clicks are the history, "
+                "followed by this request's `history` items for this request only")
+HISTORY_HELP = "clicked item ids, oldest first (raw ids); may be left out when user_id is given"
+TIMES_HELP = ("optional click time of each `history` item (epoch seconds or milliseconds), oldest first; "
+              "with user_id, the stored clicks' times are read only when these are sent (or history is empty)")
 
 
 class ScoreRequest(BaseModel):
     """Score given candidates for one user."""
 
     model_config = ConfigDict(extra="forbid")
-    history: Ids = Field(..., description="clicked item ids, oldest first (raw ids)")
+    user_id: UserId | None = Field(None, description=USER_ID_HELP)
+    history: Ids = Field(default_factory=list, description=HISTORY_HELP)
     candidates: Ids = Field(..., description="item ids to score, in the order to return")
-    timestamps: Times | None = Field(
-        None, description="optional click time of each history item (epoch seconds or milliseconds), oldest first"
-    )
+    timestamps: Times | None = Field(None, description=TIMES_HELP)
     explain: bool = Field(False, description="also name the history clicks that raised each answer's score most")
     explain_top: StrictInt = Field(3, description="with explain: how many clicks to name per answer (1-20)")
 
@@ -40,12 +45,11 @@ class RecommendRequest(BaseModel):
     """Top-k of the whole catalog for one user."""
 
     model_config = ConfigDict(extra="forbid")
-    history: Ids = Field(..., description="clicked item ids, oldest first (raw ids)")
+    user_id: UserId | None = Field(None, description=USER_ID_HELP)
+    history: Ids = Field(default_factory=list, description=HISTORY_HELP)
     k: StrictInt = Field(10, description="how many items to return")
     exclude_history: bool = Field(True, description="never recommend an item of the history")
-    timestamps: Times | None = Field(
-        None, description="optional click time of each history item (epoch seconds or milliseconds), oldest first"
-    )
+    timestamps: Times | None = Field(None, description=TIMES_HELP)
     explain: bool = Field(False, description="also name the history clicks that raised each answer's score most")
     explain_top: StrictInt = Field(3, description="with explain: how many clicks to name per answer (1-20)")
 
@@ -54,12 +58,15 @@ class Because(BaseModel):
     """A history click that moved an item's score."""
 
     item_id: AnswerId
-    position: int = Field(..., description="its index in the request's history (0 = oldest)")
+    position: int = Field(..., description="its index in the history read (0 = oldest): the stored clicks, "
+                                           "then the request's")
     share: float = Field(..., description="its signed share of the clicks' total absolute contribution to the score")
 
 
 class ScoreResponse(BaseModel):
     model_version: str
+    stored_clicks: int | None = Field(None, description="with user_id: the stored clicks read (null: the store "
+                                                         "was unavailable and the request's history alone answered)")
     scores: list[float | None] = Field(..., description="relevance per candidate, in order; null = unknown item")
     because: list[list[Because]] | None = Field(
         None, description="with explain: per candidate, the clicks that raised its score most (empty for an unknown one)"
@@ -79,9 +86,51 @@ class RecommendedItem(BaseModel):
 
 class RecommendResponse(BaseModel):
     model_version: str
+    stored_clicks: int | None = Field(None, description="with user_id: the stored clicks read (null: the store "
+                                                         "was unavailable and the request's history alone answered)")
     items: list[RecommendedItem]
     unknown_history: list[AnswerId]
     fallback: str | None = Field(None, description="'popularity' when no history item was known")
+
+
+class UserEvent(BaseModel):
+    """One event of a user."""
+
+    model_config = ConfigDict(extra="forbid")
+    user_id: UserId
+    item_id: ItemId = Field(..., description="an item id the model does not know is stored and counted as unknown")
+    timestamp: float | None = Field(None, ge=0, allow_inf_nan=False,
+                                    description="epoch seconds or milliseconds (unset: when the event arrived)")
+    event: Literal["click", "browse"] = "click"
+
+
+class EventsRequest(BaseModel):
+    """A batch of events, stored all or none."""
+
+    model_config = ConfigDict(extra="forbid")
+    events: Annotated[list[UserEvent], Field(min_length=1, max_length=MAX_LIST)]
+
+
+class EventsResponse(BaseModel):
+    stored: int = Field(..., description="events stored (every event of the request)")
+    users: int
+    unknown_items: int = Field(..., description="of them, events on items the serving model does not know")
+
+
+class StoredEvent(BaseModel):
+    item_id: AnswerId
+    timestamp: float = Field(..., description="epoch seconds")
+
+
+class UserState(BaseModel):
+    user_id: str
+    clicks: list[StoredEvent] = Field(..., description="oldest first")
+    browses: list[StoredEvent] = Field(..., description="oldest first")
+
+
+class Forgotten(BaseModel):
+    user_id: str
+    erased: bool = Field(..., description="whether anything was stored for the user")
 
 
 class ModelInfo(BaseModel):

@@ -20,7 +20,7 @@ from ray_rec.config import ModelConfig, load_config
 from ray_rec.device import DeviceError, resolve_device, to_device
 from ray_rec.model.interest_model import InterestModel
 from ray_rec.predict.ranking import evaluate
-from ray_rec.predict.recommender import Query, Recommender, load_model
+from ray_rec.predict.recommender import Recommender, load_model
 from ray_rec.train.fit import train_step
 from ray_rec.train.local import train_local
 from ray_rec.train.optim import make_optimizer
@@ -144,19 +144,28 @@ def test_recommend_and_score_run_on_the_model_device_and_answer_as_on_the_host(t
 
 
 def test_the_serve_batch_answers_mixed_requests_on_the_model_device(tmp_path: Path) -> None:
-    """The replica's batched call (the body of `RecommenderService._batched`, under Serve's batch
-    queue): scoring and recommending requests of one batch, across a hot reload's two models (one on
-    the device, one on the host), each answered by its own."""
+    """The replica's batched call (`RecommenderService._answer_all`, the body of its Serve batch):
+    scoring, recommending and by-user-id requests of one batch, across a hot reload's two models
+    (one on the device, one on the host), each answered by its own."""
     pytest.importorskip("ray")  # a GPU machine without Ray runs the rest of this file
-    from ray_rec.serve.app import RecommenderService
+    from ray_rec.serve.app import Ask, RecommenderService
+    from ray_rec.serve.schemas import RecommendRequest, ScoreRequest, ServeArgs
+    from ray_rec.serve.state import Event, MemoryStore
 
-    batch = RecommenderService.func_or_class._batched.__wrapped__  # Serve's queue needs a replica around it
+    cls = RecommenderService.func_or_class  # Serve's queue needs a replica around `_batched`
     artifact = tiny_artifact(tmp_path)
-    queries = [Query([1, 2, 3], k=4), Query([4], candidates=[5, 6, 0]), Query([7, 8], k=2, exclude=False)]
+    service = cls.__new__(cls)
+    service.args, service.store = ServeArgs(model_uri=artifact), MemoryStore(10)
+    asyncio.run(service.store.append([Event("u", "i7", 1.0), Event("u", "i8", 2.0)]))
+    bodies = [(RecommendRequest(history=["i1", "i2", "i3"], k=4), {"k": 4, "exclude": True}),
+              (ScoreRequest(history=["i4"], candidates=["i5", "i6", "nope"]), {"candidates": [5, 6, 0]}),
+              (RecommendRequest(user_id="u", k=2, exclude_history=False), {"k": 2, "exclude": False})]
     with OtherDevice():
         on_device, on_host = _recommender(artifact, DEVICE), _recommender(artifact, "cpu")
-        answers = asyncio.run(batch(None, [(q, on_device) for q in queries] + [(queries[0], on_host)]))
-    assert [len(a.items) for a in (answers[0], answers[2])] == [4, 2]
+        asks = [Ask(body, on_device, {**fields, "explain": 0}) for body, fields in bodies]
+        replies = asyncio.run(cls._answer_all(service, [*asks, Ask(bodies[0][0], on_host, {**bodies[0][1], "explain": 0})]))
+    answers = [r.answer for r in replies]
+    assert [len(a.items) for a in (answers[0], answers[2])] == [4, 2] and replies[2].history == ["i7", "i8"]
     assert answers[1].scores[2] is None and all(isinstance(s, float) for s in answers[1].scores[:2])
     assert not set(answers[0].items) & {1, 2, 3} and answers[3].items == answers[0].items
     assert np.allclose(answers[3].scores, answers[0].scores, atol=1e-5)

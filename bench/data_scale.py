@@ -16,6 +16,14 @@ same data (plain PyTorch, one process), as a ratio: above 1 means the pipeline k
 
     python -m bench.data_scale                       # 2M, 20M and 40M events
     python -m bench.data_scale --sizes 200000 2000000   # quicker
+    python -m bench.data_scale --nodes 1 2 --sizes 2000000 20000000
+
+``--nodes`` runs only the Ray engine, on a local multi-node Ray (`ray.cluster_utils.Cluster`: a
+head that takes no work and that many worker nodes of ``--node-cpus`` logical CPUs, each its own
+raylet and object store), against the local engine on the same log: events/s, and each node's peak
+memory (the PSS of the processes its raylet started, object-store pages apart). On this 2-core
+machine two nodes share the same two cores: the point is that the import spreads over them and
+each node's memory stays flat, not a speed-up.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from bench.output import machine, write_result
@@ -210,6 +219,98 @@ def child_train_rate(data: str, steps: int) -> dict[str, Any]:
     return {"examples_per_s": n / (time.monotonic() - t0), "steps": steps, "catalog": m.counts.items}
 
 
+def child_prepare_nodes(src: str, out: str, nodes: str, node_cpus: str) -> dict[str, Any]:
+    """The Ray engine on a local cluster of ``nodes`` worker nodes: seconds, events/s, each node's
+    peak (its raylet's processes together, and its largest process) and the tasks each node ran."""
+    import psutil
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from ray_rec.data.prepare import PrepareOptions, prepare
+    from ray_rec.ray_session import init_ray
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    workers = [cluster.add_node(num_cpus=int(node_cpus), object_store_memory=OBJECT_STORE_MB // 2 * 2**20)
+               for _ in range(int(nodes))]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level=logging.WARNING)
+    init_ray(1)
+    raylets = [w.all_processes["raylet"][0].process.pid for w in workers]
+    largest = [0.0] * len(workers)
+
+    def tree(pid: int) -> list[int]:
+        try:
+            return [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+        except psutil.NoSuchProcess:
+            return []
+
+    peaks = []
+    for i, raylet in enumerate(raylets):
+        def pids(i: int = i, raylet: int = raylet) -> list[int]:
+            found = tree(raylet)
+            largest[i] = max([largest[i], *(_pss_mb([p])[0] for p in found)])
+            return found
+        peaks.append(PeakMemory(pids))
+    for p in peaks:
+        p.__enter__()
+    try:
+        t0 = time.monotonic()
+        manifest = prepare(PrepareOptions(input=src, output=out, num_shards=8, engine="ray"))
+        seconds = time.monotonic() - t0
+    finally:
+        for p in peaks:
+            p.__exit__(None, None, None)
+    from ray.util.state import list_tasks
+
+    by_node: dict[str, int] = {}
+    ids = {w.node_id: f"node {i + 1}" for i, w in enumerate(workers)}
+    for task in list_tasks(filters=[("state", "=", "FINISHED")], limit=10_000, detail=True):
+        if task.name in ("_read_file", "_split_task"):
+            by_node[ids.get(task.node_id, "head")] = by_node.get(ids.get(task.node_id, "head"), 0) + 1
+    ray.shutdown()
+    cluster.shutdown()
+    return {"nodes": int(nodes), "node_cpus": int(node_cpus), "seconds": seconds,
+            "events_per_s": manifest.counts.rows_read / seconds, "counts": dataclasses.asdict(manifest.counts),
+            "node_peak_pss_mb": [p.peak for p in peaks], "node_peak_object_store_pages_mb": [p.peak_shm for p in peaks],
+            "node_largest_process_mb": largest, "tasks_by_node": by_node}
+
+
+def nodes_main(sizes: list[int], nodes: list[int], node_cpus: int) -> None:
+    """``--nodes``: the local engine and the Ray engine on 1..N local nodes, for each size."""
+    import pyarrow.parquet as pq
+
+    from ray_rec import storage
+    from ray_rec.data.synthetic import bulk_log
+    from ray_rec.demo import BUCKET, loopback_s3
+
+    rows: dict[str, Any] = {}
+    with loopback_s3():
+        for size in sizes:
+            with tempfile.TemporaryDirectory(prefix="ray-rec-scale-") as tmp:
+                src = f"s3://{BUCKET}/logs-{size}"  # every node reads the log from S3
+                for i, chunk in enumerate(bulk_log(size)):
+                    pq.write_table(chunk, f"{tmp}/events-{i:04d}.parquet")
+                    storage.write_bytes(f"{src}/events-{i:04d}.parquet", Path(f"{tmp}/events-{i:04d}.parquet").read_bytes())
+                data = f"s3://{BUCKET}/nodes-{size}"
+                local = _child("prepare", src, data)
+                row: dict[str, Any] = {"local": local}
+                print(f"[{size:,} events] local engine: {local['events_per_s']:,.0f} events/s", flush=True)
+                for n in nodes:
+                    got = _child("prepare_nodes", src, f"{data}-{n}-nodes", str(n), str(node_cpus))
+                    if got["counts"] != local["counts"]:
+                        raise SystemExit(f"the engines disagree: local {local['counts']}, {n} nodes {got['counts']}")
+                    print(f"[{size:,} events] Ray engine on {n} node(s) of {node_cpus} CPUs: {got['events_per_s']:,.0f} events/s "
+                          f"({got['events_per_s'] / local['events_per_s']:.2f}x local); per node peak "
+                          f"{', '.join(f'{m:,.0f}' for m in got['node_peak_pss_mb'])} MB (largest process "
+                          f"{', '.join(f'{m:,.0f}' for m in got['node_largest_process_mb'])} MB), tasks {got['tasks_by_node']}",
+                          flush=True)
+                    row[f"{n} nodes"] = got
+                rows[str(size)] = row
+    write_result("data_scale_nodes.json", {
+        "machine": machine(), "node_cpus": node_cpus, "sizes": rows,
+        "command": f"python -m bench.data_scale --nodes {' '.join(map(str, nodes))} --sizes {' '.join(map(str, sizes))}"})
+
+
 def _child(kind: str, *args: str) -> dict[str, Any]:
     """Run one measurement in a fresh process (so peak memory is its own) and return its JSON."""
     out = subprocess.run([sys.executable, "-m", "bench.data_scale", "--child", kind, *args], capture_output=True,
@@ -223,14 +324,21 @@ def _child(kind: str, *args: str) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2_000_000, 20_000_000, 40_000_000])
+    parser.add_argument("--nodes", type=int, nargs="+", help="only the Ray engine, on a local cluster of each of these "
+                                                               "numbers of worker nodes")
+    parser.add_argument("--node-cpus", type=int, default=2, help="logical CPUs of each worker node (--nodes)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
         children: dict[str, Callable[..., dict[str, Any]]] = {
-            "prepare": child_prepare, "prepare_ray": child_prepare_ray, "stream": child_stream, "train_rate": lambda d: child_train_rate(d, 60)}
+            "prepare": child_prepare, "prepare_ray": child_prepare_ray, "prepare_nodes": child_prepare_nodes,
+            "stream": child_stream, "train_rate": lambda d: child_train_rate(d, 60)}
         fn = children[kind]
         print(json.dumps(fn(*rest)), flush=True)
+        return
+    if args.nodes:
+        nodes_main(args.sizes, args.nodes, args.node_cpus)
         return
     import pyarrow.parquet as pq
 

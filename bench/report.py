@@ -256,6 +256,25 @@ def data(folder: Path) -> list[str]:
                 f"Peak memory, largest vs second-largest size: import {r['import_peak_growth']:.2f}x, "
                 + (f"import on Ray (largest process) {r['import_ray_peak_growth']:.2f}x, " if "import_ray_peak_growth" in r else "")
                 + f"stream {r['stream_peak_growth']:.2f}x.", ""]
+    for r in _load(folder, "data_scale_nodes.json"):
+        out += ["### The Ray engine on one node and on two", "", _source(r), "",
+                f"A local multi-node Ray (`ray.cluster_utils.Cluster`: a head that takes no work, worker nodes of "
+                f"{r['node_cpus']} logical CPUs and a 1 GB object store each, every node its own raylet), input and output "
+                "on the loopback S3 server. All nodes share this machine's 2 cores, so a second node adds no speed here: "
+                "the figures show the import spreading over the nodes with each node's memory flat as the log grows.", "",
+                "| events | engine | events/s (vs local) | per node: peak MB (its processes) / largest process MB | "
+                "read + split tasks by node |", "|---|---|---|---|---|"]
+        for size, row in sorted(r["sizes"].items(), key=lambda kv: int(kv[0])):
+            local = row["local"]
+            out.append(f"| {int(size):,} | local | {local['events_per_s']:,.0f} | one process: {local['peak_rss_mb']:,.0f} (RSS) | - |")
+            for name, x in row.items():
+                if name == "local":
+                    continue
+                per_node = "; ".join(f"{p:,.0f} / {q:,.0f}" for p, q in zip(x["node_peak_pss_mb"], x["node_largest_process_mb"]))
+                tasks = ", ".join(f"{k} {v}" for k, v in sorted(x["tasks_by_node"].items()))
+                out.append(f"| {int(size):,} | Ray, {name.replace('1 nodes', '1 node')} | {x['events_per_s']:,.0f} ({x['events_per_s'] / local['events_per_s']:.2f}x) | "
+                           f"{per_node} | {tasks} |")
+        out.append("")
     return out
 
 

@@ -286,8 +286,8 @@ def _cmd_state(args: argparse.Namespace) -> int:
     init_ray(1)
     written = load_state(args.data, url, password, state,
                          progress=lambda msg: print(f"[state load] {msg}", file=sys.stderr, flush=True))
-    print(f"stored the latest histories of {max(written.values(), default=0):,} users in Redis "
-          f"(by split: {', '.join(f'{k} {v:,}' for k, v in written.items())})")
+    print(f"stored the users' latest histories in Redis (users written by split, a later split's replacing an "
+          f"earlier one's: {', '.join(f'{k} {v:,}' for k, v in written.items())})")
     return 0
 
 

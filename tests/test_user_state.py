@@ -153,7 +153,7 @@ def test_state_load_writes_every_users_latest_history(split, tiny_logs, tmp_path
     monkeypatch.setenv("RAY_REC_REDIS_PASSWORD", redis_server.password)
     prefix = f"load-{split}:"
     assert main(["state", "load", "--data", data, "--redis", redis_server.url, "--max-events", "8", "--key-prefix", prefix]) == 0
-    assert "users in Redis" in capsys.readouterr().out
+    assert "latest histories in Redis" in capsys.readouterr().out
     client = redis_server.client()
     want = latest_sequences(data)
     assert want and len(client.keys(f"{prefix}*:click")) == len(want)

@@ -120,7 +120,7 @@ def test_demo_runs_end_to_end(tmp_path):
         capture_output=True, text=True, timeout=900, cwd=Path(__file__).parents[1], env=env,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    for needle in ("[1/6]", "[6/6]", "NDCG@10: model", "POST http://127.0.0.1", "Next steps"):
+    for needle in ("[1/6]", "[6/6]", "NDCG@10: model", "POST http://127.0.0.1", "/v1/events", "user_id=demo-user", "Next steps"):
         assert needle in out.stdout
     # Each epoch's progress line reaches the driver once (a worker's `print` used to arrive twice).
     assert (out.stdout + out.stderr).count("[ray-rec] epoch 1/4 ") == 1, out.stderr[-3000:]

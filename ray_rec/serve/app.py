@@ -9,7 +9,7 @@ the new artifact is bad).
 import logging
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -36,7 +36,7 @@ from ray_rec.serve.schemas import (
     ServeArgs,
     UserState,
 )
-from ray_rec.serve.state import BROWSE, CLICK, Event, StateUnavailable, UserStore, event_time, open_store
+from ray_rec.serve.state import Event, StateUnavailable, UserStore, event_time, open_store
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
@@ -69,7 +69,7 @@ class Reply:
     history: list[Any]
     unknown: list[Any]
     read: dict[str, Any]
-    answer: Answer = field(default_factory=lambda: Answer([]))
+    answer: Answer
 
 
 @serve.deployment
@@ -170,8 +170,7 @@ class RecommenderService:
         """Store a batch of user events, all or none; 503 when the store cannot take them (nothing
         of the batch is stored then: send it again)."""
         now = time.time()
-        events = [Event(str(e.user_id), e.item_id, event_time(e.timestamp, now), CLICK if e.event == "click" else BROWSE)
-                  for e in body.events]
+        events = [Event(str(e.user_id), e.item_id, event_time(e.timestamp, now), e.event) for e in body.events]
         await self._state(self.store.append(events), "nothing was stored, send the events again")
         known = self.rec.vocab.indices([e.item_id for e in events])
         return {"stored": len(events), "users": len({e.user_id for e in events}),
@@ -248,8 +247,8 @@ class RecommenderService:
             except StateUnavailable as exc:
                 logger.warning("%s", exc)
                 stored = None
-        out: list[Reply | HTTPException | None] = [None] * len(asks)
-        queries: dict[int, list[tuple[int, Query]]] = {}
+        out: list[Any] = [None] * len(asks)  # a Reply or an HTTPException in each place
+        queries: dict[int, list[tuple[int, Query, tuple[list[Any], list[Any], dict[str, Any]]]]] = {}
         for pos, ask in enumerate(asks):
             try:
                 raw, stamps, read = self._history(ask.body, stored)
@@ -260,13 +259,12 @@ class RecommenderService:
             except HTTPException as exc:
                 out[pos] = exc
                 continue
-            out[pos] = Reply(raw, unknown, read)
-            queries.setdefault(id(ask.rec), []).append((pos, Query(known, time_buckets=buckets, **ask.fields)))
+            queries.setdefault(id(ask.rec), []).append((pos, Query(known, time_buckets=buckets, **ask.fields), (raw, unknown, read)))
         for group in queries.values():
             rec = asks[group[0][0]].rec
-            for (pos, _), answer in zip(group, rec.predict([q for _, q in group])):
-                out[pos].answer = answer  # type: ignore[union-attr]
-        return out  # type: ignore[return-value]
+            for (pos, _, parts), answer in zip(group, rec.predict([q for _, q, _ in group])):
+                out[pos] = Reply(*parts, answer)
+        return out
 
     def _history(self, body: ScoreRequest | RecommendRequest, stored: dict[str, list[tuple[Any, float]]] | None,
                  ) -> tuple[list[Any], list[float] | None, dict[str, Any]]:

@@ -101,7 +101,7 @@ class UserEvent(BaseModel):
     item_id: ItemId = Field(..., description="an item id the model does not know is stored and counted as unknown")
     timestamp: float | None = Field(None, ge=0, allow_inf_nan=False,
                                     description="epoch seconds or milliseconds (unset: when the event arrived)")
-    event: Literal["click", "browse"] = "click"
+    event: Literal["click", "browse"] = "click"  # the store's kinds (`ray_rec.serve.state.KINDS`)
 
 
 class EventsRequest(BaseModel):

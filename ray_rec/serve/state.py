@@ -74,17 +74,9 @@ def decode(entry: str) -> tuple[RawId, float]:
     return (int(value[1:]) if value[0] == "i" else value[1:]), float(stamp)
 
 
-def in_time_order(entries: dict[str, float]) -> list[tuple[RawId, float]]:
-    """Entries (with their times) decoded oldest first; ties in the order of the encoded entry, as
-    Redis orders a sorted set."""
-    return [decode(e) for e, _ in sorted(entries.items(), key=lambda pair: (pair[1], pair[0]))]
-
-
-def newest(entries: dict[str, float], cap: int) -> dict[str, float]:
-    """The ``cap`` entries of the latest times (ties broken as `in_time_order` orders them)."""
-    if len(entries) <= cap:
-        return entries
-    return dict(sorted(entries.items(), key=lambda pair: (pair[1], pair[0]))[-cap:])
+def time_ordered(entries: dict[str, float]) -> list[str]:
+    """Encoded entries oldest first, ties in the entries' own order, as Redis orders a sorted set."""
+    return [e for e, _ in sorted(entries.items(), key=lambda pair: (pair[1], pair[0]))]
 
 
 class UserStore(Protocol):
@@ -137,15 +129,16 @@ class MemoryStore:
             lists = self._live(user)
             if lists is None:
                 lists = self._users[user] = {k: {} for k in KINDS}
-            lists[kind] = newest({**lists[kind], **entries}, self.max_events)
+            merged = {**lists[kind], **entries}
+            lists[kind] = {e: merged[e] for e in time_ordered(merged)[-self.max_events:]}  # the newest, in time order
             self._written[user] = now
 
     async def clicks(self, user_ids: Sequence[str]) -> list[list[tuple[RawId, float]]]:
-        return [in_time_order(lists[CLICK]) if (lists := self._live(u)) else [] for u in user_ids]
+        return [[decode(e) for e in lists[CLICK]] if (lists := self._live(u)) else [] for u in user_ids]
 
     async def history(self, user_id: str) -> UserHistory:
         lists = self._live(user_id)
-        return UserHistory(in_time_order(lists[CLICK]), in_time_order(lists[BROWSE])) if lists else UserHistory()
+        return UserHistory([decode(e) for e in lists[CLICK]], [decode(e) for e in lists[BROWSE]]) if lists else UserHistory()
 
     async def forget(self, user_id: str) -> bool:
         self._written.pop(user_id, None)

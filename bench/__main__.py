@@ -75,6 +75,14 @@ FULL = {
         # The same default trained under bf16 autocast (train.precision), against its fp32 row above.
         quality("Beauty", "--variants", "default", "--set", "model.tracker_layers=1", "--set", "train.lr_patience=3",
                 "--set", "train.precision=bf16", "--seeds", "0", "1", "2"),
+        # One example per next click (model.examples=prefixes), as the product trains short histories: the default
+        # (three seeds), its spectral tracker, and SASRec-shaped with its two blocks on the same prefixes.
+        quality("Beauty", "--variants", "default", "--set", "model.tracker_layers=1", "--set", "train.lr_patience=3",
+                "--set", "model.examples=prefixes", "--seeds", "0", "1", "2"),
+        quality("Beauty", "--variants", "default", "--set", "model.tracker_layers=1", "--set", "train.lr_patience=3",
+                "--set", "model.examples=prefixes", "--set", "model.tracker=spectral", "--seeds", "0"),
+        quality("Beauty", "--variants", "sasrec", "--set", "train.lr_patience=3", "--set", "model.examples=prefixes",
+                "--seeds", "0"),
     ],
     # The product as a user runs it (final fit included) against a plain SASRec, on the real next click.
     # and the default under the schedule and window it had before they followed the data's shape.

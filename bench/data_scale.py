@@ -47,8 +47,8 @@ from bench.output import machine, write_result
 OBJECT_STORE_MB = 2048  # the streaming run's Ray object store: whatever the data size, it must fit
 # The generated users average about 40 clicks, right at the line where the history length would
 # switch from 50 to 200 (`ray_rec.config.LONG_HISTORY_CLICKS`): pinned, so every size streams the
-# same windows and the figures compare across runs.
-PINNED = {"model.max_len": 50}
+# same windows and the figures compare across runs (windows, as every stored row streamed).
+PINNED = {"model.max_len": 50, "model.examples": "windows"}
 # Examples as a `bce` model reads them, with up to 8 browsed negatives per step: the pipeline at its
 # heaviest (the default loss does not read browses, and training then builds none).
 HEAVIEST_LOSS = "bce"
@@ -172,13 +172,13 @@ def child_stream(data: str) -> dict[str, Any]:
     mcfg = for_data(cfg.model, m)
     limit_memory(cfg.data.pipeline_memory_mb)  # as `ray-rec train` does
     ds = training_dataset(data, mcfg, browse_width(m, HEAVIEST_LOSS), 0, m)
-    size = BUCKET_WINDOW * cfg.train.batch_size
+    size = BUCKET_WINDOW * cfg.train.batch_for(mcfg)
     rng = np.random.default_rng(0)
     with PeakMemory(_ray_pids) as peak:
         t0, n, first = time.monotonic(), 0, None
         chunks = ds.iter_batches(batch_size=size, batch_format="numpy")
         for chunk in shuffle_chunks(chunks, size, cfg.data.shuffle_buffer, rng):
-            for batch in length_buckets(chunk, cfg.train.batch_size, rng):
+            for batch in length_buckets(chunk, cfg.train.batch_for(mcfg), rng):
                 n += int(collate(batch)["items"].shape[0])
             first = first or time.monotonic() - t0
         seconds = time.monotonic() - t0
@@ -204,8 +204,8 @@ def child_train_rate(data: str, steps: int) -> dict[str, Any]:
     table = read_split(data, "train").slice(0, 40_000)
     examples = training_examples(table, mcfg.history_len, mcfg.time_buckets, browse_width(m, HEAVIEST_LOSS))
     rng = np.random.default_rng(0)
-    rows = rng.permutation(len(examples["items"]))[: BUCKET_WINDOW * cfg.train.batch_size]
-    batches = [collate(b) for b in length_buckets({k: v[rows] for k, v in examples.items()}, cfg.train.batch_size, rng)]
+    rows = rng.permutation(len(examples["items"]))[: BUCKET_WINDOW * cfg.train.batch_for(mcfg)]
+    batches = [collate(b) for b in length_buckets({k: v[rows] for k, v in examples.items()}, cfg.train.batch_for(mcfg), rng)]
     torch.manual_seed(0)
     model = InterestModel(mcfg)
     opt = make_optimizer(model, cfg.train)

@@ -52,8 +52,10 @@ SCHEDULE = {"train.lr_patience": 0, "train.patience_steps": 0, "train.lr_patienc
 # The tracker's depth every row was trained at before the product went to one layer on short
 # histories (`ray_rec.config.SHORT_HISTORY`): two, SASRec's own. Pinned, so the stored rows stay
 # reproducible and the SASRec-shaped row stays SASRec's two blocks; rows with
-# `--set model.tracker_layers=1` train the product's default model.
-MODEL = {"model.tracker_layers": 2}
+# `--set model.tracker_layers=1` train the product's default model. Likewise the training examples:
+# windows, as every row was trained before the product went to one example per next click on short
+# histories; rows with `--set model.examples=prefixes` train as the product does.
+MODEL = {"model.tracker_layers": 2, "model.examples": "windows"}
 KEYS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")
 # Which model code a row was trained by; bumped when a change to the code (not to a setting) changes
 # what every row would train. Rows from an earlier revision stay, marked as such in the report; a

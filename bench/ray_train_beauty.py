@@ -20,7 +20,8 @@ from pathlib import Path
 
 from bench.model_quality import prepared
 from bench.output import RESULTS, machine, write_json
-from ray_rec.config import load_config, parse_overrides
+from ray_rec.config import for_data, load_config, parse_overrides
+from ray_rec.data.manifest import read_manifest
 from ray_rec.train.worker import worker_batch
 
 CLI = [sys.executable, "-m", "ray_rec.cli"]
@@ -34,9 +35,10 @@ def run(data: str, workers: int, sets: list[str]) -> dict:
     return summarise(data, out, workers, time.monotonic() - t0)
 
 
-def batch(workers: int, sets: list[str]) -> dict[str, int]:
-    """A step's windows, all workers together, and each worker's share, under ``sets``."""
-    step = load_config(None, parse_overrides(sets)).train.batch_size
+def batch(data: str, workers: int, sets: list[str]) -> dict[str, int]:
+    """A step's examples, all workers together, and each worker's share, under ``sets``."""
+    cfg = load_config(None, parse_overrides(sets))
+    step = cfg.train.batch_for(for_data(cfg.model, read_manifest(data)))
     return {"step": step, "worker": worker_batch(step, workers)}
 
 
@@ -71,7 +73,7 @@ def main() -> None:
         done[int(w)] = summarise(data, folder, int(w), float(wall))
     for w in args.workers:
         r = done.get(w) or run(data, w, args.set)
-        r["batch"] = batch(w, args.set)
+        r["batch"] = batch(data, w, args.set)
         r["command"] = f"python -m bench.ray_train_beauty --workers {w}" + "".join(f" --set {s}" for s in args.set)
         runs[str(w)] = r
         full = r["test"]["full_ranking"]

@@ -57,7 +57,7 @@ def plain_loop_run(data: str, overrides: dict, epochs: int, device: str | torch.
     seconds, n, epoch_s = 0.0, 0, []
     for epoch in range(epochs):
         t0 = time.monotonic()
-        for batch in ex.batches(cfg.train.batch_size, seed=epoch):
+        for batch in ex.batches(cfg.train.batch_for(mcfg), seed=epoch):
             step_losses(model, to_device(batch, target), opt, cfg.train.grad_clip, cfg.train.precision)
             n += batch["items"].shape[0] if epoch else 0
         if target.type == "cuda":

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ray_rec.checks import check_choice, check_range, check_types
 from ray_rec.model.loss_policy import LossPolicy
-from ray_rec.shape import LONG_HISTORY, LONG_HISTORY_CLICKS, SHORT_HISTORY, history_window
+from ray_rec.shape import BATCH_SIZE, EXAMPLES, LONG_HISTORY, LONG_HISTORY_CLICKS, SHORT_HISTORY, history_window
 
 if TYPE_CHECKING:
     from ray_rec.data.manifest import Manifest
@@ -43,10 +43,11 @@ class ModelConfig(LossPolicy):
     """The interest model's architecture.
 
     ``num_items`` and ``side_features`` describe the catalog and are filled from the data set's
-    manifest at training time. ``max_len``, ``dropout`` and ``tracker_layers`` left unset follow
-    the data set (after SASRec's own tuning): a data set whose users average 40 clicks or more is
-    long (dropout 0.2, two tracker layers), else short (0.5, one); the window is half the average
-    clicks, within 50-200. Training prints the choice on its first line; the artifact keeps it.
+    manifest at training time. ``max_len``, ``dropout``, ``tracker_layers`` and ``examples`` left
+    unset follow the data set (after SASRec's own tuning): a data set whose users average 40 clicks
+    or more is long (dropout 0.2, two tracker layers, window examples), else short (0.5, one,
+    prefix examples); the window is half the average clicks, within 50-200. Training prints the
+    choice on its first line; the artifact keeps it.
     """
 
     num_items: int = 0  # catalog size; valid item indices are 1..num_items, 0 is padding
@@ -55,12 +56,17 @@ class ModelConfig(LossPolicy):
     dim: int = 64  # width of every embedding and interest state
     use_time: bool = True  # bucketed time since the previous click (ignored if data has none)
     time_buckets: int = 24  # log-scale buckets of the time since the previous click
-    tracker: str = "transformer"  # interest tracking network: transformer (causal self-attention) or gru
+    tracker: str = "transformer"  # interest tracking network: transformer (causal self-attention), gru, or spectral (attention mixed with a low/high frequency split of the window; prefixes only)
     tracker_layers: int | None = None  # None: 1, or 2 when users average >= 40 clicks
     heads: int = 1  # attention heads of the transformer tracker
     enhancer: str = "augru"  # interest enhancement network: augru (DIEN's interest evolution), trend (attention over the shifts between states) or none
     relevance: str = "dot"  # relevance network: dot (u . v) or mlp (u . v + MLP(u, v))
     dropout: float | None = None  # dropout everywhere; None: 0.5, or 0.2 when users average >= 40 clicks
+    # How sequences become training examples: prefixes (one per next click, the up to max_len clicks
+    # before it, trained at its last step: as served histories end) or windows (max_len clicks, every
+    # step trained: far less work per click on long histories); None: prefixes, or windows when users
+    # average >= 40 clicks.
+    examples: str | None = None
     loss: str = "auto"  # auto, ce (full softmax), sampled_softmax or bce; auto: ce while the catalog x history fits, else sampled_softmax
     num_negatives: int | None = None  # sampled negatives; None: 2048 for `sampled_softmax` over `dot`, else 256
     # Sampled softmax over `dot` also takes the batch's next clicks (up to 2048) as negatives: the popular
@@ -82,6 +88,11 @@ class ModelConfig(LossPolicy):
         check_range("model.heads", self.heads, 1, 64)
         if self.dropout is not None:
             check_range("model.dropout", self.dropout, 0.0, 0.95)
+        if self.examples is not None:
+            check_choice("model.examples", self.examples, EXAMPLES)
+        if self.tracker == "spectral" and self.examples == "windows":
+            raise ValueError("model.tracker='spectral' reads the whole history at every step: it trains on "
+                             "model.examples='prefixes' only (windows would show each step the clicks after it)")
         check_range("model.time_buckets", self.time_buckets, 2, 256)
         if self.num_negatives is not None:
             check_range("model.num_negatives", self.num_negatives, 1)
@@ -107,17 +118,25 @@ class ModelConfig(LossPolicy):
         """``tracker_layers``, or the short-history default while the data set has not chosen it."""
         return SHORT_HISTORY.tracker_layers if self.tracker_layers is None else self.tracker_layers
 
+    @property
+    def example_kind(self) -> str:
+        """``examples``, or the short-history default while the data set has not chosen it."""
+        return SHORT_HISTORY.examples if self.examples is None else self.examples
+
     def describe(self) -> str:
         """One line naming the networks and the sizes training will use."""
         return (f"{self.tracker} tracker, {self.enhancer} enhancer, {self.relevance} relevance, "
                 f"{self.losses_text()}; {self.num_items:,} items, history length {self.history_len}, "
-                f"dropout {self.dropout_p:g}, {self.layers} tracker layer{'s' if self.layers > 1 else ''}")
+                f"dropout {self.dropout_p:g}, {self.layers} tracker layer{'s' if self.layers > 1 else ''}, "
+                f"trained on {self.example_kind}")
 
     def fit_to_history(self, clicks_per_user: float) -> ModelConfig:
-        """Fill the unset ``max_len``, ``dropout`` and ``tracker_layers`` from how many clicks a user
-        has on average."""
+        """Fill the unset ``max_len``, ``dropout``, ``tracker_layers`` and ``examples`` from how many
+        clicks a user has on average."""
         defaults = LONG_HISTORY if clicks_per_user >= LONG_HISTORY_CLICKS else SHORT_HISTORY
         defaults = defaults._replace(max_len=history_window(clicks_per_user))
+        if self.tracker == "spectral":
+            defaults = defaults._replace(examples="prefixes")
         return dataclasses.replace(self, **{k: v for k, v in defaults._asdict().items() if getattr(self, k) is None})
 
 
@@ -142,9 +161,10 @@ class TrainConfig:
     """The optimisation and the run around it."""
 
     epochs: int = 200  # at most; early stopping usually ends the run first
-    # Windows a step, all workers together: each takes an equal share (rounded up), so the worker
-    # count leaves the batch, the learning rate and the steps an epoch as they are.
-    batch_size: int = 128
+    # Examples (prefixes or windows, `model.examples`) a step, all workers together: each takes an
+    # equal share (rounded up), so the worker count leaves the batch, the learning rate and the steps
+    # an epoch as they are. None: 256 prefixes or 128 windows (`batch_for`).
+    batch_size: int | None = None
     lr: float = 1e-3  # Adam's learning rate at the start
     weight_decay: float = 0.0  # L2 on weight matrices (not norms, biases)
     grad_clip: float = 5.0  # largest gradient norm (0 = no clipping)
@@ -181,13 +201,19 @@ class TrainConfig:
         check_types(self, "train")
         check_choice("train.precision", self.precision, PRECISIONS)
         check_range("train.lr", self.lr, 1e-7, 10.0)
-        for name, low in (("epochs", 1), ("batch_size", 1), ("weight_decay", 0.0), ("grad_clip", 0.0), ("patience", 1),
+        if self.batch_size is not None:
+            check_range("train.batch_size", self.batch_size, 1)
+        for name, low in (("epochs", 1), ("weight_decay", 0.0), ("grad_clip", 0.0), ("patience", 1),
                           ("patience_steps", 0), ("lr_patience", 0), ("lr_patience_steps", 0), ("eval_every", 1),
                           ("keep_checkpoints", 1), ("eval_batch_size", 1), ("eval_users", 0), ("max_failures", 0),
                           ("progress_s", 0.0)):
             check_range(f"train.{name}", getattr(self, name), low)
         if not isinstance(self.select_by, str) or not re.fullmatch(r"(HR|NDCG)@[1-9]\d*|MRR", self.select_by):
             raise ValueError(f"train.select_by={self.select_by!r} must be HR@k, NDCG@k or MRR")
+
+    def batch_for(self, model: ModelConfig) -> int:
+        """``batch_size``, or the default for the examples ``model`` trains on."""
+        return BATCH_SIZE[model.example_kind] if self.batch_size is None else self.batch_size
 
 
 @dataclass(frozen=True)

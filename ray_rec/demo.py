@@ -125,7 +125,7 @@ def _run(opts: DemoOptions, workdir: str, root: str) -> int:
     from ray_rec.train.trainer import train
 
     init_ray(2, serving=True)  # step 5 serves from this Ray
-    config = load_config(None, {"model.dim": 32, "train.epochs": opts.epochs, "train.patience": 3, "train.batch_size": 128})
+    config = load_config(None, {"model.dim": 32, "train.epochs": opts.epochs, "train.patience": 3})
     result = train(data, storage.join(root, "run"), config, workers=2)
     print(f"best epoch {result.best_epoch}/{result.epochs_run}; artifact: {result.model_uri}"
           f"{' (the final fit: trained again on every click)' if result.final_fit else ''} ({result.seconds:.0f} s)")

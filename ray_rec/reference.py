@@ -50,8 +50,8 @@ def reference() -> str:
         for f in fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
             meaning = notes.get(f.name, "")
-            value = "from the data set" if default is None and name == "model" and f.name != "num_negatives" else \
-                "from the loss" if default is None else shown(default)
+            derived = {"model.num_negatives": "from the loss", "train.batch_size": "from `model.examples`"}
+            value = shown(default) if default is not None else derived.get(f"{name}.{f.name}", "from the data set")
             out.append(f"| `{name}.{f.name}` | `{_type_name(hints[f.name])}` | {value} | {meaning} |")
         out.append("")
     out += ["## `prepare` (`ray-rec prepare` flags, or `prepare:` in the file of `ray-rec prepare --config`)", "", "| setting | type | default | meaning |", "|---|---|---|---|"]

@@ -12,7 +12,13 @@ from typing import NamedTuple
 # two blocks); the data set is "long" from this many clicks per user on. The history window is half
 # a user's average clicks, between 50 and 200 (`history_window`): a window as long as the whole
 # history leaves one window a user, so few steps an epoch and little variety in them.
+# Training examples: on short histories one per next click (`prefixes`: each target predicted from
+# a history ending at its last step, as served histories end); on long ones, windows whose every
+# step is trained (`windows`: prefixes would cost about L times the work per click there).
 LONG_HISTORY_CLICKS = 40.0
+EXAMPLES = ("prefixes", "windows")
+# Examples a step while `train.batch_size` is unset: a prefix holds one target, a window up to L.
+BATCH_SIZE = {"prefixes": 256, "windows": 128}
 
 
 class HistoryDefaults(NamedTuple):
@@ -21,10 +27,11 @@ class HistoryDefaults(NamedTuple):
     max_len: int
     dropout: float
     tracker_layers: int
+    examples: str
 
 
-SHORT_HISTORY = HistoryDefaults(max_len=50, dropout=0.5, tracker_layers=1)
-LONG_HISTORY = HistoryDefaults(max_len=200, dropout=0.2, tracker_layers=2)  # max_len: the longest window
+SHORT_HISTORY = HistoryDefaults(max_len=50, dropout=0.5, tracker_layers=1, examples="prefixes")
+LONG_HISTORY = HistoryDefaults(max_len=200, dropout=0.2, tracker_layers=2, examples="windows")  # max_len: the longest window
 
 
 def history_window(clicks_per_user: float) -> int:

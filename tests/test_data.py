@@ -239,6 +239,25 @@ def test_training_examples_slide_window_and_browsed_negatives():
     assert "negatives" not in training_examples(table, max_len=4, num_time_buckets=10, max_browse=0)
 
 
+def test_prefix_examples_predict_each_next_click_from_the_clicks_before_it():
+    table = seqs([
+        ([1, 2, 3, 4, 5, 6, 7], [1, 1, 1, 1, 1, 1, 1], list(range(7))),
+        ([8, 9, 10, 11], [1, 0, 0, 1], [0, 1, 2, 3]),
+        ([12], [1], [0]),  # one click: nothing to predict
+    ])
+    ex = training_examples(table, max_len=4, num_time_buckets=10, max_browse=2, prefixes=True)
+    # one example per next click, the up to 4 clicks before it, its target on the last step only
+    assert ex["items"].tolist() == [[0, 0, 0, 1], [0, 0, 1, 2], [0, 1, 2, 3], [1, 2, 3, 4], [2, 3, 4, 5], [3, 4, 5, 6],
+                                    [0, 0, 0, 8]]
+    assert ex["targets"][:, :-1].sum() == 0
+    assert ex["targets"][:, -1].tolist() == [2, 3, 4, 5, 6, 7, 11]
+    assert ex["negatives"][6, 3].tolist() == [10, 9] and ex["negatives"][:, :-1].sum() == 0
+    # The last step of each prefix is the window's step with the same target, time bucket and negatives.
+    windows = training_examples(table, max_len=4, num_time_buckets=10, max_browse=2)
+    assert ex["time_buckets"][5, -1] == windows["time_buckets"][0, 3] and ex["time_buckets"][6, -1] == windows["time_buckets"][2, -1]
+    assert sorted(ex["targets"][:, -1].tolist()) == sorted(windows["targets"][windows["targets"] > 0].tolist())
+
+
 def test_evaluation_examples_and_collate_trim_padding():
     table = seqs([([1, 2, 3], [1, 1, 1], [0, 60, 120]), ([4], [1], [0]), ([5, 6], [1, 1], [0, 1])])
     ex = evaluation_examples(table, max_len=5, num_time_buckets=10)

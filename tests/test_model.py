@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ray_rec.config import ModelConfig
+from ray_rec.config import ModelConfig, TrainConfig, for_data
 from ray_rec.model.enhancement import ENHANCERS, consecutive_differences
 from ray_rec.model.interest_model import InterestModel
 from ray_rec.model.relevance import RELEVANCES, DotRelevance
@@ -66,7 +66,10 @@ def test_left_padding_does_not_change_scores(tracker, enhancer):
     torch.testing.assert_close(model.score(history, cands), model.score(padded, cands), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("tracker,enhancer", list(itertools.product(TRACKERS.names(), ENHANCERS.names())))
+CAUSAL_TRACKERS = [t for t in TRACKERS.names() if t != "spectral"]  # spectral reads the whole window: prefixes only
+
+
+@pytest.mark.parametrize("tracker,enhancer", list(itertools.product(CAUSAL_TRACKERS, ENHANCERS.names())))
 def test_later_clicks_do_not_change_earlier_states(tracker, enhancer):
     model = make(tracker, enhancer).eval()
     a = torch.tensor([[0, 4, 8, 15, 16, 23, 42 % N]])
@@ -78,6 +81,33 @@ def test_later_clicks_do_not_change_earlier_states(tracker, enhancer):
     torch.testing.assert_close(sa[:, :-1], sb[:, :-1])
     torch.testing.assert_close(ua[:, :-1], ub[:, :-1])
     assert not torch.allclose(ua[:, -1], ub[:, -1])
+
+
+def test_the_spectral_tracker_splits_the_window_by_frequency_and_trains_on_prefixes_only():
+    from ray_rec.model.tracking import FrequencyFilter
+
+    f = FrequencyFilter(dim=3, length=16, keep=5)  # keeps the 3 lowest of 9 frequencies
+    steps = torch.arange(16, dtype=torch.float32)
+    slow = torch.cos(2 * torch.pi * steps / 16).view(1, 16, 1).expand(1, 16, 3)  # frequency 1
+    fast = torch.cos(2 * torch.pi * 6 * steps / 16).view(1, 16, 1).expand(1, 16, 3)  # frequency 6
+    with torch.no_grad():
+        torch.testing.assert_close(f(slow + fast), slow + fast)  # gain 1: unchanged
+        f.gain.fill_(0.5)  # the fast part scaled by 0.25, the slow part kept
+        torch.testing.assert_close(f(slow + fast), slow + 0.25 * fast, atol=1e-5, rtol=1e-5)
+    # Not causal: a later click changes earlier states, so windows (every step trained) are refused.
+    model = make("spectral", "augru").eval()
+    for block in model.tracker.blocks:
+        block.filter.gain.data.fill_(0.5)  # at 1 (its start) the filter passes its input unchanged
+    a = torch.tensor([[0, 4, 8, 15, 16, 23, 3]])
+    b = a.clone()
+    b[0, -1] = 7
+    with torch.no_grad():
+        assert not torch.allclose(model.encode(a)[0][:, :-1], model.encode(b)[0][:, :-1])
+    with pytest.raises(ValueError, match="model.tracker='spectral' .* model.examples='prefixes' only"):
+        ModelConfig(tracker="spectral", examples="windows")
+    from .conftest import make_manifest
+
+    assert for_data(ModelConfig(tracker="spectral"), make_manifest(users=10, items=100, clicks=1000)).examples == "prefixes"
 
 
 def test_a_new_model_tells_items_apart_more_than_positions_times_or_side_features():
@@ -401,13 +431,17 @@ def test_history_length_dropout_and_tracker_depth_follow_the_data_unless_set():
     short = for_data(ModelConfig(), manifest(100, 900))  # 9 clicks per user, like Amazon Beauty
     long = for_data(ModelConfig(), manifest(100, 16500))  # 165, like MovieLens-1M
     longer = for_data(ModelConfig(), manifest(100, 50000))  # 500
-    assert (short.max_len, short.dropout, short.tracker_layers) == (50, 0.5, 1)
-    assert (long.max_len, long.dropout, long.tracker_layers) == (80, 0.2, 2)  # the window: half the clicks
+    assert (short.max_len, short.dropout, short.tracker_layers, short.examples) == (50, 0.5, 1, "prefixes")
+    assert (long.max_len, long.dropout, long.tracker_layers, long.examples) == (80, 0.2, 2, "windows")  # the window: half the clicks
     assert longer.max_len == 200  # at most
-    mine = for_data(ModelConfig(max_len=80, dropout=0.3, tracker_layers=3), manifest(100, 16500))
-    assert (mine.max_len, mine.dropout, mine.tracker_layers) == (80, 0.3, 3)
+    mine = for_data(ModelConfig(max_len=80, dropout=0.3, tracker_layers=3, examples="prefixes"), manifest(100, 16500))
+    assert (mine.max_len, mine.dropout, mine.tracker_layers, mine.examples) == (80, 0.3, 3, "prefixes")
     unset = ModelConfig(num_items=N)  # built without a data set: the short-history values
-    assert (unset.history_len, unset.dropout_p, unset.layers) == (50, 0.5, 1)
+    assert (unset.history_len, unset.dropout_p, unset.layers, unset.example_kind) == (50, 0.5, 1, "prefixes")
+    # A step's batch follows the examples unless set: one target a prefix, up to L a window.
+    assert (TrainConfig().batch_for(short), TrainConfig().batch_for(long), TrainConfig(batch_size=64).batch_for(short)) == (256, 128, 64)
+    with pytest.raises(ValueError, match="model.examples='all'"):
+        ModelConfig(examples="all")
     assert InterestModel(unset).features.position.num_embeddings == 50
     assert len(InterestModel(unset).tracker.blocks) == 1
     assert len(InterestModel(long).tracker.blocks) == 2

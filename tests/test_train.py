@@ -92,7 +92,7 @@ def test_resume_continues_a_stopped_run(ray_cluster, s3_data, s3, tmp_path, capl
     assert f"validation: about {round((first + second) / 2):,} of" in said and "(1 of 2 shards of the valid split" in said
     assert "browse events are not used: the sampled_softmax loss" in said
     assert "item table: sparse gradients" in said
-    assert "batch: 64 windows a step, 32 on each of 2 workers (train.batch_size=64)" in said
+    assert "batch: 64 prefixes a step, 32 on each of 2 workers (train.batch_size=64)" in said
 
 
 def test_progress_lines_come_at_most_every_interval_and_count_users_over_workers():
@@ -108,8 +108,8 @@ def test_progress_lines_come_at_most_every_interval_and_count_users_over_workers
     assert list(Progress(0.0, iter([0.0, 2.0, 4.0]).__next__).users(batches, said.append, "validation", 2)) == batches
     assert said == ["validation: 6 users ranked in 2 s (3/s)", "validation: 16 users ranked in 4 s (4/s)"]
     assert steps_line("1/3", 1, 2560, 40.2, 38.6, 9.12344) == (
-        "epoch 1/3: 1 step, about 2,560 windows in 40 s (64/s; 39 s of it waiting for data), loss 9.1234 so far")
-    assert steps_line("1/3", 12, 30720, 80.0, 39.0, 8.5).startswith("epoch 1/3: 12 steps, about 30,720 windows")
+        "epoch 1/3: 1 step, about 2,560 examples in 40 s (64/s; 39 s of it waiting for data), loss 9.1234 so far")
+    assert steps_line("1/3", 12, 30720, 80.0, 39.0, 8.5).startswith("epoch 1/3: 12 steps, about 30,720 examples")
     with pytest.raises(ValueError, match="train.progress_s=-1"):
         load_config(None, {"train.progress_s": -1})
 

@@ -93,8 +93,15 @@ class _Clicks:
         return table
 
 
-def training_examples(table: pa.Table, max_len: int, num_time_buckets: int, max_browse: int = 0) -> dict[str, np.ndarray]:
-    """Sequences -> sliding-target training windows.
+def training_examples(
+    table: pa.Table, max_len: int, num_time_buckets: int, max_browse: int = 0, prefixes: bool = False
+) -> dict[str, np.ndarray]:
+    """Sequences -> training windows.
+
+    Without ``prefixes``: sliding-target windows, each step's next click its target, a sequence
+    cut into ceil((clicks - 1) / L) windows. With ``prefixes``: one window per next click, the up
+    to L clicks before it, with that click as the target of its last step only (every other step's
+    target 0), so each target is predicted from a history ending where a served history ends.
 
     Returns:
         ``items``, ``targets``, ``time_buckets``: (W, L) int32, left-padded with 0; and, when
@@ -102,20 +109,24 @@ def training_examples(table: pa.Table, max_len: int, num_time_buckets: int, max_
     """
     c = _Clicks(table, max_browse)
     n_targets = np.maximum(c.lengths - 1, 0)
-    n_windows = -(-n_targets // max_len)  # ceil
+    n_windows = n_targets if prefixes else -(-n_targets // max_len)  # ceil
     win_row = np.repeat(np.arange(len(c.lengths)), n_windows)
     win_idx = np.arange(len(win_row)) - np.repeat(np.cumsum(n_windows) - n_windows, n_windows)
-    win_end = n_targets[win_row] - win_idx * max_len  # local index of the window's last target
+    # local index of the window's last target
+    win_end = win_idx + 1 if prefixes else n_targets[win_row] - win_idx * max_len
     local = win_end[:, None] - (max_len - 1) + np.arange(max_len)[None, :]  # (W, L)
     valid = local >= 1
     g = c.offsets[win_row][:, None] + np.where(valid, local, 1)  # global index of each target
+    targeted = valid.copy()
+    if prefixes:
+        targeted[:, :-1] = False
     out = {  # int32 halves what moves through Ray's object store; `collate` widens to int64
         "items": np.where(valid, c.items[g - 1], 0).astype(np.int32),
-        "targets": np.where(valid, c.items[g], 0).astype(np.int32),
+        "targets": np.where(targeted, c.items[g], 0).astype(np.int32),
         "time_buckets": np.where(valid, time_buckets(c.deltas[g - 1], num_time_buckets), 0).astype(np.int32),
     }
     if max_browse > 0:
-        out["negatives"] = np.where(valid[..., None], c.negatives[g], 0).astype(np.int32)
+        out["negatives"] = np.where(targeted[..., None], c.negatives[g], 0).astype(np.int32)
     return out
 
 

@@ -33,8 +33,11 @@ class InMemoryExamples:
         self.size = len(next(iter(examples.values())))
 
     @classmethod
-    def training(cls, data: str, split: str, max_len: int, time_buckets: int, max_browse: int) -> InMemoryExamples:
-        return cls(training_examples(read_split(data, split), max_len, time_buckets, max_browse))
+    def training(
+        cls, data: str, split: str, max_len: int, time_buckets: int, max_browse: int, prefixes: bool = False
+    ) -> InMemoryExamples:
+        """Training examples of a split (`training_examples`; ``prefixes``: one per next click)."""
+        return cls(training_examples(read_split(data, split), max_len, time_buckets, max_browse, prefixes))
 
     @classmethod
     def evaluation(cls, data: str, split: str, max_len: int, time_buckets: int) -> InMemoryExamples:

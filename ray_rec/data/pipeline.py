@@ -36,12 +36,14 @@ SEQUENCES_PER_TASK = 4096
 BLOCK_BYTES = 16 * 2**20
 
 
-def to_training_examples(batch: pa.Table, max_len: int, time_buckets: int, max_browse: int) -> dict[str, np.ndarray]:
-    """``map_batches`` function: a pyarrow batch of sequences -> sliding-target examples.
+def to_training_examples(
+    batch: pa.Table, max_len: int, time_buckets: int, max_browse: int, prefixes: bool
+) -> dict[str, np.ndarray]:
+    """``map_batches`` function: a pyarrow batch of sequences -> training examples (`training_examples`).
 
     A plain function, not a callable class: Ray Data runs it as tasks on its reused workers,
     where a class would start an actor pool for every epoch's execution."""
-    return training_examples(batch, max_len, time_buckets, max_browse)
+    return training_examples(batch, max_len, time_buckets, max_browse, prefixes)
 
 
 def split_paths(data: str, split: str, manifest: Manifest | None = None) -> tuple[list[str], Any]:
@@ -119,7 +121,8 @@ def training_dataset(
     read (the whole split, in the object store) before the first example comes out."""
     ds = read_sequences(data, split, manifest, shuffle_seed=seed)
     return ds.map_batches(
-        partial(to_training_examples, max_len=model.history_len, time_buckets=model.time_buckets, max_browse=max_browse),
+        partial(to_training_examples, max_len=model.history_len, time_buckets=model.time_buckets, max_browse=max_browse,
+                prefixes=model.example_kind == "prefixes"),
         batch_format="pyarrow",
         batch_size=SEQUENCES_PER_TASK,
         zero_copy_batch=True,

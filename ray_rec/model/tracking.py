@@ -1,14 +1,18 @@
 """Interest tracking network: reads the clicked history in order, one interest state per step.
 
-Every variant is causal: the state at step t depends on steps <= t only, and on no padding.
+Every variant but ``spectral`` is causal: the state at step t depends on steps <= t only, and on no
+padding. ``spectral`` reads the whole window at every step, so it trains on prefixes only (each
+example's window ends at the click it predicts; `ModelConfig` refuses it with windows).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ray_rec.config import ModelConfig
+from ray_rec.device import full_precision
 from ray_rec.model.registry import Registry
 
 TRACKERS: Registry[nn.Module] = Registry("tracker")
@@ -72,6 +76,73 @@ class TransformerTracker(nn.Module):
         x = feats
         for block in self.blocks:
             x = block(x, mask) * valid.unsqueeze(-1)
+        return self.norm(x) * valid.unsqueeze(-1)
+
+
+class FrequencyFilter(nn.Module):
+    """The slow part of a sequence plus its fast part scaled by a learned per-unit gain.
+
+    The slow part is the sequence's lowest ``keep // 2 + 1`` frequencies along the history (over
+    the whole ``length``-step window, left-padded as served histories are): the lasting interest;
+    the rest is the recent shift. With the gain at 1 the filter passes the sequence unchanged.
+    """
+
+    def __init__(self, dim: int, length: int, keep: int) -> None:
+        super().__init__()
+        self.length, self.bins = length, keep // 2 + 1
+        self.gain = nn.Parameter(torch.ones(dim))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) -> (B, L, D), L <= ``length``."""
+        steps = h.shape[1]
+        with full_precision(h.device):  # the FFT in fp32 under autocast too
+            x = F.pad(h.float(), (0, 0, self.length - steps, 0))  # (B, length, D)
+            spectrum = torch.fft.rfft(x, dim=1, norm="ortho")
+            kept = (torch.arange(spectrum.shape[1], device=h.device) < self.bins).view(1, -1, 1)
+            slow = torch.fft.irfft(spectrum * kept, n=self.length, dim=1, norm="ortho")[:, -steps:]
+            out = slow + self.gain.float() ** 2 * (h.float() - slow)
+        return out.to(h.dtype)
+
+
+class SpectralBlock(CausalBlock):
+    """SASRec's block with the attention mixed with a `FrequencyFilter` of the same input (the idea of
+    BSARec, AAAI 2024): ``mix`` of the filter, the rest attention."""
+
+    def __init__(self, dim: int, heads: int, dropout: float, length: int, keep: int, mix: float) -> None:
+        super().__init__(dim, heads, dropout)
+        self.filter = FrequencyFilter(dim, length, keep)
+        self.mix = mix
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.norm_attn(x)
+        a, _ = self.attn(h, h, h, attn_mask=mask, need_weights=False)  # (B, L, D)
+        # Padding enters the filter as zeros, as the steps `collate` cut off do: a history's filter
+        # output is the same whatever padding its batch holds.
+        f = self.filter(h if valid is None else h * valid.unsqueeze(-1))
+        x = x + self.dropout(self.mix * f + (1.0 - self.mix) * a)
+        return x + self.ffn(self.norm_ffn(x))
+
+
+@TRACKERS.register("spectral")
+class SpectralTracker(TransformerTracker):
+    """The transformer tracker with `SpectralBlock`s: attention plus a low/high frequency split of the
+    window (not causal: trains on prefixes)."""
+
+    MIX, KEEP = 0.7, 5  # the filter's share and the frequencies it keeps (BSARec's alpha and c on Beauty)
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.blocks = nn.ModuleList(
+            SpectralBlock(config.dim, config.heads, config.dropout_p, config.history_len, self.KEEP, self.MIX)
+            for _ in range(config.layers)
+        )
+
+    def forward(self, feats: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) features and (B, L) validity -> (B, L, D) interest states."""
+        mask = causal_mask(valid, self.heads)
+        x = feats
+        for block in self.blocks:
+            x = block(x, mask, valid) * valid.unsqueeze(-1)
         return self.norm(x) * valid.unsqueeze(-1)
 
 

@@ -80,7 +80,7 @@ def epoch_chunks(shard: Any, cfg: Config, epoch: int, rank: int) -> Iterator[dic
     """This worker's example chunks of one epoch, streamed and shuffled through a seeded buffer
     (`shuffle_chunks`). Every worker gets the same number of chunks and rows, as DDP needs: Ray
     Train splits the rows equally and the chunking is the same on each."""
-    size = BUCKET_WINDOW * cfg.train.batch_size
+    size = BUCKET_WINDOW * cfg.train.batch_for(cfg.model)
     stream = shard.iter_batches(batch_size=size, batch_format="numpy")
     yield from shuffle_chunks(stream, size, cfg.data.shuffle_buffer, np.random.default_rng([cfg.data.seed, epoch, rank, 1]))
 
@@ -142,5 +142,5 @@ def training_batches(chunks: Iterator[dict[str, np.ndarray]], cfg: Config, epoch
     """One epoch's batches: each chunk regrouped by history length (`length_buckets`), collated."""
     rng = np.random.default_rng([cfg.data.seed, epoch, rank])
     for chunk in chunks:
-        for batch in length_buckets(chunk, cfg.train.batch_size, rng):
+        for batch in length_buckets(chunk, cfg.train.batch_for(cfg.model), rng):
             yield collate(batch)

@@ -120,11 +120,12 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, tcfg: Train
             "examples": examples * world, "examples_per_s": examples * world / max(train_s, 1e-9)}
 
 
-def steps_line(epoch: str, steps: int, windows: int, seconds: float, wait_s: float, loss: float) -> str:
-    """A progress line inside an epoch. The time waiting for data shows why a run's first line is
-    slow: it holds Ray Data's start-up before the first batch."""
-    return (f"epoch {epoch}: {steps:,} step{'' if steps == 1 else 's'}, about {windows:,} windows in {seconds:,.0f} s "
-            f"({windows / seconds:,.0f}/s; {wait_s:,.0f} s of it waiting for data), loss {loss:.4f} so far")
+def steps_line(epoch: str, steps: int, examples: int, seconds: float, wait_s: float, loss: float) -> str:
+    """A progress line inside an epoch (``examples``: prefixes or windows, `ModelConfig.examples`). The
+    time waiting for data shows why a run's first line is slow: it holds Ray Data's start-up before
+    the first batch."""
+    return (f"epoch {epoch}: {steps:,} step{'' if steps == 1 else 's'}, about {examples:,} examples in {seconds:,.0f} s "
+            f"({examples / seconds:,.0f}/s; {wait_s:,.0f} s of it waiting for data), loss {loss:.4f} so far")
 
 
 def step_losses(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, grad_clip: float,

@@ -60,13 +60,16 @@ def train_local(
     target = resolve_device(device)
     model = InterestModel(mcfg).to(target)
     tcfg = config.train
-    train = InMemoryExamples.training(data, "train", mcfg.history_len, mcfg.time_buckets, browse_width(manifest, mcfg.resolved_loss))
+    prefixes = mcfg.example_kind == "prefixes"
+    train = InMemoryExamples.training(data, "train", mcfg.history_len, mcfg.time_buckets,
+                                      browse_width(manifest, mcfg.resolved_loss), prefixes)
     valid = InMemoryExamples.evaluation(data, "valid", mcfg.history_len, mcfg.time_buckets)
     on_gpu = target.type != "cpu"
     model.features.item.sparse = sparse_item_gradients(mcfg, tcfg, on_gpu)
     if (line := sparse_items_line(mcfg, tcfg, on_gpu)) is not None:
         say(line)
     optimizer = make_optimizer(model, tcfg)
+    batch = tcfg.batch_for(mcfg)
     run = LocalRun(model=model)
     best_state = copy.deepcopy(model.state_dict())
     started = time.monotonic()
@@ -80,7 +83,7 @@ def train_local(
         return evaluate(model, valid.batches(tcfg.eval_batch_size), config.eval.ks)[0].result()
 
     state = new_state()
-    plateau = fit(model, optimizer, config, state, lambda epoch: train.batches(tcfg.batch_size, seed=config.data.seed + epoch),
+    plateau = fit(model, optimizer, config, state, lambda epoch: train.batches(batch, seed=config.data.seed + epoch),
                   tcfg.epochs, say, validate=validate, after_epoch=keep_best)
     run.history = state["history"]
     run.best_epoch = plateau.best_epoch
@@ -97,9 +100,9 @@ def train_local(
         run.split_model, run.model = model, InterestModel(mcfg).to(target)
         run.model.features.item.sparse = model.features.item.sparse
         everything = InMemoryExamples.training(data, split, mcfg.history_len, mcfg.time_buckets,
-                                               browse_width(manifest, mcfg.resolved_loss))
+                                               browse_width(manifest, mcfg.resolved_loss), prefixes)
         fit(run.model, make_optimizer(run.model, tcfg), config, new_state(),
-            lambda epoch: everything.batches(tcfg.batch_size, seed=config.data.seed + epoch), run.best_epoch, say,
+            lambda epoch: everything.batches(batch, seed=config.data.seed + epoch), run.best_epoch, say,
             rates=epoch_rates(run.history, tcfg.lr)[: run.best_epoch])
     run.seconds = time.monotonic() - started
     return run

@@ -126,7 +126,7 @@ def train(
     tracker = track_run(lineage, tracking_uri(tracking), output, experiment, changes)
     write_lineage(output, lineage)  # before any training: a resume compares against it
     logger.info("model: %s", mcfg.describe())
-    logger.info(batch_line(config.train.batch_size, workers))
+    logger.info(batch_line(config.train.batch_for(mcfg), workers, mcfg.example_kind))
     if manifest.has_browse and mcfg.resolved_loss != "bce":
         logger.info("the log's browse events are not used: the %s loss contrasts the next click with the catalog "
                     "(model.loss=bce trains on browsed items as negatives)", mcfg.resolved_loss)

@@ -45,7 +45,7 @@ logger = logging.getLogger("ray_rec.train.trainer")  # the driver's progress log
 
 
 def worker_batch(batch_size: int, workers: int) -> int:
-    """Windows each of ``workers`` data-parallel workers takes a step. ``train.batch_size`` is the
+    """Examples each of ``workers`` data-parallel workers takes a step. ``train.batch_size`` is the
     whole step's (all workers together), split evenly and rounded up where the workers do not
     divide it, so the worker count leaves the optimisation as it is: the same batch, learning
     rate and steps an epoch (a batch that grows with the workers lost quality; BENCHMARKS.md).
@@ -57,8 +57,8 @@ def worker_batch(batch_size: int, workers: int) -> int:
     return -(-batch_size // workers)
 
 
-def batch_line(batch_size: int, workers: int) -> str:
-    """The first-lines note on how a step's batch is split over the workers.
+def batch_line(batch_size: int, workers: int, kind: str = "windows") -> str:
+    """The first-lines note on how a step's batch of ``kind`` (prefixes or windows) is split over the workers.
 
     Example:
         >>> batch_line(128, 3)
@@ -66,9 +66,9 @@ def batch_line(batch_size: int, workers: int) -> str:
     """
     each = worker_batch(batch_size, workers)
     if workers == 1:
-        return f"batch: {batch_size} windows a step (1 worker)"
+        return f"batch: {batch_size} {kind} a step (1 worker)"
     rounded = f", rounded up to a multiple of {workers}" if each * workers != batch_size else ""
-    return f"batch: {each * workers} windows a step, {each} on each of {workers} workers (train.batch_size={batch_size}{rounded})"
+    return f"batch: {each * workers} {kind} a step, {each} on each of {workers} workers (train.batch_size={batch_size}{rounded})"
 
 
 def _log(msg: str) -> None:
@@ -151,13 +151,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     manifest = loop_config["manifest"]
     output = loop_config["output"]
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    mcfg = for_data(cfg.model, manifest)
     # train.batch_size is the whole step's: from here on, cfg holds this worker's share of it.
-    cfg = replace(cfg, train=replace(cfg.train, batch_size=worker_batch(cfg.train.batch_size, world)))
+    cfg = replace(cfg, train=replace(cfg.train, batch_size=worker_batch(cfg.train.batch_for(mcfg), world)))
     torch.manual_seed(cfg.train.seed + rank)
     threads = _threads_per_worker(loop_config["use_gpu"])
     torch.set_num_threads(threads)
     _log(f"{threads} intra-op threads per worker (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
-    mcfg = for_data(cfg.model, manifest)
     vocab = Vocabulary.load(loop_config["data"])
     device = ray.train.torch.get_device()
     _log(f"device: {device_name(device)}, {cfg.train.precision}")
@@ -185,7 +185,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = None if final else ray.train.get_dataset_shard("valid")  # the final fit does not validate
     train_cache, valid_cache = ExampleCache(cfg.data.cache_mb), ExampleCache(cfg.data.cache_mb)
-    chunk_rows = BUCKET_WINDOW * cfg.train.batch_size
+    chunk_rows = BUCKET_WINDOW * cfg.train.batch_for(mcfg)
     last = int(final["epochs"]) if final else cfg.train.epochs
     prefetcher = EpochPrefetcher(
         lambda e: train_cache.epoch(lambda: epoch_chunks(train_shard, cfg, e, rank), chunk_rows,

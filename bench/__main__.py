@@ -88,7 +88,9 @@ FULL = {
     # and the default under the schedule and window it had before they followed the data's shape.
     "next_click": [["bench.next_click", "--dataset", "ml-100k", "--variants", *v, "--seeds", "0", "1", "2"] for v in (
         ["default"], ["default", "--set", "train.patience_steps=0", "--set", "train.lr_patience_steps=0", "--set", "model.max_len=200"],
-        ["plain-sasrec"], ["sasrec-all-windows"])],
+        ["plain-sasrec"], ["sasrec-all-windows"])] + [
+        # The default on one example per next click, which it trains on long histories only when told (one seed).
+        ["bench.next_click", "--dataset", "ml-100k", "--variants", "default", "--set", "model.examples=prefixes", "--seeds", "0"]],
     "speed": [["bench.train_speed"], ["bench.shared_cores"], ["bench.loss_memory"], ["bench.sparse_items"], ["bench.ray_train_beauty"], ["bench.relevance_cost"],
               ["bench.enhancer_cost"]],
     "serve": [["bench.serve_load", "--requests", "1000", "--rounds", "3"], ["bench.serve_start", "--rounds", "3"],

@@ -128,7 +128,7 @@ class SpectralTracker(TransformerTracker):
     """The transformer tracker with `SpectralBlock`s: attention plus a low/high frequency split of the
     window (not causal: trains on prefixes)."""
 
-    MIX, KEEP = 0.7, 5  # the filter's share and the frequencies it keeps (BSARec's alpha and c on Beauty)
+    MIX, KEEP = 0.7, 5  # the filter's share and the frequencies it keeps (BSARec's alpha and c)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)

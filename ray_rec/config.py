@@ -123,6 +123,11 @@ class ModelConfig(LossPolicy):
         """``examples``, or the short-history default while the data set has not chosen it."""
         return SHORT_HISTORY.examples if self.examples is None else self.examples
 
+    @property
+    def on_prefixes(self) -> bool:
+        """Whether training makes one example per next click (`example_kind` ``prefixes``)."""
+        return self.example_kind == "prefixes"
+
     def describe(self) -> str:
         """One line naming the networks and the sizes training will use."""
         return (f"{self.tracker} tracker, {self.enhancer} enhancer, {self.relevance} relevance, "

@@ -122,7 +122,7 @@ def training_dataset(
     ds = read_sequences(data, split, manifest, shuffle_seed=seed)
     return ds.map_batches(
         partial(to_training_examples, max_len=model.history_len, time_buckets=model.time_buckets, max_browse=max_browse,
-                prefixes=model.example_kind == "prefixes"),
+                prefixes=model.on_prefixes),
         batch_format="pyarrow",
         batch_size=SEQUENCES_PER_TASK,
         zero_copy_batch=True,

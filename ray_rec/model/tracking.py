@@ -45,7 +45,8 @@ class CausalBlock(nn.Module):
         )
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) -> (B, L, D); ``valid`` (B, L) is for blocks that read padding themselves."""
         h = self.norm_attn(x)
         a, _ = self.attn(h, h, h, attn_mask=mask, need_weights=False)  # (B, L, D)
         x = x + self.dropout(a)
@@ -75,7 +76,7 @@ class TransformerTracker(nn.Module):
         mask = causal_mask(valid, self.heads)
         x = feats
         for block in self.blocks:
-            x = block(x, mask) * valid.unsqueeze(-1)
+            x = block(x, mask, valid) * valid.unsqueeze(-1)
         return self.norm(x) * valid.unsqueeze(-1)
 
 
@@ -113,12 +114,12 @@ class SpectralBlock(CausalBlock):
         self.filter = FrequencyFilter(dim, length, keep)
         self.mix = mix
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         h = self.norm_attn(x)
         a, _ = self.attn(h, h, h, attn_mask=mask, need_weights=False)  # (B, L, D)
         # Padding enters the filter as zeros, as the steps `collate` cut off do: a history's filter
         # output is the same whatever padding its batch holds.
-        f = self.filter(h if valid is None else h * valid.unsqueeze(-1))
+        f = self.filter(h * valid.unsqueeze(-1))
         x = x + self.dropout(self.mix * f + (1.0 - self.mix) * a)
         return x + self.ffn(self.norm_ffn(x))
 
@@ -136,14 +137,6 @@ class SpectralTracker(TransformerTracker):
             SpectralBlock(config.dim, config.heads, config.dropout_p, config.history_len, self.KEEP, self.MIX)
             for _ in range(config.layers)
         )
-
-    def forward(self, feats: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) features and (B, L) validity -> (B, L, D) interest states."""
-        mask = causal_mask(valid, self.heads)
-        x = feats
-        for block in self.blocks:
-            x = block(x, mask, valid) * valid.unsqueeze(-1)
-        return self.norm(x) * valid.unsqueeze(-1)
 
 
 def left_to_right_padding(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

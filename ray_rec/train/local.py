@@ -60,7 +60,7 @@ def train_local(
     target = resolve_device(device)
     model = InterestModel(mcfg).to(target)
     tcfg = config.train
-    prefixes = mcfg.example_kind == "prefixes"
+    prefixes = mcfg.on_prefixes
     train = InMemoryExamples.training(data, "train", mcfg.history_len, mcfg.time_buckets,
                                       browse_width(manifest, mcfg.resolved_loss), prefixes)
     valid = InMemoryExamples.evaluation(data, "valid", mcfg.history_len, mcfg.time_buckets)

@@ -48,7 +48,10 @@ EPOCHS, PATIENCE = 60, 6
 # Patience counts validations alone (the floors in steps came later, and never bind on these data
 # sets' 176-300 steps an epoch at the product's patience), and the exported model is not measured
 # here, so no final fit.
-SCHEDULE = {"train.lr_patience": 0, "train.patience_steps": 0, "train.lr_patience_steps": 0, "train.final_fit": False}
+# The schedule reads each validation as it is (`train.smoothing` 0), as before it read their moving
+# average; rows with `--set train.smoothing=0.5` read it as the product does.
+SCHEDULE = {"train.lr_patience": 0, "train.patience_steps": 0, "train.lr_patience_steps": 0, "train.final_fit": False,
+            "train.smoothing": 0.0}
 # The tracker's depth every row was trained at before the product went to one layer on short
 # histories (`ray_rec.config.SHORT_HISTORY`): two, SASRec's own. Pinned, so the stored rows stay
 # reproducible and the SASRec-shaped row stays SASRec's two blocks; rows with

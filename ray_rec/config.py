@@ -181,6 +181,9 @@ class TrainConfig:
     # better `select_by` (again after as many more); 0 = a constant learning rate.
     lr_patience: int = 3
     lr_patience_steps: int = 500  # see lr_patience
+    # The schedule and the best epoch read a moving average of the validations: each new one weighs
+    # 1 - smoothing (0 = each as it is). It evens out a small validation set's noise (`Plateau`).
+    smoothing: float = 0.5
     # After the split run, train the exported model again on every click (the valid and test targets
     # too) for the best epoch's steps, replaying its learning rates; false: export the split run's model.
     final_fit: bool = True
@@ -206,6 +209,7 @@ class TrainConfig:
         check_types(self, "train")
         check_choice("train.precision", self.precision, PRECISIONS)
         check_range("train.lr", self.lr, 1e-7, 10.0)
+        check_range("train.smoothing", self.smoothing, 0.0, 0.9)  # 1 would never move from the first score
         if self.batch_size is not None:
             check_range("train.batch_size", self.batch_size, 1)
         for name, low in (("epochs", 1), ("weight_decay", 0.0), ("grad_clip", 0.0), ("patience", 1),
@@ -263,6 +267,12 @@ class Config:
     def score(self) -> str:
         """The name of the validation metric that picks the best epoch in a run's metrics."""
         return f"val_{self.train.select_by}"
+
+    @property
+    def rank_by(self) -> str:
+        """The name of the score that ranks a run's checkpoints: `score`'s moving average
+        (``train.smoothing``), the one the schedule reads."""
+        return f"{self.score}_average"
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,36 @@ def test_progress_lines_come_at_most_every_interval_and_count_users_over_workers
         load_config(None, {"train.progress_s": -1})
 
 
+def test_the_schedule_reads_a_moving_average_of_the_validations():
+    import random
+
+    from ray_rec.train.schedule import Plateau
+
+    def run(smoothing: float, scores: list[float]) -> tuple[list[str], Plateau]:
+        plateau = Plateau(load_config(None, {"train.smoothing": smoothing, "train.lr_patience": 0,
+                                             "train.patience": 1000}).train)
+        return [plateau.validated(e, e * 10, s) for e, s in enumerate(scores, 1)], plateau
+
+    verdicts, plateau = run(0.5, [0.1, 0.2, 0.1, 0.2])  # averages 0.1, 0.15, 0.125, 0.1625
+    assert verdicts == ["better", "better", "same", "better"] and plateau.best == pytest.approx(0.1625)
+    assert run(0.0, [0.1, 0.2, 0.1, 0.2])[0] == ["better", "better", "same", "same"]
+    # A run that peaks at epoch 30 and declines, its validations scattered by their standard error
+    # (a small validation set): averaged, the epoch picked is on average nearer the true peak.
+    def picked(smoothing: float, seed: int) -> float:
+        noise, truth = random.Random(seed), [0.1 - 2e-5 * (e - 30) ** 2 for e in range(1, 81)]
+        plateau = Plateau(load_config(None, {"train.smoothing": smoothing, "train.lr_patience": 0, "train.patience": 10,
+                                             "train.patience_steps": 0}).train)
+        for epoch, score in enumerate(truth, 1):
+            if plateau.validated(epoch, epoch, score + noise.gauss(0.0, 0.005)) == "stop":
+                break
+        return truth[plateau.best_epoch - 1]
+
+    raw, averaged = (sum(picked(s, seed) for seed in range(200)) / 200 for s in (0.0, 0.5))
+    assert averaged > raw + 3e-4
+    with pytest.raises(ValueError, match="train.smoothing=1"):
+        load_config(None, {"train.smoothing": 1.0})
+
+
 def test_learning_rate_halves_and_training_stops_after_validations_and_steps_both():
     import torch
 

@@ -76,13 +76,16 @@ def fit(
                 halve_rate(optimizer, plateau.stalled(), say)
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         if validate is not None:
-            metrics.setdefault(cfg.score, plateau.best)  # the best so far: Ray Train ranks checkpoints by it
+            # Ray Train ranks checkpoints by the average; an epoch not validated ranks as the best so far.
+            metrics[cfg.rank_by] = plateau.smoothed if "eval_s" in metrics else plateau.best
+            metrics.setdefault(cfg.score, plateau.best)
             state.update(plateau.state())
         state["epoch"] = epoch
         state["history"].append(metrics)
         say(f"{what} {epoch}/{last_epoch} loss {metrics['loss']:.4f} "
-            + (f"val {tcfg.select_by} {metrics[cfg.score]:.4f} on {metrics['eval_users']:,} users "
-               f"in {metrics['eval_s']:.1f} s " if "eval_s" in metrics else "")
+            + (f"val {tcfg.select_by} {metrics[cfg.score]:.4f}"
+               + (f" (average {metrics[cfg.rank_by]:.4f})" if tcfg.smoothing else "")
+               + f" on {metrics['eval_users']:,} users in {metrics['eval_s']:.1f} s " if "eval_s" in metrics else "")
             + (f"lr {metrics['lr']:g} " if rates is not None else "")
             + f"({metrics['examples_per_s']:,.0f} examples/s)")
         after_epoch(metrics, verdict)

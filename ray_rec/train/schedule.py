@@ -24,14 +24,18 @@ class Plateau:
     """Tracks the best validation score and decides, after each validation, whether to halve the
     learning rate or stop.
 
-    The rate is halved when ``lr_patience`` validations and ``lr_patience_steps`` steps have passed
-    since the last better score or the last halving; training stops when ``patience`` validations
-    and ``patience_steps`` steps have passed since the last better score (no halving then). Both
-    floors in steps are a minimum training budget too: no run stops before ``patience_steps``.
+    The score it reads is an exponential moving average of the validations (``smoothing``: the
+    weight of the average so far; 0 = each validation as it is): on a small validation set each
+    score moves by about its own standard error, and a lucky one would otherwise reset the counts
+    and pick the exported epoch. The rate is halved when ``lr_patience`` validations and
+    ``lr_patience_steps`` steps have passed since the last better score or the last halving;
+    training stops when ``patience`` validations and ``patience_steps`` steps have passed since the
+    last better score (no halving then). Both floors in steps are a minimum training budget too: no
+    run stops before ``patience_steps``.
 
     Example:
         >>> from ray_rec.config import TrainConfig
-        >>> p = Plateau(TrainConfig(patience=2, patience_steps=30, lr_patience=1, lr_patience_steps=20))
+        >>> p = Plateau(TrainConfig(patience=2, patience_steps=30, lr_patience=1, lr_patience_steps=20, smoothing=0.0))
         >>> [p.validated(epoch, epoch * 10, score) for epoch, score in enumerate([0.1, 0.2, 0.1, 0.1, 0.1, 0.1], 1)]
         ['better', 'better', 'same', 'halve', 'stop', 'stop']
     """
@@ -43,10 +47,13 @@ class Plateau:
     bad: int = 0  # validations since the best
     changed_step: int = 0  # step of the best or the last halving, whichever came later
     since_change: int = 0  # validations since then
+    smoothed: float = -1.0  # the moving average after the last validation (-1: none yet)
 
     def validated(self, epoch: int, step: int, score: float) -> str:
         """Record a validation after ``step`` optimizer steps in all; returns ``better``, ``same``,
         ``halve`` (the caller halves the rate: `halve_rate`) or ``stop``."""
+        weight = self.cfg.smoothing if self.smoothed >= 0 else 0.0
+        self.smoothed = score = weight * self.smoothed + (1.0 - weight) * score
         if score > self.best:
             self.best, self.best_epoch, self.best_step = score, epoch, step
             self.bad = self.since_change = 0

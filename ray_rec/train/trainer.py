@@ -145,9 +145,9 @@ def train(
     result = _fit(loop_config, workers, {
         "train": training_dataset(data, mcfg, browse_width(manifest, mcfg.resolved_loss), config.data.seed, manifest),
         "valid": read_sequences(data, "valid", sample),
-    }, CheckpointConfig(num_to_keep=config.train.keep_checkpoints, checkpoint_score_attribute=config.score,
+    }, CheckpointConfig(num_to_keep=config.train.keep_checkpoints, checkpoint_score_attribute=config.rank_by,
                         checkpoint_score_order="max"))
-    best = result.get_best_checkpoint(config.score, "max") if result.best_checkpoints else result.checkpoint
+    best = result.get_best_checkpoint(config.rank_by, "max") if result.best_checkpoints else result.checkpoint
     if best is None:
         raise TrainingError("training finished without a checkpoint")
     split = final_fit_split(manifest) if config.train.final_fit else None

@@ -45,9 +45,9 @@ class ModelConfig(LossPolicy):
     ``num_items`` and ``side_features`` describe the catalog and are filled from the data set's
     manifest at training time. ``max_len``, ``dropout``, ``tracker_layers`` and ``examples`` left
     unset follow the data set (after SASRec's own tuning): a data set whose users average 40 clicks
-    or more is long (dropout 0.2, two tracker layers, window examples), else short (0.5, one,
-    prefix examples); the window is half the average clicks, within 50-200. Training prints the
-    choice on its first line; the artifact keeps it.
+    or more is long (dropout 0.2, two tracker layers), else short (0.5, one); the window is half
+    the average clicks, within 50-200; examples are prefixes on both. Training prints the choice on
+    its first line; the artifact keeps it.
     """
 
     num_items: int = 0  # catalog size; valid item indices are 1..num_items, 0 is padding
@@ -64,8 +64,8 @@ class ModelConfig(LossPolicy):
     dropout: float | None = None  # dropout everywhere; None: 0.5, or 0.2 when users average >= 40 clicks
     # How sequences become training examples: prefixes (one per next click, the up to max_len clicks
     # before it, trained at its last step: as served histories end) or windows (max_len clicks, every
-    # step trained: far less work per click on long histories); None: prefixes, or windows when users
-    # average >= 40 clicks.
+    # step trained: about 1/max_len of the sequence networks' work per click, for long histories on slow
+    # hardware); None: prefixes.
     examples: str | None = None
     loss: str = "auto"  # auto, ce (full softmax), sampled_softmax or bce; auto: ce while the catalog x history fits, else sampled_softmax
     num_negatives: int | None = None  # sampled negatives; None: 2048 for `sampled_softmax` over `dot`, else 256
@@ -140,8 +140,6 @@ class ModelConfig(LossPolicy):
         clicks a user has on average."""
         defaults = LONG_HISTORY if clicks_per_user >= LONG_HISTORY_CLICKS else SHORT_HISTORY
         defaults = defaults._replace(max_len=history_window(clicks_per_user))
-        if self.tracker == "spectral":
-            defaults = defaults._replace(examples="prefixes")
         return dataclasses.replace(self, **{k: v for k, v in defaults._asdict().items() if getattr(self, k) is None})
 
 

@@ -12,9 +12,10 @@ from typing import NamedTuple
 # two blocks); the data set is "long" from this many clicks per user on. The history window is half
 # a user's average clicks, between 50 and 200 (`history_window`): a window as long as the whole
 # history leaves one window a user, so few steps an epoch and little variety in them.
-# Training examples: on short histories one per next click (`prefixes`: each target predicted from
-# a history ending at its last step, as served histories end); on long ones, windows whose every
-# step is trained (`windows`: prefixes would cost about L times the work per click there).
+# Training examples are one per next click on every shape (`prefixes`: each target predicted from a
+# history ending at its last step, as served histories end); `windows` (every step of L clicks
+# trained at once, though most steps' newest click sits far from the window's end) cost the sequence
+# networks about 1/L the work per click: an option for long histories on slow hardware.
 LONG_HISTORY_CLICKS = 40.0
 EXAMPLES = ("prefixes", "windows")
 # Examples a step while `train.batch_size` is unset: a prefix holds one target, a window up to L.
@@ -31,7 +32,7 @@ class HistoryDefaults(NamedTuple):
 
 
 SHORT_HISTORY = HistoryDefaults(max_len=50, dropout=0.5, tracker_layers=1, examples="prefixes")
-LONG_HISTORY = HistoryDefaults(max_len=200, dropout=0.2, tracker_layers=2, examples="windows")  # max_len: the longest window
+LONG_HISTORY = HistoryDefaults(max_len=200, dropout=0.2, tracker_layers=2, examples="prefixes")  # max_len: the longest window
 
 
 def history_window(clicks_per_user: float) -> int:

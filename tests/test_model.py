@@ -432,14 +432,15 @@ def test_history_length_dropout_and_tracker_depth_follow_the_data_unless_set():
     long = for_data(ModelConfig(), manifest(100, 16500))  # 165, like MovieLens-1M
     longer = for_data(ModelConfig(), manifest(100, 50000))  # 500
     assert (short.max_len, short.dropout, short.tracker_layers, short.examples) == (50, 0.5, 1, "prefixes")
-    assert (long.max_len, long.dropout, long.tracker_layers, long.examples) == (80, 0.2, 2, "windows")  # the window: half the clicks
+    assert (long.max_len, long.dropout, long.tracker_layers, long.examples) == (80, 0.2, 2, "prefixes")  # the window: half the clicks
     assert longer.max_len == 200  # at most
     mine = for_data(ModelConfig(max_len=80, dropout=0.3, tracker_layers=3, examples="prefixes"), manifest(100, 16500))
     assert (mine.max_len, mine.dropout, mine.tracker_layers, mine.examples) == (80, 0.3, 3, "prefixes")
     unset = ModelConfig(num_items=N)  # built without a data set: the short-history values
     assert (unset.history_len, unset.dropout_p, unset.layers, unset.example_kind) == (50, 0.5, 1, "prefixes")
     # A step's batch follows the examples unless set: one target a prefix, up to L a window.
-    assert (TrainConfig().batch_for(short), TrainConfig().batch_for(long), TrainConfig(batch_size=64).batch_for(short)) == (256, 128, 64)
+    windows = for_data(ModelConfig(examples="windows"), manifest(100, 16500))
+    assert (TrainConfig().batch_for(short), TrainConfig().batch_for(windows), TrainConfig(batch_size=64).batch_for(short)) == (256, 128, 64)
     with pytest.raises(ValueError, match="model.examples='all'"):
         ModelConfig(examples="all")
     assert InterestModel(unset).features.position.num_embeddings == 50
@@ -465,7 +466,8 @@ def test_long_histories_get_sasrecs_long_settings_and_a_window_of_half_their_cli
     # ~55 clicks a user: long (dropout 0.2, two layers), a window of 50 (half of 55, at least 50)
     assert (run.model.config.max_len, run.model.config.dropout, run.model.config.layers) == (50, 0.2, 2)
     assert run.model.features.position.num_embeddings == 50
-    assert run.history[0]["lr"] == 0.001 and run.history[0]["steps"] == 1  # 40 users x 1-2 windows, batch 128
+    # one example per next click: 40 users x 57 training targets, 256 a step
+    assert run.history[0]["lr"] == 0.001 and run.history[0]["steps"] == 9 and run.model.config.examples == "prefixes"
     # The final fit: the returned model was trained again on every click for the best epoch count
     assert run.final_fit and sum(line.startswith("final fit epoch ") for line in said) == run.best_epoch >= 1
     assert run.test["count"] == 40  # the split run's test figures

@@ -298,11 +298,13 @@ def section(folder: Path) -> list[str]:
                        f"{row['next']['NDCG@10']:.4f} | {row['next']['HR@10']:.4f} | {row['next']['NDCG@20']:.4f} | "
                        f"{', '.join(map(str, row['best_epochs']))} | {row['seconds']} |")
         rows = r["rows"]
-        for base in ("plain-sasrec", "sasrec-all-windows"):
-            if "default" in rows and base in rows and ("default" in stale) == (base in stale):
-                d, b = rows["default"], rows[base]
-                out += ["", f"Default / {base} NDCG@10{'†' if base in stale else ''}: **{d['split']['NDCG@10'] / b['split']['NDCG@10']:.3f}x** on the "
-                        f"split's test click, **{d['next']['NDCG@10'] / b['next']['NDCG@10']:.3f}x** on the next click."]
+        for name in [n for n in rows if n == "default" or n.startswith("default with ")]:
+            for base in ("plain-sasrec", "sasrec-all-windows"):
+                if base in rows and (name in stale) == (base in stale):
+                    d, b = rows[name], rows[base]
+                    out += ["", f"{name[0].upper() + name[1:]} / {base} NDCG@10{'†' if base in stale else ''}: "
+                            f"**{d['split']['NDCG@10'] / b['split']['NDCG@10']:.3f}x** on the split's test click, "
+                            f"**{d['next']['NDCG@10'] / b['next']['NDCG@10']:.3f}x** on the next click."]
         for rev in sorted({r["rows"][name].get("model_revision", 1) for name in stale}):
             out += ["", revision_note(rev)]
         out.append("")

@@ -126,6 +126,8 @@ def test_the_schedule_reads_a_moving_average_of_the_validations():
 
     verdicts, plateau = run(0.5, [0.1, 0.2, 0.1, 0.2])  # averages 0.1, 0.15, 0.125, 0.1625
     assert verdicts == ["better", "better", "same", "better"] and plateau.best == pytest.approx(0.1625)
+    plateau.validated(5, 50, 0.0)
+    assert "(average)" in plateau.stalled() and "(average)" not in run(0.0, [0.1, 0.0])[1].stalled()  # what the log names
     assert run(0.0, [0.1, 0.2, 0.1, 0.2])[0] == ["better", "better", "same", "same"]
     # A run that peaks at epoch 30 and declines, its validations scattered by their standard error
     # (a small validation set): averaged, the epoch picked is on average nearer the true peak.

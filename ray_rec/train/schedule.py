@@ -70,8 +70,10 @@ class Plateau:
         return "same"
 
     def stalled(self) -> str:
-        """Why the rate halves or training stops, e.g. ``no better validation NDCG@10 for 3 evaluations``."""
-        return f"no better validation {self.cfg.select_by} for {self.bad} evaluations"
+        """Why the rate halves or training stops, e.g. ``no better validation NDCG@10 (average) for 3
+        evaluations``."""
+        average = " (average)" if self.cfg.smoothing else ""
+        return f"no better validation {self.cfg.select_by}{average} for {self.bad} evaluations"
 
     def state(self) -> dict[str, Any]:
         """The counters, for a checkpoint's loop state (`restore` reads them back)."""

@@ -6,14 +6,15 @@ its top item; each attribution method names its 3 clicks; then three deletions a
 3 clicks of the window the model reads: the 3 attributed, 3 drawn at random (seeded), the 3 most
 recent. After each, the recommended item's score and its rank over the catalog (the original
 history's items excluded, as the recommendation excluded them: rank 1 before) are measured again.
-Beside the product's methods, a greedy leave-one-out (3 passes) shows what choosing the 3 clicks
-together would gain. A method *wins* on a user when, against each baseline, its deletion drops the item's rank at least
+Beside the product's methods, a greedy leave-one-out (3 passes: each time the click whose
+deletion drops the score most from what is left) for comparison with ``best_set``'s search. A method *wins* on a user when, against each baseline, its deletion drops the item's rank at least
 as far and its score further (a rank is often unmoved by every deletion: the score breaks the tie);
 ``rank_wins`` counts the users where the rank alone dropped strictly further than under both.
 
 Cost: milliseconds per query of ``predict`` with and without an explanation in batches of 32, in
 process, per method; and the Serve endpoint (`ray-rec serve`'s app, the product's ingress),
-``/v1/recommend`` with a median-length history at concurrency 1 and 32, explain on and off,
+``/v1/recommend`` with a median-length history and with the longest window the model reads (its
+``history_len`` clicks, from the longest test history), at concurrency 1 and 32, explain on and off,
 alternating, medians of the rounds.
 
     python -m bench.explain --dataset Beauty
@@ -155,8 +156,9 @@ def greedy_deletions(rec: Recommender, histories: list[list[int]], item: list[in
     return [sorted(c) for c in chosen]
 
 
-def serve_cost(uri: str, history: list[str], requests: int, rounds: int) -> dict[str, Any]:
-    """/v1/recommend through Serve with and without explain, concurrency 1 and 32, alternating."""
+def serve_cost(uri: str, histories: list[list[str]], requests: int, rounds: int) -> list[dict[str, Any]]:
+    """/v1/recommend through Serve with and without explain, concurrency 1 and 32, alternating; one
+    result per history."""
     from ray_rec.ray_session import use_fast_ingress
 
     use_fast_ingress()
@@ -168,22 +170,26 @@ def serve_cost(uri: str, history: list[str], requests: int, rounds: int) -> dict
 
     init_ray(1, serving=True)
     url = start(uri, "127.0.0.1", free_port())
-    runs: dict[str, list[dict[str, Any]]] = {}
+    runs: list[dict[str, list[dict[str, Any]]]] = [{} for _ in histories]
     try:
         for _ in range(rounds):
-            for concurrency in (1, 32):
-                for explain in (False, True):
-                    body = {"history": history, "k": 10, "explain": explain}
-                    total = requests // 4 if concurrency == 1 else requests
-                    result = asyncio.run(load(f"{url}/v1/recommend", body, concurrency, total))
-                    runs.setdefault(f"c{concurrency}_{'explain' if explain else 'plain'}", []).append(result)
+            for history, run in zip(histories, runs):
+                for concurrency in (1, 32):
+                    for explain in (False, True):
+                        body = {"history": history, "k": 10, "explain": explain}
+                        total = requests // 4 if concurrency == 1 else requests
+                        result = asyncio.run(load(f"{url}/v1/recommend", body, concurrency, total))
+                        run.setdefault(f"c{concurrency}_{'explain' if explain else 'plain'}", []).append(result)
     finally:
         serve.shutdown()
-    out: dict[str, Any] = {k: {m: statistics.median(r[m] for r in v) for m in ("rps", "p50_ms", "p99_ms")}
-                           | {"errors": sum(r["errors"] for r in v)} for k, v in runs.items()}
-    for c in (1, 32):
-        out[f"c{c}_p50_ratio"] = out[f"c{c}_explain"]["p50_ms"] / out[f"c{c}_plain"]["p50_ms"]
-    return out
+    found = []
+    for history, run in zip(histories, runs):
+        out: dict[str, Any] = {k: {m: statistics.median(r[m] for r in v) for m in ("rps", "p50_ms", "p99_ms")}
+                               | {"errors": sum(r["errors"] for r in v)} for k, v in run.items()}
+        for c in (1, 32):
+            out[f"c{c}_p50_ratio"] = out[f"c{c}_explain"]["p50_ms"] / out[f"c{c}_plain"]["p50_ms"]
+        found.append(out | {"history_length": len(history)})
+    return found
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -202,13 +208,15 @@ def main(argv: list[str] | None = None) -> None:
     rec = load_model(uri, device="cpu")
     histories = test_histories(data, args.users, args.seed)
     report: dict[str, Any] = {"command": " ".join(["python -m bench.explain", *(argv if argv is not None else sys.argv[1:])]),
-                              "machine": machine(), "dataset": args.dataset, "model": rec.config.describe()}
+                              "machine": machine(), "dataset": args.dataset, "model": rec.config.describe(),
+                              "method": explain.DEFAULT_METHOD}
     report["faithfulness"] = faithfulness(rec, histories, args.seed)
     print(f"[explain] faithfulness: {report['faithfulness']}", flush=True)
     lengths = sorted(len(h) for h in histories)
     median = next(h for h in histories if len(h) == lengths[len(lengths) // 2])
-    report["serve"] = serve_cost(uri, [str(rec.vocab.raw_id(i)) for i in median], args.requests, args.rounds)
-    report["serve"]["history_length"] = len(median)
+    longest = max(histories, key=len)[-rec.config.history_len :]  # the most clicks the model reads, if a user has them
+    report["serve"] = serve_cost(uri, [[str(rec.vocab.raw_id(i)) for i in h] for h in (median, longest)],
+                                 args.requests, args.rounds)
     print(f"[explain] serve: {report['serve']}", flush=True)
     path = write_result(f"explain_{args.dataset}.json", report)
     print(f"[explain] written to {path}")

@@ -471,13 +471,15 @@ def explanations(folder: Path) -> list[str]:
             out.append(f"| {label} | {row['mean_rank_drop']:,.1f} | {row['median_rank_drop']:,.0f} | "
                        f"{row['mean_score_drop']:.3f} | {extra} | {cost} |")
         if sv:
-            out += ["", f"Serve, `/v1/recommend` (k=10, a history of {sv['history_length']} clicks), medians over the rounds:", "",
-                    "| concurrency | plain req/s | plain p50 / p99 ms | explain req/s | explain p50 / p99 ms | p50 ratio | errors |",
-                    "|---|---|---|---|---|---|---|"]
-            for c in (1, 32):
-                p, e = sv[f"c{c}_plain"], sv[f"c{c}_explain"]
-                out.append(f"| {c} | {p['rps']:,.0f} | {p['p50_ms']:.1f} / {p['p99_ms']:.1f} | {e['rps']:,.0f} | "
-                           f"{e['p50_ms']:.1f} / {e['p99_ms']:.1f} | {sv[f'c{c}_p50_ratio']:.2f}x | {p['errors'] + e['errors']} |")
+            out += ["", f"Serve, `/v1/recommend` (k=10, the default method, `{r.get('method', 'leave_one_out')}`), medians over the rounds:", "",
+                    "| history | concurrency | plain req/s | plain p50 / p99 ms | explain req/s | explain p50 / p99 ms | p50 ratio | errors |",
+                    "|---|---|---|---|---|---|---|---|"]
+            for one in sv if isinstance(sv, list) else [sv]:  # older reports measured one history
+                for c in (1, 32):
+                    p, e = one[f"c{c}_plain"], one[f"c{c}_explain"]
+                    out.append(f"| {one['history_length']} clicks | {c} | {p['rps']:,.0f} | {p['p50_ms']:.1f} / {p['p99_ms']:.1f} | "
+                               f"{e['rps']:,.0f} | {e['p50_ms']:.1f} / {e['p99_ms']:.1f} | {one[f'c{c}_p50_ratio']:.2f}x | "
+                               f"{p['errors'] + e['errors']} |")
         out.append("")
     return out
 

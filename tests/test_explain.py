@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from ray_rec.model.enhancement import ENHANCERS
 from ray_rec.model.interest_model import InterestModel
 from ray_rec.model.tracking import TRACKERS
 from ray_rec.predict import Recommender
-from ray_rec.predict.explain import METHODS
+from ray_rec.predict.explain import MAX_SETS, METHODS, pool_size
 from ray_rec.vocab import Vocabulary
 
 KEYS, ANSWERS, FILLERS = range(1, 11), range(11, 21), range(21, 41)  # item indices
@@ -94,7 +95,7 @@ def test_explanations_name_only_history_clicks_for_every_network(tracker, enhanc
 def test_leave_one_out_is_the_score_lost_without_each_click(key_model):
     rec = recommender(key_model)
     history = ["i21", "i4", "i22", "i23"]
-    (item, score, why), = rec.recommend([history], k=1, explain=True, explain_top=4)[0]
+    (item, score, why), = rec.recommend([history], k=1, explain=True, explain_top=4, explain_method="leave_one_out")[0]
     contributions = {r.position: r.share for r in why}
     total = None
     for position in range(4):
@@ -102,6 +103,30 @@ def test_leave_one_out_is_the_score_lost_without_each_click(key_model):
         lost = score - rec.score([shorter], [[item]])[0][0]
         total = lost / contributions[position] if total is None else total
         assert lost == pytest.approx(contributions[position] * total, rel=1e-3, abs=1e-5)
+
+
+def test_best_set_names_the_clicks_whose_deletion_together_lowers_the_score_most(key_model):
+    rec = recommender(key_model)
+    rng = np.random.default_rng(3)
+    for items in rng.choice(np.array([*KEYS, *FILLERS]), size=(5, 7)):
+        history = [f"i{i}" for i in items]
+        (item, score, why), = rec.recommend([history], k=1, explain=True)[0]  # best_set, 3 clicks
+        lost = {}
+        for deleted in itertools.combinations(range(7), 3):
+            shorter = [x for p, x in enumerate(history) if p not in deleted]
+            lost[deleted] = score - rec.score([shorter], [[item]])[0][0]
+        chosen = tuple(sorted(r.position for r in why))
+        assert lost[chosen] == pytest.approx(max(lost.values()), abs=1e-5)  # 7 clicks: every set was tried
+        (_, _, alone), = rec.recommend([history], k=1, explain=True, explain_top=7, explain_method="leave_one_out")[0]
+        shares = {r.position: r.share for r in alone}
+        assert [r.share for r in why] == pytest.approx([shares[r.position] for r in why])
+        assert [r.share for r in why] == sorted((r.share for r in why), reverse=True)
+
+
+def test_best_set_searches_a_pool_of_bounded_sets():
+    assert [pool_size(3, n) for n in (2, 3, 5, 12, 13, 50)] == [2, 3, 5, 12, 12, 12]
+    assert pool_size(1, 50) == 50 and pool_size(20, 50) >= 20 and pool_size(20, 5) == 5
+    assert all(math.comb(pool_size(top, 50), top) <= MAX_SETS for top in range(1, 21))
 
 
 def test_bad_explain_arguments_are_clear_errors(key_model):
@@ -124,4 +149,6 @@ def test_the_faithfulness_benchmark_sees_the_deciding_click_matter_more_than_ran
     for baseline in ("random", "recent"):
         assert d["leave_one_out"]["mean_rank_drop"] > d[baseline]["mean_rank_drop"]
         assert d["leave_one_out"]["mean_score_drop"] > d[baseline]["mean_score_drop"]
-    assert set(found["ms_per_query"]) == {"leave_one_out", "gradient", "attention", "greedy leave-one-out", "plain"}
+    assert d["best_set"]["wins"] >= d["leave_one_out"]["wins"], d  # the set chosen together, on its own score
+    assert d["best_set"]["mean_score_drop"] >= d["greedy leave-one-out"]["mean_score_drop"] - 1e-6, d
+    assert set(found["ms_per_query"]) == {*METHODS, "greedy leave-one-out", "plain"}

@@ -1,24 +1,34 @@
-"""Why an item was recommended: how much each click of the history moved its score.
+"""Why an item was recommended: which clicks of the history moved its score.
 
-An explanation covers the clicks the model reads (the last ``history_len`` of the history). Each
-click gets a contribution to each target item's score by one of three methods:
+An explanation covers the clicks the model reads (the last ``history_len`` of the history). Four
+methods:
 
-- ``leave_one_out``: the target's score minus its score with that click deleted from the history
-  (the window then reaches one click further back, as it would for that shorter history). Exact
-  for one deletion, for every tracker and enhancer; one forward pass over n histories for n clicks,
-  all of a batch's explained queries in one pass.
+- ``best_set`` (default): the ``top`` clicks whose deletion *together* lowers the item's score
+  most. Every set of ``top`` clicks of a pool is deleted and scored: the whole window when it is
+  short, else the clicks with the largest leave-one-out contributions, as many as keep the sets
+  within `MAX_SETS` (12 clicks for 3). Exact where the pool is the window. One leave-one-out pass,
+  then one pass over every query's sets (a query's items share its sets; the pool of several items
+  is ordered by each click's largest contribution to any of them).
+- ``leave_one_out``: the ``top`` clicks with the largest single-deletion contributions: the
+  target's score minus its score with that click deleted from the history (the window then reaches
+  one click further back, as it would for that shorter history). Exact for one deletion, for every
+  tracker and enhancer; one forward pass over n histories for n clicks, all of a batch's explained
+  queries in one pass.
 - ``gradient``: gradient x input of the target's score on the click's history features (item,
   side features, position and time together), one backward pass for all targets of a batch.
 - ``attention``: the AUGRU enhancer's attention score of the click's step, the same for every
   target (enhancer ``augru`` only).
 
-A click's share is its contribution over the sum of the absolute contributions of the window's
-clicks: signed, and the shares' absolute values add up to 1. A deleted click's time gap is not
-recomputed: the next click keeps the time bucket it had.
+A named click's share is its own contribution (its leave-one-out contribution for ``best_set``)
+over the sum of the absolute contributions of the window's clicks: signed, and the shares'
+absolute values add up to at most 1. A deleted click's time gap is not recomputed: the next click
+keeps the time bucket it had.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -32,10 +42,11 @@ from ray_rec.model.interest_model import InterestModel
 from ray_rec.predict import ranking
 from ray_rec.predict.inputs import pad_rows, window
 
-METHODS = ("leave_one_out", "gradient", "attention")
-DEFAULT_METHOD = "leave_one_out"  # the most faithful of the three (BENCHMARKS.md, "Explanations")
+METHODS = ("best_set", "leave_one_out", "gradient", "attention")
+DEFAULT_METHOD = "best_set"  # the most faithful (BENCHMARKS.md, "Explanations")
 DEFAULT_TOP = 3  # clicks named per explained item
 MAX_TOP = 20
+MAX_SETS = 220  # click sets `best_set` deletes per query; C(12, 3): the 12 most contributing of 3
 
 
 class Reason(NamedTuple):
@@ -50,11 +61,13 @@ class Reason(NamedTuple):
 @dataclass
 class Job:
     """One history to explain: known item indices (oldest first), their time buckets (or None), and
-    the item indices whose scores to explain (0 = an unknown candidate: explained by nothing)."""
+    the item indices whose scores to explain (0 = an unknown candidate: explained by nothing), and
+    how many clicks to name per target."""
 
     history: list[int]
     time_buckets: list[int] | None
     targets: list[int]
+    top: int = DEFAULT_TOP
 
 
 def clicks_asked(explain: bool, top: int) -> int:
@@ -76,10 +89,23 @@ def check_method(method: str, model: InterestModel) -> None:
                          f"{model.config.enhancer!r} (use leave_one_out or gradient)")
 
 
-def contributions(model: InterestModel, jobs: Sequence[Job], method: str = DEFAULT_METHOD) -> list[np.ndarray]:
-    """Per job a (targets, n) array: how much each of the n clicks the model reads (oldest first)
-    raised each target's score. The model is in eval mode."""
+def explain(model: InterestModel, jobs: Sequence[Job], method: str = DEFAULT_METHOD) -> list[list[list[tuple[int, float]]]]:
+    """Per job, per target: its ``job.top`` clicks (position in the window the model reads, signed
+    share), the most influential first. The model is in eval mode."""
     check_method(method, model)
+    found = contributions(model, jobs, "leave_one_out" if method == "best_set" else method)
+    if method != "best_set":
+        return [reasons(c, job.top) for c, job in zip(found, jobs)]
+    return [[_named(row, chosen) for row, chosen in zip(c, sets)] for c, sets in zip(found, _best_sets(model, jobs, found))]
+
+
+def contributions(model: InterestModel, jobs: Sequence[Job], method: str = "leave_one_out") -> list[np.ndarray]:
+    """Per job a (targets, n) array: how much each of the n clicks the model reads (oldest first)
+    raised each target's score, by a method that rates clicks one by one (not ``best_set``). The
+    model is in eval mode."""
+    check_method(method, model)
+    if method == "best_set":
+        raise ValueError("best_set chooses clicks together: it has no per-click contributions (use explain)")
     live = [i for i, job in enumerate(jobs) if job.targets and job.history]
     out = [np.zeros((len(job.targets), 0), dtype=np.float32) for job in jobs]
     if live:
@@ -101,6 +127,42 @@ def reasons(contribution: np.ndarray, top: int) -> list[list[tuple[int, float]]]
     return out
 
 
+def _named(row: np.ndarray, chosen: Sequence[int]) -> list[tuple[int, float]]:
+    """The ``chosen`` positions of a window with their shares of ``row``'s contributions, largest first."""
+    total = float(np.abs(row).sum())
+    order = sorted(chosen, key=lambda j: (-row[j], j))
+    return [(int(j), float(row[j]) / total if total > 0 else 0.0) for j in order]
+
+
+def pool_size(top: int, n: int) -> int:
+    """Clicks `best_set` searches for sets of ``top`` among a window of ``n``: the most whose sets
+    of ``top`` number at most `MAX_SETS` (all ``n`` when they do, at least ``top``)."""
+    size = min(top, n)
+    while size < n and math.comb(size + 1, top) <= MAX_SETS:
+        size += 1
+    return size
+
+
+def _best_sets(model: InterestModel, jobs: Sequence[Job], found: Sequence[np.ndarray]) -> list[list[list[int]]]:
+    """Per job, per target: the window positions of the ``job.top`` clicks whose deletion together
+    lowers the target's score most, among the job's pool (see the module docstring)."""
+    candidates: list[list[tuple[int, ...]]] = []  # per job: the sets of window positions to try
+    for job, contribution in zip(jobs, found):
+        n = contribution.shape[1]
+        known = contribution[[t != 0 for t in job.targets]]  # an unknown candidate is explained by nothing
+        if n == 0 or len(known) == 0:
+            candidates.append([])
+            continue
+        pool = sorted(int(j) for j in np.argsort(-known.max(0), kind="stable")[: pool_size(job.top, n)])
+        candidates.append(list(itertools.combinations(pool, min(job.top, n))))
+    searched = [i for i, sets in enumerate(candidates) if len(sets) > 1]  # one set: the whole pool, nothing to choose
+    scored = _scores_without(model, [jobs[i] for i in searched], [candidates[i] for i in searched])
+    out = [[list(sets[0]) if sets else [] for _ in job.targets] for job, sets in zip(jobs, candidates)]
+    for i, scores in zip(searched, scored):
+        out[i] = [list(candidates[i][int(s)]) for s in scores.argmin(0)]  # per target
+    return out
+
+
 def _read_span(job: Job, length: int) -> tuple[int, int]:
     """(clicks read, index of the first one in the history)."""
     n = min(len(job.history), length)
@@ -108,20 +170,30 @@ def _read_span(job: Job, length: int) -> tuple[int, int]:
 
 
 def _leave_one_out(model: InterestModel, jobs: Sequence[Job]) -> list[np.ndarray]:
+    spans = [_read_span(job, model.config.history_len)[0] for job in jobs]
+    scored = _scores_without(model, jobs, [[(), *((j,) for j in range(n))] for n in spans])  # nothing, then each click
+    return [(scores[0][None, :] - scores[1:]).T for scores in scored]  # (T, n)
+
+
+def _scores_without(model: InterestModel, jobs: Sequence[Job], deletions: Sequence[Sequence[tuple[int, ...]]]) -> list[np.ndarray]:
+    """Per job, a (len(deletions[i]), targets) array: its targets' scores after deleting each set of
+    window positions from its history (the window then reaches further back), every job's
+    deletions in one forward pass."""
     length = model.config.history_len
     rows: list[list[int]] = []
     times: list[list[int]] = []
     targets: list[list[int]] = []
-    spans = []
-    for job in jobs:
-        n, first = _read_span(job, length)
-        spans.append((len(rows), n))
+    for job, sets in zip(jobs, deletions):
+        _, first = _read_span(job, length)
         buckets = job.time_buckets or [0] * len(job.history)
-        for drop in [None, *range(first, first + n)]:  # the whole history, then each click deleted
-            keep = [i for i in range(len(job.history)) if i != drop]
+        for deleted in sets:
+            drop = {first + j for j in deleted}
+            keep = [i for i in range(len(job.history)) if i not in drop]
             rows.append([job.history[i] for i in keep])
             times.append([buckets[i] for i in keep])
             targets.append(job.targets)
+    if not rows:
+        return [np.zeros((0, len(job.targets)), dtype=np.float32) for job in jobs]
     inputs = {"items": window(rows, length), "targets": pad_rows(targets)}
     if any(job.time_buckets for job in jobs):
         inputs["time_buckets"] = window(times, length)
@@ -129,11 +201,10 @@ def _leave_one_out(model: InterestModel, jobs: Sequence[Job]) -> list[np.ndarray
     with torch.inference_mode():
         u = ranking.interests(model, inputs["items"], inputs.get("time_buckets"))
         scores = model.candidate_scores(u, inputs["targets"]).float().cpu().numpy()  # (rows, T)
-    out = []
-    for job, (start, n) in zip(jobs, spans):
-        t = len(job.targets)
-        base, without = scores[start, :t], scores[start + 1 : start + 1 + n, :t]
-        out.append((base[None, :] - without).T)  # (T, n)
+    out, start = [], 0
+    for job, sets in zip(jobs, deletions):
+        out.append(scores[start : start + len(sets), : len(job.targets)])
+        start += len(sets)
     return out
 
 

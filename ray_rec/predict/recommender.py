@@ -138,11 +138,11 @@ class Recommender:
         for r in asked:
             q, a = queries[r], answers[r]
             targets = a.items if a.items is not None else list(q.candidates or [])
-            jobs.append(explain_api.Job(q.history if a.fallback is None else [], q.time_buckets, targets))
-        for r, job, found in zip(asked, jobs, explain_api.contributions(self.model, jobs, method)):
-            first = len(job.history) - found.shape[1]
+            jobs.append(explain_api.Job(q.history if a.fallback is None else [], q.time_buckets, targets, q.explain))
+        for r, job, named in zip(asked, jobs, explain_api.explain(self.model, jobs, method)):
+            first = len(job.history) - min(len(job.history), self.config.history_len)
             answers[r].reasons = [[(first + j, share) for j, share in row] if target else []
-                                  for target, row in zip(job.targets, explain_api.reasons(found, queries[r].explain))]
+                                  for target, row in zip(job.targets, named)]
 
     def _fallback(self, query: Query) -> Answer:
         """A query whose history holds no known item: candidates scored by their training click

@@ -470,6 +470,12 @@ def explanations(folder: Path) -> list[str]:
             cost = f"{ms[name]:.2f} (plain {ms['plain']:.2f})" if name in ms else "-"
             out.append(f"| {label} | {row['mean_rank_drop']:,.1f} | {row['median_rank_drop']:,.0f} | "
                        f"{row['mean_score_drop']:.3f} | {extra} | {cost} |")
+        if "ceiling" in f:
+            c = f["ceiling"]
+            out += ["", f"Ceiling: some 3 clicks win on {c['some_set_wins']:.0%} of the users (every 3-click set of the "
+                    f"{c['pool']} clicks with the largest leave-one-out contributions tried; exact for the "
+                    f"{c['exact_users']:.0%} whose window holds at most {c['pool']} clicks, where it is "
+                    f"{c['some_set_wins_where_exact']:.0%}): no choice of 3 clicks wins on more of those."]
         if sv:
             out += ["", f"Serve, `/v1/recommend` (k=10, the default method, `{r.get('method', 'leave_one_out')}`), medians over the rounds:", "",
                     "| history | concurrency | plain req/s | plain p50 / p99 ms | explain req/s | explain p50 / p99 ms | p50 ratio | errors |",

@@ -6,7 +6,7 @@ methods:
 - ``best_set`` (default): the ``top`` clicks whose deletion *together* lowers the item's score
   most. Every set of ``top`` clicks of a pool is deleted and scored: the whole window when it is
   short, else the clicks with the largest leave-one-out contributions, as many as keep the sets
-  within `MAX_SETS` (12 clicks for 3). Exact where the pool is the window. One leave-one-out pass,
+  within `MAX_SETS` (8 clicks for 3). Exact where the pool is the window. One leave-one-out pass,
   then one pass over every query's sets (a query's items share its sets; the pool of several items
   is ordered by each click's largest contribution to any of them).
 - ``leave_one_out``: the ``top`` clicks with the largest single-deletion contributions: the
@@ -46,7 +46,7 @@ METHODS = ("best_set", "leave_one_out", "gradient", "attention")
 DEFAULT_METHOD = "best_set"  # the most faithful (BENCHMARKS.md, "Explanations")
 DEFAULT_TOP = 3  # clicks named per explained item
 MAX_TOP = 20
-MAX_SETS = 220  # click sets `best_set` deletes per query; C(12, 3): the 12 most contributing of 3
+MAX_SETS = 56  # click sets `best_set` deletes per query; C(8, 3): the 8 most contributing for 3
 
 
 class Reason(NamedTuple):

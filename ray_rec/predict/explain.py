@@ -119,15 +119,10 @@ def contributions(model: InterestModel, jobs: Sequence[Job], method: str = "leav
 def reasons(contribution: np.ndarray, top: int) -> list[list[tuple[int, float]]]:
     """Per target (row): its ``top`` clicks by contribution, largest first, as (position in the
     window, signed share)."""
-    out = []
-    for row in contribution:
-        total = float(np.abs(row).sum())
-        order = np.argsort(-row, kind="stable")[:top]
-        out.append([(int(j), float(row[j]) / total if total > 0 else 0.0) for j in order])
-    return out
+    return [_named(row, np.argsort(-row, kind="stable")[:top]) for row in contribution]
 
 
-def _named(row: np.ndarray, chosen: Sequence[int]) -> list[tuple[int, float]]:
+def _named(row: np.ndarray, chosen: Sequence[int] | np.ndarray) -> list[tuple[int, float]]:
     """The ``chosen`` positions of a window with their shares of ``row``'s contributions, largest first."""
     total = float(np.abs(row).sum())
     order = sorted(chosen, key=lambda j: (-row[j], j))

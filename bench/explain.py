@@ -7,8 +7,10 @@ its top item; each attribution method names its 3 clicks; then three deletions a
 recent. After each, the recommended item's score and its rank over the catalog (the original
 history's items excluded, as the recommendation excluded them: rank 1 before) are measured again.
 Beside the product's methods, a greedy leave-one-out (3 passes: each time the click whose
-deletion drops the score most from what is left) for comparison with ``best_set``'s search. A method *wins* on a user when, against each baseline, its deletion drops the item's rank at least
-as far and its score further (a rank is often unmoved by every deletion: the score breaks the tie);
+deletion drops the score most from what is left) for comparison with ``best_set``'s search. A
+method *wins* on a user when, against each baseline, its deletion drops the item's rank at least as
+far and its score further by more than `TIE` (a rank is often unmoved by every deletion: the score
+breaks the tie);
 ``rank_wins`` counts the users where the rank alone dropped strictly further than under both.
 
 Cost: milliseconds per query of ``predict`` with and without an explanation in batches of 32, in
@@ -44,6 +46,9 @@ from ray_rec.predict.inputs import pad_rows, window
 
 DELETED = 3
 GREEDY = "greedy leave-one-out"
+# A score lower by less is the same score: the same history scored in another batch differs by ~1e-6
+# (a baseline's own 3 clicks, or another set leaving the same history, must not beat it).
+TIE = 1e-4
 CEILING_POOL = 12  # clicks whose every 3-click set `ceiling` tries: C(12, 3) = 220 deletions per user
 
 
@@ -133,39 +138,35 @@ def faithfulness(rec: Recommender, histories: list[list[int]], seed: int) -> dic
         wins, rank_wins = np.ones(len(histories), bool), np.ones(len(histories), bool)
         for other in ("random", "recent"):
             other_drop, other_rank = base_scores - after[other][0], after[other][1]
-            wins &= (rank >= other_rank) & (score_drop > other_drop)
+            wins &= (rank >= other_rank) & (score_drop > other_drop + TIE)
             rank_wins &= rank > other_rank
         same = np.array([deletions[method][i] in (deletions["random"][i], deletions["recent"][i]) for i in range(len(histories))])
         out["deletions"][method].update({"wins": float(wins.mean()), "rank_wins": float(rank_wins.mean()),
                                          "same_clicks_as_a_baseline": float(same.mean()),
                                          "wins_where_the_clicks_differ": float(wins[~same].mean()) if (~same).any() else 0.0})
-    out["ceiling"] = ceiling(rec, histories, item, deletions["random"], deletions["recent"])
+    out["ceiling"] = ceiling(rec, histories, item, [after["random"], after["recent"]])
     return out
 
 
-def ceiling(rec: Recommender, histories: list[list[int]], item: list[int], random: list[list[int]],
-            recent: list[list[int]]) -> dict[str, float]:
+def ceiling(rec: Recommender, histories: list[list[int]], item: list[int],
+            baselines: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
     """The share of users for whom *some* 3 clicks win (drop the rank at least as far and the score
-    further than both baselines), trying every 3-click set of the window's `CEILING_POOL` clicks with
-    the largest leave-one-out contributions: exact for windows of up to that many clicks. No choice
-    of 3 clicks can win on more users than that (on the exact ones)."""
-    model, length = rec.model, rec.config.history_len
-    found = explain.contributions(model, [explain.Job(h, None, [t]) for h, t in zip(histories, item)])
+    further than each baseline's (scores, ranks) after its deletion, by more than `TIE`), trying every
+    3-click set of the window's `CEILING_POOL` clicks with the largest leave-one-out contributions:
+    exact for windows of up to that many clicks. No choice of 3 clicks can win on more users than
+    that (on the exact ones)."""
+    found = explain.contributions(rec.model, [explain.Job(h, None, [t]) for h, t in zip(histories, item)])
     wins = []
-    with torch.inference_mode():
-        for u, (history, target, contribution) in enumerate(zip(histories, item, found)):
-            first = len(history) - contribution.shape[1]
-            pool = sorted(first + int(j) for j in np.argsort(-contribution[0], kind="stable")[:CEILING_POOL])
-            sets = [*map(list, itertools.combinations(pool, DELETED)), random[u], recent[u]]
-            full = model.catalog_scores(ranking.interests(model, window([without(history, s) for s in sets], length)))
-            full[:, torch.tensor(sorted(set(history)))] = float("-inf")
-            score = full[:, target]
-            full[:, 0] = float("-inf")
-            rank = (full > score[:, None]).sum(1)
-            k = len(sets) - 2
-            beats = (rank[:k] >= rank[k:].max()) & (score[:k] < score[k:].min())
-            wins.append(bool(beats.any()))
-    exact = [len(h) - max(0, len(h) - length) <= CEILING_POOL for h in histories]
+    for u, (history, target, contribution) in enumerate(zip(histories, item, found)):
+        first = len(history) - contribution.shape[1]
+        pool = sorted(first + int(j) for j in np.argsort(-contribution[0], kind="stable")[:CEILING_POOL])
+        sets = list(itertools.combinations(pool, DELETED))
+        scores, ranks = ranks_after(rec, [without(history, list(s)) for s in sets], [target] * len(sets), [history] * len(sets))
+        beats = np.ones(len(sets), bool)
+        for other_scores, other_ranks in baselines:
+            beats &= (ranks >= other_ranks[u]) & (scores < other_scores[u] - TIE)
+        wins.append(bool(beats.any()))
+    exact = [min(len(h), rec.config.history_len) <= CEILING_POOL for h in histories]
     return {"pool": CEILING_POOL, "some_set_wins": float(np.mean(wins)), "exact_users": float(np.mean(exact)),
             "some_set_wins_where_exact": float(np.mean([w for w, e in zip(wins, exact) if e])) if any(exact) else 0.0}
 

@@ -123,6 +123,19 @@ def test_best_set_names_the_clicks_whose_deletion_together_lowers_the_score_most
         assert [r.share for r in why] == sorted((r.share for r in why), reverse=True)
 
 
+def test_a_batch_explains_each_query_as_it_would_alone(key_model):
+    rec = recommender(key_model)
+    rng = np.random.default_rng(4)
+    histories = [[f"i{i}" for i in rng.choice(np.array([*KEYS, *FILLERS]), size=n)] for n in (2, 3, 5, 8, 9, 12)]
+    together = rec.recommend(histories, k=2, explain=True)  # in a batch, the sets get their own pass
+    for history, batched in zip(histories, together):
+        (alone,) = rec.recommend([history], k=2, explain=True)  # alone, one pass where the window is its pool
+        assert [i for i, _, _ in alone] == [i for i, _, _ in batched]
+        for (_, _, why), (_, _, why_batched) in zip(alone, batched):
+            assert [r.position for r in why] == [r.position for r in why_batched]
+            assert [r.share for r in why] == pytest.approx([r.share for r in why_batched], abs=1e-4)  # batch-level float noise
+
+
 def test_best_set_searches_a_pool_of_bounded_sets():
     assert [pool_size(3, n) for n in (2, 3, 5, 8, 9, 50)] == [2, 3, 5, 8, 8, 8]
     assert pool_size(1, 50) == 50 and pool_size(20, 50) >= 20 and pool_size(20, 5) == 5

@@ -6,9 +6,10 @@ methods:
 - ``best_set`` (default): the ``top`` clicks whose deletion *together* lowers the item's score
   most. Every set of ``top`` clicks of a pool is deleted and scored: the whole window when it is
   short, else the clicks with the largest leave-one-out contributions, as many as keep the sets
-  within `MAX_SETS` (8 clicks for 3). Exact where the pool is the window. One leave-one-out pass,
-  then one pass over every query's sets (a query's items share its sets; the pool of several items
-  is ordered by each click's largest contribution to any of them).
+  within `MAX_SETS` (8 clicks for 3). Exact where the pool is the window. One forward pass scores
+  every query's single deletions, a second every query's sets (a query's items share its sets; the
+  pool of several items is ordered by each click's largest contribution to any of them); a lone
+  query whose window is its own pool is scored in one pass.
 - ``leave_one_out``: the ``top`` clicks with the largest single-deletion contributions: the
   target's score minus its score with that click deleted from the history (the window then reaches
   one click further back, as it would for that shorter history). Exact for one deletion, for every
@@ -93,10 +94,10 @@ def explain(model: InterestModel, jobs: Sequence[Job], method: str = DEFAULT_MET
     """Per job, per target: its ``job.top`` clicks (position in the window the model reads, signed
     share), the most influential first. The model is in eval mode."""
     check_method(method, model)
-    found = contributions(model, jobs, "leave_one_out" if method == "best_set" else method)
     if method != "best_set":
-        return [reasons(c, job.top) for c, job in zip(found, jobs)]
-    return [[_named(row, chosen) for row, chosen in zip(c, sets)] for c, sets in zip(found, _best_sets(model, jobs, found))]
+        return [reasons(c, job.top) for c, job in zip(contributions(model, jobs, method), jobs)]
+    found, chosen = _best_sets(model, jobs)
+    return [[_named(row, picked) for row, picked in zip(c, sets)] for c, sets in zip(found, chosen)]
 
 
 def contributions(model: InterestModel, jobs: Sequence[Job], method: str = "leave_one_out") -> list[np.ndarray]:
@@ -138,24 +139,36 @@ def pool_size(top: int, n: int) -> int:
     return size
 
 
-def _best_sets(model: InterestModel, jobs: Sequence[Job], found: Sequence[np.ndarray]) -> list[list[list[int]]]:
-    """Per job, per target: the window positions of the ``job.top`` clicks whose deletion together
-    lowers the target's score most, among the job's pool (see the module docstring)."""
-    candidates: list[list[tuple[int, ...]]] = []  # per job: the sets of window positions to try
-    for job, contribution in zip(jobs, found):
-        n = contribution.shape[1]
-        known = contribution[[t != 0 for t in job.targets]]  # an unknown candidate is explained by nothing
-        if n == 0 or len(known) == 0:
-            candidates.append([])
-            continue
-        pool = sorted(int(j) for j in np.argsort(-known.max(0), kind="stable")[: pool_size(job.top, n)])
-        candidates.append(list(itertools.combinations(pool, min(job.top, n))))
-    searched = [i for i, sets in enumerate(candidates) if len(sets) > 1]  # one set: the whole pool, nothing to choose
-    scored = _scores_without(model, [jobs[i] for i in searched], [candidates[i] for i in searched])
-    out = [[list(sets[0]) if sets else [] for _ in job.targets] for job, sets in zip(jobs, candidates)]
-    for i, scores in zip(searched, scored):
-        out[i] = [list(candidates[i][int(s)]) for s in scores.argmin(0)]  # per target
-    return out
+def _best_sets(model: InterestModel, jobs: Sequence[Job]) -> tuple[list[np.ndarray], list[list[list[int]]]]:
+    """Per job: its leave-one-out contributions, (targets, n), and per target the window positions
+    of the ``job.top`` clicks whose deletion together lowers the target's score most, among the
+    job's pool (see the module docstring)."""
+    spans = [_read_span(job, model.config.history_len)[0] if job.targets else 0 for job in jobs]
+    explained = [n > 0 and any(t != 0 for t in job.targets) for job, n in zip(jobs, spans)]  # 0: an unknown candidate
+    sets = [_sets(range(n), job.top) if e and pool_size(job.top, n) == n else [] for job, n, e in zip(jobs, spans, explained)]
+    # A lone query whose window is its own pool is scored in one pass, its sets beside its single deletions: a
+    # pass's fixed cost is most of a lone query's. In a batch the sets keep their own pass, whose rows are
+    # padded only to the shortened histories (the set rows of a short window are ``top`` clicks shorter).
+    early = [len(s) > 1 and sum(explained) == 1 for s in sets]  # one set: the whole window, nothing to choose
+    scored = _scores_without(model, jobs, [[(), *((j,) for j in range(n)), *(s if e else [])] if n else []
+                                          for n, s, e in zip(spans, sets, early)])
+    found = [(s[0][None, :] - s[1 : n + 1]).T if n else np.zeros((len(job.targets), 0), dtype=np.float32)
+             for job, s, n in zip(jobs, scored, spans)]
+    set_scores = {i: scored[i][1 + spans[i] :] for i, e in enumerate(early) if e}
+    for i, (job, contribution) in enumerate(zip(jobs, found)):
+        if explained[i] and not sets[i]:
+            known = contribution[[t != 0 for t in job.targets]]
+            sets[i] = _sets(sorted(int(j) for j in np.argsort(-known.max(0), kind="stable")[: pool_size(job.top, spans[i])]), job.top)
+    late = [i for i, s in enumerate(sets) if len(s) > 1 and not early[i]]
+    set_scores.update(zip(late, _scores_without(model, [jobs[i] for i in late], [sets[i] for i in late])))
+    chosen = [[list(sets[i][int(a)]) for a in set_scores[i].argmin(0)] if i in set_scores
+              else [list(sets[i][0]) if sets[i] else [] for _ in job.targets] for i, job in enumerate(jobs)]
+    return found, chosen
+
+
+def _sets(pool: Sequence[int], top: int) -> list[tuple[int, ...]]:
+    """Every set of ``top`` positions of ``pool`` (the whole pool when it holds fewer)."""
+    return list(itertools.combinations(pool, min(top, len(pool))))
 
 
 def _read_span(job: Job, length: int) -> tuple[int, int]:

@@ -278,27 +278,37 @@ def data(folder: Path) -> list[str]:
     return out
 
 
+def _cold(r: dict) -> bool:
+    """Whether a serve_load result measured its levels on open connections (and the c=128 opening apart)."""
+    return "model_p99_c128_cold" in r["summary"].get("haproxy", {})
+
+
 def serving(folder: Path, rel: str) -> list[str]:
     out: list[str] = []
     for r in _load(folder, "serve_load.json"):
         out += [_source(r), "", f"Medians over {r.get('rounds', 1)} rounds of {r['requests_per_level']:,} requests a level; each "
                 "round starts a fresh Ray per ingress (Serve's default proxy; HAProxy, as `ray-rec serve` runs) and runs "
-                "bare uvicorn between them.", "",
+                "bare uvicorn between them. "
+                + ("Every client's connection is open before a level is measured." if _cold(r) else
+                   "Four clients' connections were open before a level was measured; the others opened inside it."), "",
                 "| setup | concurrency | req/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]
         for setup, levels in r["rows"].items():
             for c, row in levels.items():
                 out.append(f"| {setup} | {c} | {row['rps']:,.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['errors']} |")
         s = r["summary"]
         if "haproxy" in s:
+            cold = _cold(r)
             out += ["", "| ingress | model req/s, c=32 | p99 ms, c=32 | model / bare uvicorn | model / no-op | p99 ms, c=128 "
-                    "(errors) | CPU ms a request: model replica / no-op replica / ingress |", "|---|---|---|---|---|---|---|"]
+                    "(errors) |" + (" p99 ms, c=128, 124 connections opened inside |" if cold else "")
+                    + " CPU ms a request: model replica / no-op replica / ingress |", "|---|---|---|---|---|---|---|" + ("---|" if cold else "")]
             for ingress in ("default proxy", "haproxy"):
                 x = s[ingress]
                 cpu_m, cpu_n = x["cpu_ms_per_request"]["model, batching on"], x["cpu_ms_per_request"]["no-op Serve, batching on"]
                 ing = "haproxy" if ingress == "haproxy" else "proxy"
                 out.append(f"| {ingress} | {x['model_rps_c32']:,.0f} | {x['model_p99_c32']:.0f} | {x['model_over_bare_c32']:.2f}x | "
                            f"{x['model_over_noop_c32']:.2f}x | {x['model_p99_c128']:.0f} ({x['model_errors_c128']}) | "
-                           f"{cpu_m.get('model replica', 0):.2f} / {cpu_n.get('no-op replica', 0):.2f} / {cpu_m.get(ing, 0):.2f} |")
+                           + (f"{x['model_p99_c128_cold']:.0f} | " if cold else "")
+                           + f"{cpu_m.get('model replica', 0):.2f} / {cpu_n.get('no-op replica', 0):.2f} / {cpu_m.get(ing, 0):.2f} |")
             out += ["", f"HAProxy serves the model at **{s['haproxy_over_default_c32']:.2f}x** the default proxy's requests/s at "
                     "concurrency 32.", ""]
 

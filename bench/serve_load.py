@@ -7,7 +7,9 @@ The ingresses: Serve's default Python proxy, and HAProxy in front of the replica
 starts, so each round starts one fresh Ray per ingress in a child process, alternating with the
 bare uvicorn run, so that drift of the machine over the run hits every setup alike; the figures
 are the medians over ``--rounds``. Each child also records the CPU time the model replica, the
-no-op replica and the ingress (Serve proxy, HAProxy) spend per request at concurrency 32.
+no-op replica and the ingress (Serve proxy, HAProxy) spend per request at concurrency 32, and the
+model's p99 at concurrency 128 when 124 of the 128 connections open inside the measurement. Every
+other figure is measured on open connections (`load`'s warm-up opens each client's).
 Loopback only; every level sends a bounded number of requests.
 
 ``--by-user-id`` measures recommending by user id instead (HAProxy ingress, one Ray): the same
@@ -68,8 +70,11 @@ def small_artifact(folder: str) -> str:
     return f"{folder}/model"
 
 
-async def load(url: str, body: dict | list[dict], concurrency: int, total: int) -> dict[str, Any]:
-    """``total`` POSTs of ``body`` (or of the bodies in turn) from ``concurrency`` clients."""
+async def load(url: str, body: dict | list[dict], concurrency: int, total: int, warm: bool = True) -> dict[str, Any]:
+    """``total`` POSTs of ``body`` (or of the bodies in turn) from ``concurrency`` clients, each on
+    its own keep-alive connection. ``warm``: every client opens its connection (2 requests) before
+    the measured ones, as clients of a long-running service hold theirs; else only 4 do, and the
+    others open theirs inside the measurement, all at once."""
     import aiohttp
 
     latencies: list[float] = []
@@ -92,8 +97,9 @@ async def load(url: str, body: dict | list[dict], concurrency: int, total: int) 
 
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
-        queue = iter(range(min(concurrency, 4) * 4))  # warm-up: open connections, a few requests
-        await asyncio.gather(*(worker(session) for _ in range(min(concurrency, 4))))
+        openers = concurrency if warm else min(concurrency, 4)
+        queue = iter(range(openers * 2))  # warm-up: each opener's connection, a few requests
+        await asyncio.gather(*(worker(session) for _ in range(openers)))
         queue = iter(range(total))
         t0 = time.perf_counter()
         latencies.clear()
@@ -177,6 +183,8 @@ def child(ingress: str, model_uri: str, requests: int, out: str) -> None:
                 rows.setdefault(name, {})[c] = r
                 print(f"[{ingress}] {name:30} c={c:<4} {r['rps']:7.0f} req/s  p50 {r['p50_ms']:6.1f} ms  "
                       f"p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}", flush=True)
+        cold = asyncio.run(load(targets["model, batching on"], history, 128, requests, warm=False))
+        print(f"[{ingress}] model, c=128, connections opened while measured: p99 {cold['p99_ms']:.1f} ms", flush=True)
         pids = serve_pids() if sys.platform == "linux" else {}
         for name in ("model, batching on", "no-op Serve, batching on"):
             before = {k: cpu_seconds(p) for k, p in pids.items()}
@@ -185,7 +193,7 @@ def child(ingress: str, model_uri: str, requests: int, out: str) -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-    Path(out).write_text(json.dumps({"rows": rows, "cpu_ms_per_request": cpu}))
+    Path(out).write_text(json.dumps({"rows": rows, "cpu_ms_per_request": cpu, "cold_c128": cold}))
 
 
 USERS, CLICKS = 1000, 39
@@ -363,6 +371,7 @@ def main() -> None:
             "model_over_noop_c32": statistics.median(rd[ingress]["rows"]["model, batching on"]["32"]["rps"]
                                                      / rd[ingress]["rows"]["no-op Serve, batching on"]["32"]["rps"] for rd in rounds),
             "noop_rps_c32": noop[32]["rps"], "model_p99_c128": model[128]["p99_ms"], "model_errors_c128": model[128]["errors"],
+            "model_p99_c128_cold": statistics.median(rd[ingress]["cold_c128"]["p99_ms"] for rd in rounds),
             "batching_gain_c128": model[128]["rps"] / rows[f"model, batching off ({ingress})"][128]["rps"],
             "cpu_ms_per_request": {setup: {k: statistics.median(rd[ingress]["cpu_ms_per_request"][setup].get(k, 0.0) for rd in rounds)
                                            for k in rounds[0][ingress]["cpu_ms_per_request"][setup]}

@@ -84,8 +84,9 @@ FULL = {
         quality("Beauty", "--variants", "sasrec", "--set", "train.lr_patience=3", "--set", "model.examples=prefixes",
                 "--seeds", "0"),
         # The default reading a moving average of the validations (`train.smoothing`), as the product does.
-        quality("Beauty", "--variants", "default", "--set", "model.tracker_layers=1", "--set", "train.lr_patience=3",
-                "--set", "model.examples=prefixes", "--set", "train.smoothing=0.5", "--seeds", "0"),
+        *(quality(d, "--variants", "default", "--set", "model.tracker_layers=1", "--set", "train.lr_patience=3",
+                  "--set", "model.examples=prefixes", "--set", "train.smoothing=0.5", "--seeds", "0")
+          for d in ("Beauty", "Sports_and_Outdoors")),
     ],
     # The product as a user runs it (final fit included) against a plain SASRec, on the real next click: the
     # default as it was before it trained long histories on prefixes and read a moving average of the

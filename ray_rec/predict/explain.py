@@ -111,7 +111,7 @@ def contributions(model: InterestModel, jobs: Sequence[Job], method: str = "leav
     out = [np.zeros((len(job.targets), 0), dtype=np.float32) for job in jobs]
     if live:
         chosen = [jobs[i] for i in live]
-        found = _leave_one_out(model, chosen) if method == "leave_one_out" else _gradient(model, chosen, method == "attention")
+        found = _leave_one_out(model, chosen)[0] if method == "leave_one_out" else _gradient(model, chosen, method == "attention")
         for i, array in zip(live, found):
             out[i] = array
     return out
@@ -150,11 +150,8 @@ def _best_sets(model: InterestModel, jobs: Sequence[Job]) -> tuple[list[np.ndarr
     # pass's fixed cost is most of a lone query's. In a batch the sets keep their own pass, whose rows are
     # padded only to the shortened histories (the set rows of a short window are ``top`` clicks shorter).
     early = [len(s) > 1 and sum(explained) == 1 for s in sets]  # one set: the whole window, nothing to choose
-    scored = _scores_without(model, jobs, [[(), *((j,) for j in range(n)), *(s if e else [])] if n else []
-                                          for n, s, e in zip(spans, sets, early)])
-    found = [(s[0][None, :] - s[1 : n + 1]).T if n else np.zeros((len(job.targets), 0), dtype=np.float32)
-             for job, s, n in zip(jobs, scored, spans)]
-    set_scores = {i: scored[i][1 + spans[i] :] for i, e in enumerate(early) if e}
+    found, scored = _leave_one_out(model, jobs, [s if e else [] for s, e in zip(sets, early)])
+    set_scores = {i: scored[i] for i, e in enumerate(early) if e}
     for i, (job, contribution) in enumerate(zip(jobs, found)):
         if explained[i] and not sets[i]:
             known = contribution[[t != 0 for t in job.targets]]
@@ -177,10 +174,18 @@ def _read_span(job: Job, length: int) -> tuple[int, int]:
     return n, len(job.history) - n
 
 
-def _leave_one_out(model: InterestModel, jobs: Sequence[Job]) -> list[np.ndarray]:
-    spans = [_read_span(job, model.config.history_len)[0] for job in jobs]
-    scored = _scores_without(model, jobs, [[(), *((j,) for j in range(n))] for n in spans])  # nothing, then each click
-    return [(scores[0][None, :] - scores[1:]).T for scores in scored]  # (T, n)
+def _leave_one_out(model: InterestModel, jobs: Sequence[Job], extra: Sequence[Sequence[tuple[int, ...]]] | None = None,
+                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per job: the (targets, n) contributions of the n clicks it reads, and its targets' scores after
+    each of its ``extra`` deletions (window positions), (len(extra[i]), targets); one forward pass for
+    all. A job without targets or clicks has neither."""
+    spans = [_read_span(job, model.config.history_len)[0] if job.targets else 0 for job in jobs]
+    more = extra or [() for _ in jobs]
+    scored = _scores_without(model, jobs, [[(), *((j,) for j in range(n)), *m] if n else []  # nothing, each click, extra
+                                           for n, m in zip(spans, more)])
+    found = [(s[0][None, :] - s[1 : n + 1]).T if n else np.zeros((len(job.targets), 0), dtype=np.float32)
+             for job, s, n in zip(jobs, scored, spans)]
+    return found, [s[1 + n :] for s, n in zip(scored, spans)]
 
 
 def _scores_without(model: InterestModel, jobs: Sequence[Job], deletions: Sequence[Sequence[tuple[int, ...]]]) -> list[np.ndarray]:

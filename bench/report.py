@@ -552,7 +552,7 @@ RELIABILITY = {
         "test_import_during_an_s3_outage_completes_or_leaves_nothing_complete"),
     "Serve replica SIGKILL while events arrive, 2 replicas on Redis (6 clients)": (
         "Fault: one of two replicas (user state in Redis) is SIGKILLed while 6 clients post one event at a time, "
-        "each with its own timestamp, resending when a connection is reset.",
+        "each with its own timestamp, through `ray_rec.serve.client` (a reset connection or the ingress's own 500 is sent again).",
         "Every event answered 200 is in Redis afterwards (acknowledged means written).",
         "test_a_replica_killed_while_events_arrive_loses_no_acknowledged_event"),
     "redis-server SIGKILL and restart while events arrive (appendfsync always, 4 clients)": (
@@ -562,13 +562,14 @@ RELIABILITY = {
         "test_redis_killed_and_restarted_loses_nothing_acknowledged_and_answers_503_only_for_id_requests"),
     "Serve replica SIGKILL under load (8 clients)": (
         "Fault: the only replica process is SIGKILLed while 8 clients send requests through the HAProxy ingress "
-        "(request timeout 10 s; clients send a request again when its connection is reset).",
+        "(request timeout 10 s; clients use `ray_rec.serve.client`: a reset connection or the ingress's own 500 is sent again).",
         "Every request gets a response (200 or an error status), none waits past the timeout, Serve starts a new "
         "replica, then 50 requests in a row succeed.", "test_serve_replica_killed_under_load"),
     "Serve replica SIGKILL under load, 2 replicas (8 clients)": (
         "Fault: one of two replicas is SIGKILLed while 8 clients send requests through the HAProxy ingress (clients "
-        "send a request again when its connection is reset).",
-        "Every request succeeds: HAProxy sends new requests to the live replica, the reset ones are sent again.",
+        "use `ray_rec.serve.client`: a reset connection or the ingress's own 500 is sent again).",
+        "Every request succeeds: HAProxy sends new requests to the live replica; those the dead one took are sent "
+        "again by the client.",
         "test_a_replica_killed_under_load_fails_no_request_while_another_serves"),
     "generated requests from the OpenAPI schema": (
         "Bad input: 10,000 requests generated with hypothesis from the app's own OpenAPI schema: valid, wrong-typed, "

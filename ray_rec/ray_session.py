@@ -49,7 +49,8 @@ SERVING_WORKERS = {"worker_niceness": 0}
 # HAProxy waits at most the request timeout for a replica's answer (Serve's `request_timeout_s`
 # does not reach it) and sends a request whose connection to a replica failed or closed empty to
 # another replica (scoring and recommending are idempotent). A request in flight on a replica that
-# is killed still has its client connection reset: clients send it again (docs/operations.md).
+# is killed still has its client connection reset, or gets HAProxy's own 500: clients send it again
+# (`ray_rec.serve.client`, docs/operations.md).
 # A value the user set wins: RAY_SERVE_ENABLE_HA_PROXY=0 RAY_SERVE_THROUGHPUT_OPTIMIZED=0 gives
 # Serve's default proxy back.
 REQUEST_TIMEOUT_S = 30

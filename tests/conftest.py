@@ -266,30 +266,6 @@ def make_manifest(users: int = 10, items: int = 5, clicks: int = 30, files: dict
                     files=files or {}, side_features={}, has_time=False, has_browse=has_browse, num_shards=1, id_type="str")
 
 
-def retrying_session():  # type: ignore[no-untyped-def]
-    """A client as the README recommends one: it sends a request again (up to 3 times) when the
-    connection is reset before an answer came, or closed in the middle of one, which the HAProxy
-    ingress does to requests in flight on a replica that dies; scoring and recommending are
-    idempotent. HTTP error answers are returned as they are, never retried."""
-    import requests
-    from requests.adapters import HTTPAdapter
-    from urllib3.util.retry import Retry
-
-    class Session(requests.Session):
-        def request(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-            for _ in range(2):
-                try:
-                    return super().request(*args, **kwargs)
-                except requests.exceptions.ChunkedEncodingError:  # the answer was cut short
-                    time.sleep(0.1)
-            return super().request(*args, **kwargs)  # the third try's error goes to the caller
-
-    session = Session()
-    session.mount("http://", HTTPAdapter(max_retries=Retry(total=3, status=0, allowed_methods=None, backoff_factor=0.1,
-                                                           raise_on_status=False)))
-    return session
-
-
 def replica_pids(app: str, count: int, timeout_s: float = 60) -> list[int]:
     """Process ids of the ``count`` live replicas of Serve app ``app`` (Ray's state API lags Serve:
     asked again until it lists them)."""

@@ -37,13 +37,14 @@ import torch
 from bench.model_quality import cached, prepared
 from bench.output import machine, write_result
 from bench.report import enhancer_cost_table
-from ray_rec.config import LONG_HISTORY, ModelConfig, for_data, load_config
+from ray_rec.config import ModelConfig, for_data, load_config
 from ray_rec.data.local import InMemoryExamples
 from ray_rec.data.manifest import read_manifest
 from ray_rec.data.prepare import PrepareOptions, prepare
 from ray_rec.data.synthetic import bulk_log
 from ray_rec.model.interest_model import InterestModel
 from ray_rec.predict.ranking import interests, top_k
+from ray_rec.shape import LONG_HISTORY
 from ray_rec.train.fit import train_step
 from ray_rec.train.optim import make_optimizer
 

@@ -136,8 +136,9 @@ class PlainSASRec:
     """The baseline (see the module docstring), trained in this process on the product's data set."""
 
     def __init__(self, data: str, seed: int, say: Any, all_windows: bool = False) -> None:
-        from ray_rec.config import LONG_HISTORY, LONG_HISTORY_CLICKS, SHORT_HISTORY, ModelConfig
+        from ray_rec.config import ModelConfig
         from ray_rec.data.manifest import read_manifest
+        from ray_rec.shape import LONG_HISTORY, LONG_HISTORY_CLICKS, SHORT_HISTORY
 
         counts = read_manifest(data).counts
         long = counts.clicks / counts.users >= LONG_HISTORY_CLICKS

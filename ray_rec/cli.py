@@ -159,8 +159,8 @@ def _json_object(text: str) -> dict:
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from ray_rec.config import prepare_settings
-    from ray_rec.data.formats import parse_mapping, parse_timestamps, parse_values
     from ray_rec.data.prepare import PrepareOptions, prepare
+    from ray_rec.data.standard import parse_mapping, parse_timestamps, parse_values
 
     flags = {"format": args.format, "items": args.items, "num_shards": args.num_shards, "min_clicks": args.min_clicks,
              "split": args.split, "cutoff": args.cutoff, "expected_events": args.expected_events,

@@ -13,10 +13,10 @@ import pytest
 
 from ray_rec import storage
 from ray_rec.data.examples import collate, evaluation_examples, training_examples
-from ray_rec.data.formats import InputError
 from ray_rec.data.local import read_split
 from ray_rec.data.manifest import read_manifest
 from ray_rec.data.prepare import PrepareOptions, prepare
+from ray_rec.data.standard import InputError
 from ray_rec.vocab import Vocabulary
 
 
@@ -276,7 +276,7 @@ def test_evaluation_examples_and_collate_trim_padding():
 def test_implausible_timestamps_become_null_not_a_crash():
     import pyarrow as pa
 
-    from ray_rec.data.formats import parse_timestamps
+    from ray_rec.data.standard import parse_timestamps
 
     assert parse_timestamps(pa.array([2**62, 1_700_000_000, 1_700_000_000_000])).to_pylist() == [None, 1_700_000_000, 1_700_000_000]
     assert parse_timestamps(pa.array([9.2e21, float("nan"), float("inf"), None])).to_pylist() == [None] * 4

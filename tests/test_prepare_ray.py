@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_rec import storage
-from ray_rec.data.formats import InputError
 from ray_rec.data.manifest import read_manifest
 from ray_rec.data.prepare import PrepareOptions, prepare
+from ray_rec.data.standard import InputError
 
 from .test_data import sequences
 

@@ -101,8 +101,8 @@ def test_dataset_shards_with_an_extension_type_are_refused_by_every_reader(tiny_
 
 
 def test_a_manifest_cannot_point_readers_outside_the_data_set(tiny_data, tmp_path):
-    from ray_rec.data.formats import InputError
     from ray_rec.data.manifest import read_manifest
+    from ray_rec.data.standard import InputError
 
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)

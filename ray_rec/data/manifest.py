@@ -10,7 +10,7 @@ from typing import Any
 
 from ray_rec import storage
 from ray_rec.checks import check_types
-from ray_rec.data.formats import InputError
+from ray_rec.data.standard import InputError
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "valid", "test")

@@ -32,18 +32,10 @@ import pyarrow.parquet as pq
 
 from ray_rec import storage
 from ray_rec.config import PrepareOptions
-from ray_rec.data.formats import (
-    DEFAULT_BROWSES,
-    DEFAULT_CLICKS,
-    EventMapping,
-    InputError,
-    check_event_columns,
-    estimate_events,
-    read_input,
-    read_item_features,
-)
+from ray_rec.data.formats import check_event_columns, estimate_events, read_input, read_item_features
 from ray_rec.data.manifest import SCHEMA_VERSION, SPLITS, DataCounts, Manifest, SplitFacts
 from ray_rec.data.schema import SEQUENCE_SCHEMA
+from ray_rec.data.standard import DEFAULT_BROWSES, DEFAULT_CLICKS, EventMapping, InputError
 from ray_rec.vocab import Vocabulary
 
 logger = logging.getLogger(__name__)

@@ -28,14 +28,7 @@ import ray
 
 from ray_rec import storage
 from ray_rec.config import PrepareOptions
-from ray_rec.data.formats import (
-    InputError,
-    check_event_columns,
-    estimate_events,
-    input_files,
-    read_input,
-    read_item_features,
-)
+from ray_rec.data.formats import check_event_columns, estimate_events, input_files, read_input, read_item_features
 from ray_rec.data.manifest import Manifest
 from ray_rec.data.prepare import (
     SPLITS,
@@ -48,6 +41,7 @@ from ray_rec.data.prepare import (
     spill_buckets,
     split_bucket_files,
 )
+from ray_rec.data.standard import InputError
 
 FILE_ROWS_SHIFT = 40  # row numbers are file index << 40 + row: 1e12 rows a file
 

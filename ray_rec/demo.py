@@ -17,7 +17,6 @@ import socket
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -72,9 +71,13 @@ def loopback_s3() -> Iterator[str]:
 
 
 def _post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read())
+    """POST ``body`` as a client of the service should (`ray_rec.serve.client`); the answer's JSON."""
+    from ray_rec.serve.client import retrying_session
+
+    with retrying_session() as session:
+        answer = session.post(url, json=body, timeout=30)
+    answer.raise_for_status()
+    return answer.json()
 
 
 def run_demo(opts: DemoOptions) -> int:
@@ -156,7 +159,10 @@ def _run(opts: DemoOptions, workdir: str, root: str) -> int:
         print(f"POST {url}/v1/score  candidates={cands}")
         print("  " + json.dumps(_post(url + "/v1/score", {"history": clicks, "candidates": cands})["scores"]))
         # By user id: the service keeps the user's clicks (in the replica's memory here; Redis in production).
-        events = [{"user_id": "demo-user", "item_id": item, "event": "click"} for item in clicks]
+        # Each with its time, so a resent batch (`_post`) is stored once.
+        now = int(time.time())
+        events = [{"user_id": "demo-user", "item_id": item, "event": "click", "timestamp": now - len(clicks) + i}
+                  for i, item in enumerate(clicks)]
         print(f"POST {url}/v1/events  {len(events)} clicks of user demo-user")
         print("  " + json.dumps(_post(url + "/v1/events", {"events": events})))
         by_id = _post(url + "/v1/recommend", {"user_id": "demo-user", "k": 5})

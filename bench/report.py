@@ -343,6 +343,21 @@ def by_user_id(folder: Path) -> list[str]:
     return out
 
 
+def replica_kills(folder: Path) -> list[str]:
+    out: list[str] = []
+    for r in _load(folder, "serve_kill.json"):
+        out += ["### A replica killed under load", "", _source(r), "",
+                f"Two replicas behind HAProxy, 8 clients (4 of each kind) posting `/v1/recommend` in a loop; one replica "
+                f"SIGKILLed every {r['every_s']:g} s, {r['kills']} times. Failed: any answer but 200 after the client's own resends.", "",
+                "| client | requests | failed | failed answers |", "|---|---|---|---|"]
+        for kind, c in r["clients"].items():
+            bad = ", ".join(f"{o}: {n}" for o, n in sorted(c["outcomes"].items()) if o != "200") or "none"
+            out.append(f"| {kind} | {c['requests']:,} | {c['failed']} | {bad} |")
+        errors = ", ".join(f"{k}: {n}" for k, n in sorted(r["ingress_errors"].items())) or "none"
+        out += ["", f"HAProxy's own error answers, by status and termination state (its log): {errors}.", ""]
+    return out
+
+
 def serve_start(folder: Path) -> list[str]:
     out: list[str] = []
     for r in _load(folder, "serve_start.json"):
@@ -520,7 +535,7 @@ def write_report(folder: Path, target: Path, quick: bool = False) -> Path:
                 ("The product as a user runs it, on the next click", next_click(folder)),
                 ("Training speed", speed(folder) + shared_cores(folder) + loss_memory(folder) + sparse_items(folder) + ray_runs(folder)
                  + relevance_cost(folder) + enhancer_cost(folder)), ("Data: import and streaming at scale", data(folder)),
-                ("Serving", serving(folder, rel) + serve_start(folder) + by_user_id(folder)), ("Top-k latency against catalog size", topk(folder) + recommend_many(folder)),
+                ("Serving", serving(folder, rel) + serve_start(folder) + by_user_id(folder) + replica_kills(folder)), ("Top-k latency against catalog size", topk(folder) + recommend_many(folder)),
                 ("Explanations", explanations(folder)), ("On a cluster", cluster(folder)), ("On a GPU", gpu(folder))]
     for title, body in sections:
         lines += [f"## {title}", ""] + (body or ["Not measured yet: run its command.", ""])

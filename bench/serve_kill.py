@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Collection
 from typing import Any
 
 from bench.output import machine, write_result
@@ -58,18 +59,19 @@ def listen(sock: socket.socket, counts: Counter, stop: threading.Event) -> None:
             counts[f"{match.group(1)} {match.group(2)}"] += 1
 
 
-def replica_pids(app: str, count: int, killed: set[int], timeout_s: float = 120) -> list[int]:
-    """Process ids of ``count`` live replicas of Serve app ``app`` but the ``killed`` ones, waiting
-    for them (Ray's state API lags Serve: a killed replica stays listed as alive for a while)."""
+def replica_pids(app: str, count: int, killed: Collection[int] = (), timeout_s: float = 120) -> list[int]:
+    """Process ids of the ``count`` live replicas of Serve app ``app``, leaving out the ``killed``
+    ones, asked again until Ray's state API lists them (it lags Serve: a killed replica stays listed
+    as alive for a while, a new one comes in late)."""
     from ray.util.state import list_actors
 
     deadline = time.monotonic() + timeout_s
     while True:
         actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
-        pids = [a.pid for a in actors if "RecommenderService" in (a.class_name or "") and f"{app}#" in (a.name or "")
-                and a.pid and a.pid not in killed]
-        if len(pids) >= count or time.monotonic() > deadline:
-            return sorted(pids)
+        pids = sorted(a.pid for a in actors if "RecommenderService" in (a.class_name or "") and f"{app}#" in (a.name or "")
+                      and a.pid and a.pid not in killed)
+        if len(pids) == count or time.monotonic() > deadline:
+            return pids
         time.sleep(1)
 
 

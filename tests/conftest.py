@@ -266,20 +266,6 @@ def make_manifest(users: int = 10, items: int = 5, clicks: int = 30, files: dict
                     files=files or {}, side_features={}, has_time=False, has_browse=has_browse, num_shards=1, id_type="str")
 
 
-def replica_pids(app: str, count: int, timeout_s: float = 60) -> list[int]:
-    """Process ids of the ``count`` live replicas of Serve app ``app`` (Ray's state API lags Serve:
-    asked again until it lists them)."""
-    from ray.util.state import list_actors
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
-        pids = sorted(a.pid for a in actors if "RecommenderService" in (a.class_name or "") and f"{app}#" in (a.name or ""))
-        if len(pids) == count or time.monotonic() > deadline:
-            return pids
-        time.sleep(1)
-
-
 RECORDS_ENV = "RAY_REC_RELIABILITY_RECORDS"
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from bench.serve_kill import replica_pids
 from ray_rec import load_model
 from ray_rec.config import load_config
 from ray_rec.serve.client import retrying_session
@@ -31,7 +32,6 @@ from .conftest import (
     Payload,
     free_port,
     record,
-    replica_pids,
     tiny_artifact,
 )
 

@@ -16,12 +16,13 @@ import pytest
 import requests
 
 from bench.redis_server import RedisServer
+from bench.serve_kill import replica_pids
 from ray_rec import load_model
 from ray_rec.config import ServeConfig, StateConfig
 from ray_rec.serve.client import retrying_session
 from ray_rec.serve.state import Event, MemoryStore, RedisStore, StateUnavailable
 
-from .conftest import REDIS_PASSWORD_ENV, REDIS_URL_ENV, free_port, record, replica_pids
+from .conftest import REDIS_PASSWORD_ENV, REDIS_URL_ENV, free_port, record
 
 URL_ENV, PASSWORD_ENV = REDIS_URL_ENV, REDIS_PASSWORD_ENV
 

@@ -22,10 +22,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ray_rec import storage
+from ray_rec.config import FORMATS
 from ray_rec.data.schema import check_schema, read_checked
 from ray_rec.data.standard import FIELDS, STANDARD, EventMapping, InputError, require_columns, standardise
 
-FORMATS = ("events", "movielens", "seqtxt")
 EVENT_SUFFIXES = (".parquet", ".pq", ".csv", ".csv.gz", ".tsv", ".jsonl", ".jsonl.gz", ".ndjson", ".json")
 JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json")
 BATCH_ROWS = 1 << 18

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.output import machine, write_result
+from bench.output import machine, this_ray, write_result
 
 OBJECT_STORE_MB = 2048  # the streaming run's Ray object store: whatever the data size, it must fit
 # The generated users average about 40 clicks, right at the line where the history length would
@@ -264,7 +264,7 @@ def child_prepare_nodes(src: str, out: str, nodes: str, node_cpus: str) -> dict[
 
     by_node: dict[str, int] = {}
     ids = {w.node_id: f"node {i + 1}" for i, w in enumerate(workers)}
-    for task in list_tasks(filters=[("state", "=", "FINISHED")], limit=10_000, detail=True):
+    for task in list_tasks(address=this_ray(), filters=[("state", "=", "FINISHED")], limit=10_000, detail=True):
         if task.name in ("_read_file", "_split_task"):
             by_node[ids.get(task.node_id, "head")] = by_node.get(ids.get(task.node_id, "head"), 0) + 1
     ray.shutdown()

@@ -35,3 +35,12 @@ def write_json(path: Path, report: dict, indent: int = 2) -> Path:
 def write_result(name: str, report: dict, indent: int = 2) -> Path:
     """Write a benchmark's report as RESULTS/``name`` (see `write_json`)."""
     return write_json(RESULTS / name, report, indent)
+
+
+def this_ray() -> str:
+    """The address of the Ray this process is connected to, for Ray's state API (`list_actors`, ...):
+    without one the API looks for "the" Ray on the machine and stops when it finds two (a test run
+    or another benchmark beside this one)."""
+    import ray
+
+    return str(ray.get_runtime_context().gcs_address)

@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Collection
 from typing import Any
 
-from bench.output import machine, write_result
+from bench.output import machine, this_ray, write_result
 from bench.serve_load import free_port, small_artifact
 
 CLIENTS = ("retrying_session", "resend on connection failure only")
@@ -67,7 +67,7 @@ def replica_pids(app: str, count: int, killed: Collection[int] = (), timeout_s: 
 
     deadline = time.monotonic() + timeout_s
     while True:
-        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
+        actors = list_actors(address=this_ray(), filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
         pids = sorted(a.pid for a in actors if "RecommenderService" in (a.class_name or "") and f"{app}#" in (a.name or "")
                       and a.pid and a.pid not in killed)
         if len(pids) == count or time.monotonic() > deadline:

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.output import machine, write_result
+from bench.output import machine, this_ray, write_result
 
 LEVELS = (1, 8, 32, 128)
 
@@ -126,7 +126,7 @@ def serve_pids() -> dict[str, int]:
 
     wanted = {"RecommenderService": "model replica", "NoopService": "no-op replica", "ProxyActor": "proxy"}
     pids: dict[str, int] = {}
-    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+    for actor in list_actors(address=this_ray(), filters=[("state", "=", "ALIVE")], limit=1000):
         for key, name in wanted.items():
             batching = key != "RecommenderService" or "nobatch" not in (actor.name or "")
             if key in actor.class_name and batching and actor.pid is not None:

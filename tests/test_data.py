@@ -240,6 +240,8 @@ def test_training_examples_slide_window_and_browsed_negatives():
 
 
 def test_prefix_examples_predict_each_next_click_from_the_clicks_before_it():
+    import torch
+
     table = seqs([
         ([1, 2, 3, 4, 5, 6, 7], [1, 1, 1, 1, 1, 1, 1], list(range(7))),
         ([8, 9, 10, 11], [1, 0, 0, 1], [0, 1, 2, 3]),
@@ -249,13 +251,18 @@ def test_prefix_examples_predict_each_next_click_from_the_clicks_before_it():
     # one example per next click, the up to 4 clicks before it, its target on the last step only
     assert ex["items"].tolist() == [[0, 0, 0, 1], [0, 0, 1, 2], [0, 1, 2, 3], [1, 2, 3, 4], [2, 3, 4, 5], [3, 4, 5, 6],
                                     [0, 0, 0, 8]]
-    assert ex["targets"][:, :-1].sum() == 0
-    assert ex["targets"][:, -1].tolist() == [2, 3, 4, 5, 6, 7, 11]
-    assert ex["negatives"][6, 3].tolist() == [10, 9] and ex["negatives"][:, :-1].sum() == 0
+    assert ex["last_target"].tolist() == [2, 3, 4, 5, 6, 7, 11]
+    assert ex["last_negatives"][6].tolist() == [10, 9]
     # The last step of each prefix is the window's step with the same target, time bucket and negatives.
     windows = training_examples(table, max_len=4, num_time_buckets=10, max_browse=2)
     assert ex["time_buckets"][5, -1] == windows["time_buckets"][0, 3] and ex["time_buckets"][6, -1] == windows["time_buckets"][2, -1]
-    assert sorted(ex["targets"][:, -1].tolist()) == sorted(windows["targets"][windows["targets"] > 0].tolist())
+    assert sorted(ex["last_target"].tolist()) == sorted(windows["targets"][windows["targets"] > 0].tolist())
+    # Only the last step is stored; `collate` gives the model every step, 0 where there is no target.
+    batch = collate({k: v[[1, 6]] for k, v in ex.items()})
+    assert batch["items"].tolist() == [[1, 2], [0, 8]]  # the leading all-padding columns cut off
+    assert batch["targets"].tolist() == [[0, 3], [0, 11]]
+    assert batch["negatives"].tolist() == [[[0, 0], [0, 0]], [[0, 0], [10, 9]]]
+    assert "last_target" not in batch and all(v.dtype == torch.long for v in batch.values())
 
 
 def test_evaluation_examples_and_collate_trim_padding():

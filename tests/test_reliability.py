@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from bench.output import this_ray
 from bench.serve_kill import replica_pids
 from ray_rec import load_model
 from ray_rec.config import load_config
@@ -185,7 +186,7 @@ def _replica_pid() -> int:
     # by the new one while the listing held no alive replica (CI run on 56667e8). Ask again for a while.
     deadline = time.monotonic() + 30
     while True:
-        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
+        actors = list_actors(address=this_ray(), filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
         pids = [a.pid for a in actors if "RecommenderService" in (a.class_name or "")]
         if len(pids) == 1 or time.monotonic() > deadline:
             break

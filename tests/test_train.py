@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from bench.output import this_ray
 from ray_rec import load_model, storage
 from ray_rec.config import load_config
 from ray_rec.errors import TrainingError
@@ -271,12 +272,12 @@ def test_reading_a_split_starts_no_actors_and_reshuffles_its_files_every_pass(ra
     from ray_rec.data.pipeline import read_sequences
 
     def actors() -> set[str]:
-        return {a.actor_id for a in list_actors(limit=10_000)}
+        return {a.actor_id for a in list_actors(address=this_ray(), limit=10_000)}
 
     before = actors()
     ds = read_sequences(s3_data, "train", shuffle_seed=3)
     passes = [[u for b in ds.iter_batches(batch_format="pyarrow") for u in b["user_id"].to_pylist()] for _ in range(6)]
-    started = [a.class_name for a in list_actors(limit=10_000) if a.actor_id not in before]
+    started = [a.class_name for a in list_actors(address=this_ray(), limit=10_000) if a.actor_id not in before]
     assert not [name for name in started if "Footer" in name], started
     assert ray.data.DataContext.get_current().use_datasource_v2  # the caller's context is left as it was
     assert all(sorted(p) == sorted(passes[0]) for p in passes)  # every user, once a pass

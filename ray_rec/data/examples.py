@@ -27,6 +27,8 @@ CLICK = 1
 BROWSE = 0
 BUCKET_WINDOW = 64  # batches per chunk that `length_buckets` regroups by length
 MAX_BROWSE = 8  # browsed negatives kept per step when the log has impressions
+# Prefix examples' last-step fields, and the per-step fields `collate` widens them to.
+LAST_STEP = {"last_target": "targets", "last_negatives": "negatives"}
 
 
 def browse_width(manifest: Manifest, loss: str) -> int:
@@ -104,8 +106,11 @@ def training_examples(
     target 0), so each target is predicted from a history ending where a served history ends.
 
     Returns:
-        ``items``, ``targets``, ``time_buckets``: (W, L) int32, left-padded with 0; and, when
-        ``max_browse`` > 0, ``negatives``: (W, L, max_browse) browsed items per step (0 = none).
+        ``items`` (W, L) int32 and ``time_buckets`` (W, L) int8 (int16 past 127 buckets), left-padded
+        with 0; windows: ``targets`` (W, L) int32 and, when ``max_browse`` > 0, ``negatives`` (W, L,
+        max_browse) browsed items per step (0 = none); prefixes: only the last step's, ``last_target``
+        (W,) and ``last_negatives`` (W, max_browse), which `collate` widens to ``targets`` and
+        ``negatives`` (the other steps' are 0: storing them would triple what Ray Data ships).
     """
     c = _Clicks(table, max_browse)
     n_targets = np.maximum(c.lengths - 1, 0)
@@ -117,16 +122,19 @@ def training_examples(
     local = win_end[:, None] - (max_len - 1) + np.arange(max_len)[None, :]  # (W, L)
     valid = local >= 1
     g = c.offsets[win_row][:, None] + np.where(valid, local, 1)  # global index of each target
-    targeted = valid.copy()
-    if prefixes:
-        targeted[:, :-1] = False
-    out = {  # int32 halves what moves through Ray's object store; `collate` widens to int64
+    bucket_type = np.int8 if num_time_buckets <= np.iinfo(np.int8).max else np.int16
+    out = {  # narrow types shrink what moves through Ray's object store; `collate` widens to int64
         "items": np.where(valid, c.items[g - 1], 0).astype(np.int32),
-        "targets": np.where(targeted, c.items[g], 0).astype(np.int32),
-        "time_buckets": np.where(valid, time_buckets(c.deltas[g - 1], num_time_buckets), 0).astype(np.int32),
+        "time_buckets": np.where(valid, time_buckets(c.deltas[g - 1], num_time_buckets), 0).astype(bucket_type),
     }
+    if prefixes:  # the target is the last step's, always valid
+        out["last_target"] = c.items[g[:, -1]].astype(np.int32)
+        if max_browse > 0:
+            out["last_negatives"] = c.negatives[g[:, -1]].astype(np.int32)
+        return out
+    out["targets"] = np.where(valid, c.items[g], 0).astype(np.int32)
     if max_browse > 0:
-        out["negatives"] = np.where(targeted[..., None], c.negatives[g], 0).astype(np.int32)
+        out["negatives"] = np.where(valid[..., None], c.negatives[g], 0).astype(np.int32)
     return out
 
 
@@ -206,7 +214,8 @@ def collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """Numpy example batch -> int64 torch tensors (the model's batch).
 
     Leading columns that are padding in every row are cut off: positions count from the right,
-    so this changes no result and saves the work on them.
+    so this changes no result and saves the work on them. Prefix examples' ``last_target`` and
+    ``last_negatives`` become ``targets`` and ``negatives`` with 0 on every step but the last.
     """
     import torch  # here, not at the top: Ray Data's example-building tasks never need it
 
@@ -215,7 +224,11 @@ def collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     start = int(used[0]) if len(used) else items.shape[1] - 1
     out = {}
     for name, values in batch.items():
-        if values.ndim >= 2 and values.shape[1] == items.shape[1]:
+        if name in LAST_STEP:
+            full = np.zeros((len(values), items.shape[1] - start, *values.shape[1:]), dtype=np.int64)
+            full[:, -1] = values
+            name, values = LAST_STEP[name], full
+        elif values.ndim >= 2 and values.shape[1] == items.shape[1]:
             values = values[:, start:]
         out[name] = torch.as_tensor(np.ascontiguousarray(values), dtype=torch.long)
     return out

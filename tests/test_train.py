@@ -421,3 +421,38 @@ def test_example_cache_replays_validation_chunks_in_order():
     passes = [[c["items"][:, 0].tolist() for c in cache.chunks(stream)] for _ in range(3)]
     assert passes[0] == passes[1] == passes[2] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
     assert len(calls) == 1
+
+
+def _in_step_worker(rank: int, sizes: list[list[int]], init: str, out: Any) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from ray_rec.train.feed import in_step
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=len(sizes))
+    left: list[int] = []
+    batches = ({"items": torch.full((n, 3), i)} for i, n in enumerate(sizes[rank]))
+    trained = [int(b["items"][0, 0]) for b in in_step(batches, left_out=left.append)]
+    dist.destroy_process_group()
+    out.put((rank, trained, left))
+
+
+@pytest.mark.parametrize("sizes, steps, left", [
+    ([[4, 4, 4], [4, 4, 4, 4, 1]], 3, [5]),  # the second worker has 5 examples more
+    ([[4, 4, 4, 2], [4, 4, 4]], 3, [2]),
+    ([[4, 4], [4, 3]], 2, []),  # equal steps: nothing left out
+])
+def test_data_parallel_workers_step_together_and_leave_the_longer_shards_surplus_out(tmp_path, sizes, steps, left):
+    """Workers build examples from equal numbers of sequences, so their batch counts differ: every
+    worker trains the steps all of them have (real gloo all-reduces, two processes)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_in_step_worker, args=(r, sizes, f"file://{tmp_path}/rendezvous", out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {rank: (trained, said) for rank, trained, said in (out.get(timeout=120) for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+    assert results[0] == results[1] == (list(range(steps)), left)

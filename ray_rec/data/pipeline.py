@@ -1,9 +1,10 @@
-"""The Ray Data pipeline: sharded sequence parquet (S3 or local) -> training tensors.
+"""The Ray Data pipeline: sharded sequence parquet (S3 or local) -> per-user sequences on each worker.
 
-Reading and example building run as Ray Data tasks (``map_batches`` over pyarrow batches);
-each training worker streams its split in chunks (``iter_batches`` with a seeded local shuffle),
-regroups each chunk by history length and collates it with the plain `collate` function (see
-``ray_rec.train.trainer._training_batches``). Nothing here materialises the data set.
+Ray Data reads the shards (plain read tasks, file order reshuffled every epoch) and streams the
+sequences to the training workers; each worker builds its examples from them (`example_builder`,
+in `ray_rec.train.feed`), shuffles them through a seeded buffer, regroups them by history length
+and collates them. Sequences, not examples, cross the object store: a prefix example repeats up to
+L clicks of its user's history. Nothing here materialises the data set.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -29,21 +30,24 @@ from ray_rec.data.schema import SEQUENCE_SCHEMA, check_files
 if TYPE_CHECKING:
     from ray_rec.data.manifest import Manifest
 
-# Sequences per map_batches call: large enough to amortise task overhead, small enough to stream.
-SEQUENCES_PER_TASK = 4096
-# Output blocks of example-building tasks: small, so a task hands its examples on as it makes them
-# instead of holding up to Ray Data's default 128 MB block (and its copies) per task.
+# Ray Data's output blocks: small, so reading streams in steps of this size instead of holding up to
+# Ray Data's default 128 MB block (and its copies) per task.
 BLOCK_BYTES = 16 * 2**20
 
 
-def to_training_examples(
-    batch: pa.Table, max_len: int, time_buckets: int, max_browse: int, prefixes: bool
-) -> dict[str, np.ndarray]:
-    """``map_batches`` function: a pyarrow batch of sequences -> training examples (`training_examples`).
+def example_builder(model: ModelConfig, max_browse: int) -> Callable[[pa.Table], dict[str, np.ndarray]]:
+    """A pyarrow batch of sequences -> its training examples (`training_examples`), as ``model``
+    (resolved by `for_data`) trains on them, with ``max_browse`` browsed negatives a step."""
+    return partial(training_examples, max_len=model.history_len, num_time_buckets=model.time_buckets,
+                   max_browse=max_browse, prefixes=model.on_prefixes)
 
-    A plain function, not a callable class: Ray Data runs it as tasks on its reused workers,
-    where a class would start an actor pool for every epoch's execution."""
-    return training_examples(batch, max_len, time_buckets, max_browse, prefixes)
+
+def sequences_per_batch(manifest: Manifest, model: ModelConfig, examples: int) -> int:
+    """Sequences to read at a time for about ``examples`` training examples: a batch of long
+    histories gives up to one prefix per click, so a fixed count of sequences would not bound memory."""
+    targets = max(manifest.counts.clicks / max(manifest.counts.users, 1) - 1, 1.0)
+    per_sequence = targets if model.on_prefixes else math.ceil(targets / model.history_len)
+    return max(1, round(examples / per_sequence))
 
 
 def split_paths(data: str, split: str, manifest: Manifest | None = None) -> tuple[list[str], Any]:
@@ -111,19 +115,10 @@ def limit_memory(object_store_mb: int) -> None:
     ctx.target_max_block_size = BLOCK_BYTES
 
 
-def training_dataset(
-    data: str, model: ModelConfig, max_browse: int, seed: int, manifest: Manifest | None = None,
-    split: str = "train",
-) -> ray.data.Dataset:
-    """Training examples of a split (``test`` for the final fit), file order shuffled per epoch from ``seed``.
+def training_sequences(data: str, seed: int, manifest: Manifest | None = None, split: str = "train") -> ray.data.Dataset:
+    """The sequences training reads (``test`` for the final fit: every click), file order shuffled
+    per epoch from ``seed``; `example_builder` turns them into examples on the worker.
 
     Not ``randomize_block_order``: that is an all-to-all step, which waits for every block of the
-    read (the whole split, in the object store) before the first example comes out."""
-    ds = read_sequences(data, split, manifest, shuffle_seed=seed)
-    return ds.map_batches(
-        partial(to_training_examples, max_len=model.history_len, time_buckets=model.time_buckets, max_browse=max_browse,
-                prefixes=model.on_prefixes),
-        batch_format="pyarrow",
-        batch_size=SEQUENCES_PER_TASK,
-        zero_copy_batch=True,
-    )
+    read (the whole split, in the object store) before the first sequence comes out."""
+    return read_sequences(data, split, manifest, shuffle_seed=seed)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from ray_rec.config import Config
@@ -22,9 +23,8 @@ class ExampleCache:
     beside the model (an epoch with the next epoch's execution running alongside is slower than
     one without). Once a full pass has gone
     through and its chunks total at most ``limit_mb``, later passes read the memory copy; larger
-    shards keep streaming, and a pass cut short is never kept. Every worker holds the same number
-    of equally wide rows (Ray Train splits them equally), so all workers make the same choice and
-    stay in step.
+    shards keep streaming, and a pass cut short is never kept. Workers may choose differently
+    (their shards differ in size); `in_step` keeps their steps together either way.
     """
 
     def __init__(self, limit_mb: int) -> None:
@@ -76,13 +76,44 @@ class ExampleCache:
             yield {k: v[idx] for k, v in rows.items()}
 
 
-def epoch_chunks(shard: Any, cfg: Config, epoch: int, rank: int) -> Iterator[dict[str, np.ndarray]]:
-    """This worker's example chunks of one epoch, streamed and shuffled through a seeded buffer
-    (`shuffle_chunks`). Every worker gets the same number of chunks and rows, as DDP needs: Ray
-    Train splits the rows equally and the chunking is the same on each."""
+def epoch_chunks(shard: Any, cfg: Config, build: Callable[[pa.Table], dict[str, np.ndarray]], sequences: int,
+                 epoch: int, rank: int) -> Iterator[dict[str, np.ndarray]]:
+    """This worker's example chunks of one epoch: its shard's sequences read ``sequences`` at a time,
+    made into examples by ``build`` (`ray_rec.data.pipeline.example_builder`) and shuffled through a
+    seeded buffer (`shuffle_chunks`). Workers get equal numbers of sequences, not of examples:
+    `in_step` keeps their steps together."""
     size = BUCKET_WINDOW * cfg.train.batch_for(cfg.model)
-    stream = shard.iter_batches(batch_size=size, batch_format="numpy")
+    stream = (build(table) for table in shard.iter_batches(batch_size=sequences, batch_format="pyarrow"))
     yield from shuffle_chunks(stream, size, cfg.data.shuffle_buffer, np.random.default_rng([cfg.data.seed, epoch, rank, 1]))
+
+
+def in_step(batches: Iterable[dict[str, torch.Tensor]], group: Any = None,
+            left_out: Callable[[int], None] = lambda examples: None) -> Iterator[dict[str, torch.Tensor]]:
+    """This data-parallel worker's batches while every worker of ``group`` still has one.
+
+    DDP needs every worker in every step, and workers build their examples from equal numbers of
+    sequences, which hold unequal numbers of clicks. Before each step the workers agree (one
+    all-reduce of a flag on the CPU); once one has run out all stop, and the others' remaining
+    batches are read and left untrained, a different surplus each epoch (the shards are reshuffled).
+    ``left_out`` gets the number of examples left out, summed over the workers, when there were any.
+    A worker's wait for the others at the agreement counts as its wait for data (`fit`'s ``data_wait_s``)."""
+    import torch.distributed as dist
+
+    flag, stream = torch.ones(1), iter(batches)
+    for batch in stream:
+        flag.fill_(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+        if not flag.item():
+            left = torch.tensor([float(len(batch["items"])) + sum(len(b["items"]) for b in stream)])
+            break
+        yield batch
+    else:
+        flag.fill_(0)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)  # the step the others wait in
+        left = torch.zeros(1)
+    dist.all_reduce(left, group=group)
+    if left.item():
+        left_out(int(left.item()))
 
 
 class EpochPrefetcher:

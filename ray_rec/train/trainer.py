@@ -20,9 +20,8 @@ from ray.train.torch import TorchTrainer
 
 from ray_rec import storage
 from ray_rec.config import Config, for_data
-from ray_rec.data.examples import browse_width
 from ray_rec.data.manifest import read_manifest
-from ray_rec.data.pipeline import limit_memory, read_sequences, training_dataset, validation_sample
+from ray_rec.data.pipeline import limit_memory, read_sequences, training_sequences, validation_sample
 from ray_rec.errors import TrainingError
 from ray_rec.model.artifact import REQUIRED_FILES
 from ray_rec.train.checkpoint import remove_partial_checkpoints
@@ -143,7 +142,7 @@ def train(
     loop_config = {"config": config.to_dict(), "manifest": manifest, "data": data, "output": output, "fail_once": fail_once,
                    "use_gpu": use_gpu, "resources_per_worker": resources_per_worker, "lineage": lineage, "tracker": tracker, "run_name": RUN_NAME, "final": None}
     result = _fit(loop_config, workers, {
-        "train": training_dataset(data, mcfg, browse_width(manifest, mcfg.resolved_loss), config.data.seed, manifest),
+        "train": training_sequences(data, config.data.seed, manifest),
         "valid": read_sequences(data, "valid", sample),
     }, CheckpointConfig(num_to_keep=config.train.keep_checkpoints, checkpoint_score_attribute=config.rank_by,
                         checkpoint_score_order="max"))
@@ -163,7 +162,7 @@ def train(
         loop_config.update(run_name=FINAL_RUN_NAME, fail_once=None, final={
             "epochs": state["best_epoch"], "rates": rates, "split": {"best": state["best"], "best_epoch": state["best_epoch"]}})
         final = _fit(loop_config, workers, {
-            "train": training_dataset(data, mcfg, browse_width(manifest, mcfg.resolved_loss), config.data.seed, manifest, split),
+            "train": training_sequences(data, config.data.seed, manifest, split),
         }, CheckpointConfig(num_to_keep=1))
         if final.checkpoint is None:
             raise TrainingError("the final fit finished without a checkpoint")

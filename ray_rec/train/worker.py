@@ -27,7 +27,8 @@ from ray.train import Checkpoint
 
 from ray_rec import storage
 from ray_rec.config import Config, config_from_dict, for_data
-from ray_rec.data.examples import BUCKET_WINDOW, collate, evaluation_examples
+from ray_rec.data.examples import BUCKET_WINDOW, browse_width, collate, evaluation_examples
+from ray_rec.data.pipeline import example_builder, sequences_per_batch
 from ray_rec.device import device_name, model_device
 from ray_rec.metrics import RankingMetrics
 from ray_rec.model.interest_model import InterestModel
@@ -35,7 +36,7 @@ from ray_rec.predict.ranking import evaluate
 from ray_rec.progress import Progress
 from ray_rec.ray_session import usable_cores
 from ray_rec.train.checkpoint import newest_complete_checkpoint, read_checkpoint, write_checkpoint
-from ray_rec.train.feed import EpochPrefetcher, ExampleCache, epoch_chunks, training_batches
+from ray_rec.train.feed import EpochPrefetcher, ExampleCache, epoch_chunks, in_step, training_batches
 from ray_rec.train.fit import fit, new_state
 from ray_rec.train.optim import make_optimizer, sparse_item_gradients
 from ray_rec.train.report import write_metrics_files
@@ -182,15 +183,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _log(f"resumed from the checkpoint of epoch {state['epoch']}")
     state["placements"] = [*state.get("placements", []), _worker_nodes()]
     ddp_model = ray.train.torch.prepare_model(model)
+    # The workers' step agreement (`in_step`) runs on the CPU: a gloo group beside NCCL's on GPUs.
+    step_group = dist.new_group(backend="gloo") if world > 1 and loop_config["use_gpu"] else None
+    build = example_builder(mcfg, browse_width(manifest, mcfg.resolved_loss))
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = None if final else ray.train.get_dataset_shard("valid")  # the final fit does not validate
     train_cache, valid_cache = ExampleCache(cfg.data.cache_mb), ExampleCache(cfg.data.cache_mb)
     chunk_rows = BUCKET_WINDOW * cfg.train.batch_for(mcfg)
+    sequences = sequences_per_batch(manifest, mcfg, chunk_rows)
     last = int(final["epochs"]) if final else cfg.train.epochs
     prefetcher = EpochPrefetcher(
-        lambda e: train_cache.epoch(lambda: epoch_chunks(train_shard, cfg, e, rank), chunk_rows,
+        lambda e: train_cache.epoch(lambda: epoch_chunks(train_shard, cfg, build, sequences, e, rank), chunk_rows,
                                     np.random.default_rng([cfg.data.seed, e, rank, 1])),
         state["epoch"] + 1, last)
+
+    def batches(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        mine = training_batches(prefetcher.epoch(), cfg, epoch, rank)
+        return in_step(mine, step_group, lambda n: _log(f"epoch {epoch}: {n:,} examples of the longer shards left out "
+                                                         "(the workers step together)")) if world > 1 else mine
 
     def after_epoch(metrics: dict[str, Any], verdict: str) -> None:
         with tempfile.TemporaryDirectory() as folder:
@@ -205,7 +215,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
 
     try:
-        fit(ddp_model, optimizer, cfg, state, lambda epoch: training_batches(prefetcher.epoch(), cfg, epoch, rank), last, _log,
+        fit(ddp_model, optimizer, cfg, state, batches, last, _log,
             validate=None if final else lambda epoch: _evaluate_shard(model, valid_shard, cfg, valid_cache, epoch),
             rates=final["rates"] if final else None, after_epoch=after_epoch,
             before_step=lambda epoch, step: _maybe_fail(loop_config.get("fail_once"), epoch, step), world=world)

@@ -217,7 +217,7 @@ def collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     so this changes no result and saves the work on them. Prefix examples' ``last_target`` and
     ``last_negatives`` become ``targets`` and ``negatives`` with 0 on every step but the last.
     """
-    import torch  # here, not at the top: Ray Data's example-building tasks never need it
+    import torch  # here, not at the top: building examples needs no torch
 
     items = batch["items"]
     used = np.flatnonzero((items != 0).any(0))

@@ -1,8 +1,8 @@
 """The Ray Data pipeline: sharded sequence parquet (S3 or local) -> per-user sequences on each worker.
 
 Ray Data reads the shards (plain read tasks, file order reshuffled every epoch) and streams the
-sequences to the training workers; each worker builds its examples from them (`example_builder`,
-in `ray_rec.train.feed`), shuffles them through a seeded buffer, regroups them by history length
+sequences to the training workers; each worker builds its examples from them (`example_builder`;
+the feed is `ray_rec.train.feed`), shuffles them through a seeded buffer, regroups them by history length
 and collates them. Sequences, not examples, cross the object store: a prefix example repeats up to
 L clicks of its user's history. Nothing here materialises the data set.
 """

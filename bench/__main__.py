@@ -99,7 +99,7 @@ FULL = {
         ["plain-sasrec"], ["sasrec-all-windows"])] + [
         ["bench.next_click", "--dataset", "ml-100k", "--variants", "default", "--set", "model.examples=prefixes",
          "--set", "train.smoothing=0", "--seeds", "0", "1"],
-        ["bench.next_click", "--dataset", "ml-100k", "--variants", "default", "--seeds", "0"]],
+        ["bench.next_click", "--dataset", "ml-100k", "--variants", "default", "--seeds", "0", "1", "2"]],
     "speed": [["bench.train_speed"], ["bench.shared_cores"], ["bench.loss_memory"], ["bench.sparse_items"], ["bench.ray_train_beauty"], ["bench.relevance_cost"],
               ["bench.enhancer_cost"]],
     "serve": [["bench.serve_load", "--requests", "1000", "--rounds", "3"], ["bench.serve_start", "--rounds", "3"],

@@ -162,7 +162,7 @@ def child_stream(data: str) -> dict[str, Any]:
     from ray_rec.config import for_data, load_config
     from ray_rec.data.examples import BUCKET_WINDOW, browse_width, collate, length_buckets, shuffle_chunks
     from ray_rec.data.manifest import read_manifest
-    from ray_rec.data.pipeline import example_builder, limit_memory, sequences_per_batch, training_sequences
+    from ray_rec.data.pipeline import example_chunks, limit_memory, training_sequences
     from ray_rec.ray_session import init_ray, local_cpus
 
     ray.init(address="local", num_cpus=local_cpus(1), object_store_memory=OBJECT_STORE_MB * 2**20, logging_level=logging.WARNING)
@@ -172,12 +172,11 @@ def child_stream(data: str) -> dict[str, Any]:
     mcfg = for_data(cfg.model, m)
     limit_memory(cfg.data.pipeline_memory_mb)  # as `ray-rec train` does
     ds = training_sequences(data, 0, m)
-    build = example_builder(mcfg, browse_width(m, HEAVIEST_LOSS))
     size = BUCKET_WINDOW * cfg.train.batch_for(mcfg)
     rng = np.random.default_rng(0)
     with PeakMemory(_ray_pids) as peak:
         t0, n, first = time.monotonic(), 0, None
-        chunks = (build(t) for t in ds.iter_batches(batch_size=sequences_per_batch(m, mcfg, size), batch_format="pyarrow"))
+        chunks = example_chunks(ds, m, mcfg, browse_width(m, HEAVIEST_LOSS), size)
         for chunk in shuffle_chunks(chunks, size, cfg.data.shuffle_buffer, rng):
             for batch in length_buckets(chunk, cfg.train.batch_for(mcfg), rng):
                 n += int(collate(batch)["items"].shape[0])

@@ -126,7 +126,7 @@ def pipeline_rate(data: str, batch_size: int = 128) -> dict[str, Any]:
 
     from ray_rec.data.examples import BUCKET_WINDOW, length_buckets
     from ray_rec.data.examples import collate as collate_batch
-    from ray_rec.data.pipeline import example_builder, sequences_per_batch, training_sequences
+    from ray_rec.data.pipeline import example_chunks, training_sequences
     from ray_rec.ray_session import init_ray
 
     init_ray(1)
@@ -134,13 +134,11 @@ def pipeline_rate(data: str, batch_size: int = 128) -> dict[str, Any]:
     cfg = load_config(None, {"train.batch_size": batch_size})
     mcfg = for_data(cfg.model, manifest)
     ds = training_sequences(data, 0, manifest)
-    build = example_builder(mcfg, browse_width(manifest, mcfg.resolved_loss))
-    sequences = sequences_per_batch(manifest, mcfg, BUCKET_WINDOW * batch_size)
     rng = np.random.default_rng(0)
     rates = []
     for _ in range(4):  # the first pass includes Ray Data's start; the pipeline's rate drifts from pass to pass
         t0, n = time.perf_counter(), 0
-        for chunk in (build(t) for t in ds.iter_batches(batch_size=sequences, batch_format="pyarrow")):
+        for chunk in example_chunks(ds, manifest, mcfg, browse_width(manifest, mcfg.resolved_loss), BUCKET_WINDOW * batch_size):
             for batch in length_buckets(chunk, batch_size, rng):
                 n += len(collate_batch(batch)["items"])
         rates.append(n / (time.perf_counter() - t0))

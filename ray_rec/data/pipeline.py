@@ -1,7 +1,7 @@
 """The Ray Data pipeline: sharded sequence parquet (S3 or local) -> per-user sequences on each worker.
 
 Ray Data reads the shards (plain read tasks, file order reshuffled every epoch) and streams the
-sequences to the training workers; each worker builds its examples from them (`example_builder`;
+sequences to the training workers; each worker builds its examples from them (`example_chunks`;
 the feed is `ray_rec.train.feed`), shuffles them through a seeded buffer, regroups them by history length
 and collates them. Sequences, not examples, cross the object store: a prefix example repeats up to
 L clicks of its user's history. Nothing here materialises the data set.
@@ -12,12 +12,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
-from functools import partial
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
 import ray
 from ray.data import FileShuffleConfig
 
@@ -35,19 +33,21 @@ if TYPE_CHECKING:
 BLOCK_BYTES = 16 * 2**20
 
 
-def example_builder(model: ModelConfig, max_browse: int) -> Callable[[pa.Table], dict[str, np.ndarray]]:
-    """A pyarrow batch of sequences -> its training examples (`training_examples`), as ``model``
-    (resolved by `for_data`) trains on them, with ``max_browse`` browsed negatives a step."""
-    return partial(training_examples, max_len=model.history_len, num_time_buckets=model.time_buckets,
-                   max_browse=max_browse, prefixes=model.on_prefixes)
-
-
 def sequences_per_batch(manifest: Manifest, model: ModelConfig, examples: int) -> int:
     """Sequences to read at a time for about ``examples`` training examples: a batch of long
     histories gives up to one prefix per click, so a fixed count of sequences would not bound memory."""
     targets = max(manifest.counts.clicks / max(manifest.counts.users, 1) - 1, 1.0)
     per_sequence = targets if model.on_prefixes else math.ceil(targets / model.history_len)
     return max(1, round(examples / per_sequence))
+
+
+def example_chunks(sequences: Any, manifest: Manifest, model: ModelConfig, max_browse: int,
+                   examples: int) -> Iterator[dict[str, np.ndarray]]:
+    """The training examples of a stream of sequences (a Ray Data dataset or a worker's shard:
+    anything with ``iter_batches``), about ``examples`` a chunk, as ``model`` (resolved by `for_data`)
+    trains on them, with ``max_browse`` browsed negatives a step."""
+    for table in sequences.iter_batches(batch_size=sequences_per_batch(manifest, model, examples), batch_format="pyarrow"):
+        yield training_examples(table, model.history_len, model.time_buckets, max_browse, model.on_prefixes)
 
 
 def split_paths(data: str, split: str, manifest: Manifest | None = None) -> tuple[list[str], Any]:
@@ -117,7 +117,7 @@ def limit_memory(object_store_mb: int) -> None:
 
 def training_sequences(data: str, seed: int, manifest: Manifest | None = None, split: str = "train") -> ray.data.Dataset:
     """The sequences training reads (``test`` for the final fit: every click), file order shuffled
-    per epoch from ``seed``; `example_builder` turns them into examples on the worker.
+    per epoch from ``seed``; `example_chunks` turns them into examples on the worker.
 
     Not ``randomize_block_order``: that is an all-to-all step, which waits for every block of the
     read (the whole split, in the object store) before the first sequence comes out."""

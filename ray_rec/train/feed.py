@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from ray_rec.config import Config
@@ -76,15 +75,12 @@ class ExampleCache:
             yield {k: v[idx] for k, v in rows.items()}
 
 
-def epoch_chunks(shard: Any, cfg: Config, build: Callable[[pa.Table], dict[str, np.ndarray]], sequences: int,
-                 epoch: int, rank: int) -> Iterator[dict[str, np.ndarray]]:
-    """This worker's example chunks of one epoch: its shard's sequences read ``sequences`` at a time,
-    made into examples by ``build`` (`ray_rec.data.pipeline.example_builder`) and shuffled through a
-    seeded buffer (`shuffle_chunks`). Workers get equal numbers of sequences, not of examples:
-    `in_step` keeps their steps together."""
+def epoch_chunks(examples: Iterable[dict[str, np.ndarray]], cfg: Config, epoch: int, rank: int) -> Iterator[dict[str, np.ndarray]]:
+    """This worker's example chunks of one epoch (``examples``: its shard's, built on the worker by
+    `ray_rec.data.pipeline.example_chunks`), shuffled through a seeded buffer (`shuffle_chunks`).
+    Workers get equal numbers of sequences, not of examples: `in_step` keeps their steps together."""
     size = BUCKET_WINDOW * cfg.train.batch_for(cfg.model)
-    stream = (build(table) for table in shard.iter_batches(batch_size=sequences, batch_format="pyarrow"))
-    yield from shuffle_chunks(stream, size, cfg.data.shuffle_buffer, np.random.default_rng([cfg.data.seed, epoch, rank, 1]))
+    yield from shuffle_chunks(examples, size, cfg.data.shuffle_buffer, np.random.default_rng([cfg.data.seed, epoch, rank, 1]))
 
 
 def in_step(batches: Iterable[dict[str, torch.Tensor]], group: Any = None,

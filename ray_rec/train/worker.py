@@ -28,7 +28,7 @@ from ray.train import Checkpoint
 from ray_rec import storage
 from ray_rec.config import Config, config_from_dict, for_data
 from ray_rec.data.examples import BUCKET_WINDOW, browse_width, collate, evaluation_examples
-from ray_rec.data.pipeline import example_builder, sequences_per_batch
+from ray_rec.data.pipeline import example_chunks
 from ray_rec.device import device_name, model_device
 from ray_rec.metrics import RankingMetrics
 from ray_rec.model.interest_model import InterestModel
@@ -185,15 +185,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ddp_model = ray.train.torch.prepare_model(model)
     # The workers' step agreement (`in_step`) runs on the CPU: a gloo group beside NCCL's on GPUs.
     step_group = dist.new_group(backend="gloo") if world > 1 and loop_config["use_gpu"] else None
-    build = example_builder(mcfg, browse_width(manifest, mcfg.resolved_loss))
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = None if final else ray.train.get_dataset_shard("valid")  # the final fit does not validate
     train_cache, valid_cache = ExampleCache(cfg.data.cache_mb), ExampleCache(cfg.data.cache_mb)
     chunk_rows = BUCKET_WINDOW * cfg.train.batch_for(mcfg)
-    sequences = sequences_per_batch(manifest, mcfg, chunk_rows)
+    max_browse = browse_width(manifest, mcfg.resolved_loss)
     last = int(final["epochs"]) if final else cfg.train.epochs
     prefetcher = EpochPrefetcher(
-        lambda e: train_cache.epoch(lambda: epoch_chunks(train_shard, cfg, build, sequences, e, rank), chunk_rows,
+        lambda e: train_cache.epoch(lambda: epoch_chunks(example_chunks(train_shard, manifest, mcfg, max_browse, chunk_rows),
+                                                         cfg, e, rank), chunk_rows,
                                     np.random.default_rng([cfg.data.seed, e, rank, 1])),
         state["epoch"] + 1, last)
 

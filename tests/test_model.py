@@ -57,9 +57,12 @@ def test_shapes_for_every_variant(tracker, enhancer, relevance, loss):
     assert not (ids.unsqueeze(2) == data["items"].unsqueeze(1)).any(), "excluded items were recommended"
 
 
-@pytest.mark.parametrize("tracker,enhancer", list(itertools.product(TRACKERS.names(), ENHANCERS.names())))
-def test_left_padding_does_not_change_scores(tracker, enhancer):
-    model = make(tracker, enhancer).eval()
+BLOCKS = ["pre_norm", "post_norm"]
+
+
+@pytest.mark.parametrize("tracker,enhancer,block", list(itertools.product(TRACKERS.names(), ENHANCERS.names(), BLOCKS)))
+def test_left_padding_does_not_change_scores(tracker, enhancer, block):
+    model = make(tracker, enhancer, block=block).eval()
     history = torch.tensor([[5, 9, 2, 17]])
     padded = torch.tensor([[0, 0, 0, 5, 9, 2, 17]])
     cands = torch.tensor([[1, 2, 3, 30]])
@@ -69,9 +72,9 @@ def test_left_padding_does_not_change_scores(tracker, enhancer):
 CAUSAL_TRACKERS = [t for t in TRACKERS.names() if t != "spectral"]  # spectral reads the whole window: prefixes only
 
 
-@pytest.mark.parametrize("tracker,enhancer", list(itertools.product(CAUSAL_TRACKERS, ENHANCERS.names())))
-def test_later_clicks_do_not_change_earlier_states(tracker, enhancer):
-    model = make(tracker, enhancer).eval()
+@pytest.mark.parametrize("tracker,enhancer,block", list(itertools.product(CAUSAL_TRACKERS, ENHANCERS.names(), BLOCKS)))
+def test_later_clicks_do_not_change_earlier_states(tracker, enhancer, block):
+    model = make(tracker, enhancer, block=block).eval()
     a = torch.tensor([[0, 4, 8, 15, 16, 23, 42 % N]])
     b = a.clone()
     b[0, -1] = 7  # change only the last click
@@ -81,6 +84,27 @@ def test_later_clicks_do_not_change_earlier_states(tracker, enhancer):
     torch.testing.assert_close(sa[:, :-1], sb[:, :-1])
     torch.testing.assert_close(ua[:, :-1], ub[:, :-1])
     assert not torch.allclose(ua[:, -1], ub[:, -1])
+
+
+def test_post_norm_blocks_layer_norm_their_input_and_every_residual_sum():
+    """``model.block=post_norm`` (BERT's block, as BSARec uses it): the features entering the tracker
+    and each block's output are layer-normed whatever the scale of the block's input; SASRec's
+    pre-norm block carries its input's scale through the residual stream."""
+    from ray_rec.model.tracking import causal_mask
+
+    items = torch.tensor([[0, 0, 3, 9, 2, 17, 5, 11]])
+    valid = items > 0
+    x = 10 * torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(0)) * valid.unsqueeze(-1)
+    for tracker in ("transformer", "spectral"):
+        post, pre = (make(tracker, "augru", dropout=0.0, block=b).eval() for b in ("post_norm", "pre_norm"))
+        with torch.no_grad():
+            feats = post.features.sequence_features(items, None)[valid]
+            torch.testing.assert_close(feats.mean(-1), torch.zeros(6), atol=1e-5, rtol=0)
+            torch.testing.assert_close(feats.std(-1, unbiased=False), torch.ones(6), atol=0.05, rtol=0)  # LayerNorm eps
+            mask = causal_mask(valid, 2)
+            out = post.tracker.blocks[0](x, mask, valid)[valid]
+            torch.testing.assert_close(out.std(-1, unbiased=False), torch.ones(6), atol=1e-3, rtol=0)
+            assert pre.tracker.blocks[0](x, mask, valid)[valid].std(-1).min() > 5
 
 
 def test_the_spectral_tracker_splits_the_window_by_frequency_and_trains_on_prefixes_only():
@@ -220,11 +244,11 @@ def test_sparse_item_gradients_update_only_the_rows_a_step_reads():
     assert not torch.equal(weights[1]["sparse"][read], weights[0]["sparse"][read])
 
 
-@pytest.mark.parametrize("enhancer", ENHANCERS.names())
-def test_overfits_a_tiny_data_set(enhancer):
+@pytest.mark.parametrize("enhancer,block", [(e, "pre_norm") for e in ENHANCERS.names()] + [("augru", "post_norm")])
+def test_overfits_a_tiny_data_set(enhancer, block):
     """Eight fixed sequences: after training, each next item is the top recommendation."""
     torch.manual_seed(0)
-    model = make(enhancer=enhancer, dropout=0.0, aux_loss_weight=0.0)
+    model = make(enhancer=enhancer, dropout=0.0, aux_loss_weight=0.0, block=block)
     seqs = torch.stack([torch.randperm(N)[:6] + 1 for _ in range(8)])
     data = {"items": seqs[:, :-1], "targets": seqs[:, 1:]}
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -248,12 +272,13 @@ def vocabulary_of(model: InterestModel):
                       side_values={"cat": list("abcde")}, side_table=model.features.item_side[1:].numpy())
 
 
-def test_save_and_load_give_identical_scores(tmp_path):
+@pytest.mark.parametrize("block", BLOCKS)
+def test_save_and_load_give_identical_scores(tmp_path, block):
     from ray_rec.model.artifact import save_model
     from ray_rec.predict import load_model
     from ray_rec.predict.inputs import window
 
-    model = make().eval()
+    model = make(block=block).eval()
     vocab = vocabulary_of(model)
     version = save_model(model, vocab, str(tmp_path / "m"))
     rec = load_model(str(tmp_path / "m"))

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from ray_rec.data.manifest import Manifest
 
 LOSSES = ("auto", "ce", "sampled_softmax", "bce")
+BLOCKS = ("pre_norm", "post_norm")
 DEVICE_NAMES = r"auto|cpu|cuda(?::[0-9]+)?"  # what `ray_rec.device.resolve_device` takes
 PRECISIONS = ("fp32", "bf16")  # train.precision: the training forward pass's arithmetic (`ray_rec.device.autocast`)
 
@@ -57,6 +58,10 @@ class ModelConfig(LossPolicy):
     tracker: str = "transformer"  # interest tracking network: transformer (causal self-attention), gru, or spectral (attention mixed with a low/high frequency split of the window; prefixes only)
     tracker_layers: int | None = None  # None: 1, or 2 when users average >= 40 clicks
     heads: int = 1  # attention heads of the transformer tracker
+    # The transformer and spectral trackers' block: pre_norm (SASRec's: LayerNorm before attention and
+    # a D-wide ReLU FFN) or post_norm (BERT's, as BSARec uses it: LayerNorm after each residual sum, a
+    # 4D-wide GELU FFN, the input features layer-normed, the item's not scaled by sqrt(D)).
+    block: str = "pre_norm"
     enhancer: str = "augru"  # interest enhancement network: augru (DIEN's interest evolution), trend (attention over the shifts between states) or none
     relevance: str = "dot"  # relevance network: dot (u . v) or mlp (u . v + MLP(u, v))
     dropout: float | None = None  # dropout everywhere; None: 0.5, or 0.2 when users average >= 40 clicks
@@ -77,6 +82,7 @@ class ModelConfig(LossPolicy):
         for kind in ("tracker", "enhancer", "relevance"):
             check_choice(f"model.{kind}", getattr(self, kind), network_choices(kind))
         check_choice("model.loss", self.loss, LOSSES)
+        check_choice("model.block", self.block, BLOCKS)
         check_range("model.num_items", self.num_items, 0)
         if self.max_len is not None:
             check_range("model.max_len", self.max_len, 2, 4096)
@@ -130,7 +136,8 @@ class ModelConfig(LossPolicy):
         """One line naming the networks and the sizes training will use."""
         return (f"{self.tracker} tracker, {self.enhancer} enhancer, {self.relevance} relevance, "
                 f"{self.losses_text()}; {self.num_items:,} items, history length {self.history_len}, "
-                f"dropout {self.dropout_p:g}, {self.layers} tracker layer{'s' if self.layers > 1 else ''}, "
+                f"dropout {self.dropout_p:g}, {self.layers} tracker layer{'s' if self.layers > 1 else ''}"
+                f"{' (post-norm)' if self.block == 'post_norm' and self.tracker != 'gru' else ''}, "
                 f"trained on {self.example_kind}")
 
     def fit_to_history(self, clicks_per_user: float) -> ModelConfig:

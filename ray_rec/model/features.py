@@ -46,6 +46,10 @@ class SequenceFeatureExtractor(nn.Module):
         self.position = nn.Embedding(config.history_len, d)
         self.time = nn.Embedding(config.time_buckets + 1, d, padding_idx=0) if config.use_time else None
         self.dropout = nn.Dropout(config.dropout_p)
+        # Post-norm blocks (BERT's) take layer-normed input features; pre-norm blocks (SASRec's) take the
+        # item's embedding scaled by sqrt(D) over the position's, as SASRec does.
+        self.input_norm = nn.LayerNorm(d) if config.block == "post_norm" else None
+        self.item_scale = 1.0 if self.input_norm is not None else math.sqrt(d)
         self.time_dropout = 0.1  # share of time buckets hidden in training, so serving without times works
         self._catalog: tuple[tuple[Any, ...], torch.Tensor] | None = None  # (weights' storage and versions, table), inference only
         # Every embedding starts at the item table's small scale: at PyTorch's default N(0, 1), the
@@ -106,7 +110,7 @@ class SequenceFeatureExtractor(nn.Module):
         """
         _, length = items.shape
         valid = (items > 0).unsqueeze(-1)  # (B, L, 1)
-        feats = self.item_features(items) * math.sqrt(self.dim)  # (B, L, D)
+        feats = self.item_features(items) * self.item_scale  # (B, L, D)
         back = torch.arange(length - 1, -1, -1, device=items.device).clamp(max=self.max_len - 1)
         feats = feats + self.position(back)  # (L, D) broadcast over B
         if self.time is not None and time_buckets is not None:
@@ -114,4 +118,6 @@ class SequenceFeatureExtractor(nn.Module):
                 keep = torch.rand(time_buckets.shape, device=items.device) >= self.time_dropout
                 time_buckets = time_buckets * keep
             feats = feats + self.time(time_buckets)
+        if self.input_norm is not None:
+            feats = self.input_norm(feats)
         return self.dropout(feats) * valid

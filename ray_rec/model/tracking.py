@@ -33,23 +33,37 @@ def causal_mask(valid: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 class CausalBlock(nn.Module):
-    """One pre-norm self-attention block (SASRec's block): attention then a point-wise FFN."""
+    """One self-attention block: attention then a point-wise FFN, each added to its input.
 
-    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+    ``post_norm`` False is SASRec's block: LayerNorm before each part, an FFN as wide as the model
+    with ReLU. True is BERT's, as BSARec and FMLP-Rec use it: LayerNorm after each residual sum, an
+    FFN four times as wide with GELU (the tracker then ends without a final LayerNorm).
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float, post_norm: bool = False) -> None:
         super().__init__()
+        self.post_norm = post_norm
         self.norm_attn = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.norm_ffn = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(
-            nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim), nn.Dropout(dropout)
-        )
+        if post_norm:
+            self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+        else:
+            self.ffn = nn.Sequential(
+                nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim), nn.Dropout(dropout)
+            )
         self.dropout = nn.Dropout(dropout)
+
+    def attend(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention of ``h``: (B, L, D) -> (B, L, D)."""
+        return self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(B, L, D) -> (B, L, D); ``valid`` (B, L) is for blocks that read padding themselves."""
-        h = self.norm_attn(x)
-        a, _ = self.attn(h, h, h, attn_mask=mask, need_weights=False)  # (B, L, D)
-        x = x + self.dropout(a)
+        if self.post_norm:
+            x = self.norm_attn(x + self.dropout(self.attend(x, mask)))
+            return self.norm_ffn(x + self.ffn(x))
+        x = x + self.dropout(self.attend(self.norm_attn(x), mask))
         return x + self.ffn(self.norm_ffn(x))
 
 
@@ -66,10 +80,12 @@ class TransformerTracker(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.heads = config.heads
+        self.post_norm = config.block == "post_norm"
         self.blocks = nn.ModuleList(
-            CausalBlock(config.dim, config.heads, config.dropout_p) for _ in range(config.layers)
+            CausalBlock(config.dim, config.heads, config.dropout_p, self.post_norm) for _ in range(config.layers)
         )
-        self.norm = nn.LayerNorm(config.dim)
+        # Post-norm blocks end on a LayerNorm already.
+        self.norm = nn.Identity() if self.post_norm else nn.LayerNorm(config.dim)
 
     def forward(self, feats: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(B, L, D) features and (B, L) validity -> (B, L, D) interest states."""
@@ -107,20 +123,27 @@ class FrequencyFilter(nn.Module):
 
 class SpectralBlock(CausalBlock):
     """SASRec's block with the attention mixed with a `FrequencyFilter` of the same input (the idea of
-    BSARec, AAAI 2024): ``mix`` of the filter, the rest attention."""
+    BSARec, AAAI 2024): ``mix`` of the filter, the rest attention. Post-norm, each of the two is added
+    to the input and layer-normed before they are mixed, as in BSARec."""
 
-    def __init__(self, dim: int, heads: int, dropout: float, length: int, keep: int, mix: float) -> None:
-        super().__init__(dim, heads, dropout)
+    def __init__(self, dim: int, heads: int, dropout: float, length: int, keep: int, mix: float,
+                 post_norm: bool = False) -> None:
+        super().__init__(dim, heads, dropout, post_norm)
         self.filter = FrequencyFilter(dim, length, keep)
+        self.norm_filter = nn.LayerNorm(dim) if post_norm else None
         self.mix = mix
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        h = self.norm_attn(x)
-        a, _ = self.attn(h, h, h, attn_mask=mask, need_weights=False)  # (B, L, D)
         # Padding enters the filter as zeros, as the steps `collate` cut off do: a history's filter
         # output is the same whatever padding its batch holds.
+        if self.norm_filter is not None:
+            a = self.norm_attn(x + self.dropout(self.attend(x, mask)))
+            f = self.norm_filter(x + self.dropout(self.filter(x * valid.unsqueeze(-1))))
+            x = self.mix * f + (1.0 - self.mix) * a
+            return self.norm_ffn(x + self.ffn(x))
+        h = self.norm_attn(x)
         f = self.filter(h * valid.unsqueeze(-1))
-        x = x + self.dropout(self.mix * f + (1.0 - self.mix) * a)
+        x = x + self.dropout(self.mix * f + (1.0 - self.mix) * self.attend(h, mask))
         return x + self.ffn(self.norm_ffn(x))
 
 
@@ -134,7 +157,8 @@ class SpectralTracker(TransformerTracker):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         self.blocks = nn.ModuleList(
-            SpectralBlock(config.dim, config.heads, config.dropout_p, config.history_len, self.KEEP, self.MIX)
+            SpectralBlock(config.dim, config.heads, config.dropout_p, config.history_len, self.KEEP, self.MIX,
+                          self.post_norm)
             for _ in range(config.layers)
         )
 

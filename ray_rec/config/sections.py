@@ -83,6 +83,9 @@ class ModelConfig(LossPolicy):
             check_choice(f"model.{kind}", getattr(self, kind), network_choices(kind))
         check_choice("model.loss", self.loss, LOSSES)
         check_choice("model.block", self.block, BLOCKS)
+        if self.block == "post_norm" and self.tracker == "gru":
+            raise ValueError("model.block='post_norm' is a block of the transformer and spectral trackers; "
+                             "model.tracker='gru' has none (leave model.block at 'pre_norm')")
         check_range("model.num_items", self.num_items, 0)
         if self.max_len is not None:
             check_range("model.max_len", self.max_len, 2, 4096)
@@ -137,7 +140,7 @@ class ModelConfig(LossPolicy):
         return (f"{self.tracker} tracker, {self.enhancer} enhancer, {self.relevance} relevance, "
                 f"{self.losses_text()}; {self.num_items:,} items, history length {self.history_len}, "
                 f"dropout {self.dropout_p:g}, {self.layers} tracker layer{'s' if self.layers > 1 else ''}"
-                f"{' (post-norm)' if self.block == 'post_norm' and self.tracker != 'gru' else ''}, "
+                f"{' (post-norm)' if self.block == 'post_norm' else ''}, "
                 f"trained on {self.example_kind}")
 
     def fit_to_history(self, clicks_per_user: float) -> ModelConfig:

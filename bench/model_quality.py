@@ -57,8 +57,10 @@ SCHEDULE = {"train.lr_patience": 0, "train.patience_steps": 0, "train.lr_patienc
 # reproducible and the SASRec-shaped row stays SASRec's two blocks; rows with
 # `--set model.tracker_layers=1` train the product's default model. Likewise the training examples:
 # windows, as every row was trained before the product went to one example per next click on short
-# histories; rows with `--set model.examples=prefixes` train as the product does.
-MODEL = {"model.tracker_layers": 2, "model.examples": "windows"}
+# histories; rows with `--set model.examples=prefixes` train as the product does. And the block: SASRec's
+# pre-norm, as every row was trained before the product went to BERT's post-norm block; rows with
+# `--set model.block=post_norm` train as the product does.
+MODEL = {"model.tracker_layers": 2, "model.examples": "windows", "model.block": "pre_norm"}
 KEYS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")
 # Which model code a row was trained by; bumped when a change to the code (not to a setting) changes
 # what every row would train. Rows from an earlier revision stay, marked as such in the report; a

@@ -50,7 +50,8 @@ def reference() -> str:
         for f in fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
             meaning = notes.get(f.name, "")
-            derived = {"model.num_negatives": "from the loss", "train.batch_size": "from the examples (`model.examples`)"}
+            derived = {"model.num_negatives": "from the loss", "train.batch_size": "from the examples (`model.examples`)",
+                       "model.block": "from the tracker"}
             value = shown(default) if default is not None else derived.get(f"{name}.{f.name}", "from the data set")
             out.append(f"| `{name}.{f.name}` | `{_type_name(hints[f.name])}` | {value} | {meaning} |")
         out.append("")

@@ -300,6 +300,32 @@ def test_save_and_load_give_identical_scores(tmp_path, block):
     assert len(top[0]) == 5 and not {"i3", "i9", "i27"} & {i for i, _ in top[0]}
 
 
+def test_the_block_follows_the_tracker_and_a_model_saved_before_the_setting_loads_pre_norm(tmp_path):
+    """Unset, ``model.block`` is post_norm for the attention trackers and pre_norm for the gru tracker
+    (no blocks), and training records it; an artifact from before the setting (its config.json has no
+    ``block``) was built pre-norm and loads so, with identical scores."""
+    import json
+
+    from ray_rec.model.artifact import save_model
+    from ray_rec.predict import load_model
+    from ray_rec.predict.inputs import window
+
+    assert [ModelConfig(tracker=t).norm_block for t in ("transformer", "spectral", "gru")] == ["post_norm", "post_norm", "pre_norm"]
+    assert ModelConfig().fit_to_history(9.0).block == "post_norm"
+    assert ModelConfig(tracker="gru").fit_to_history(120.0).block == "pre_norm"
+    model = make(block="pre_norm").eval()
+    save_model(model, vocabulary_of(model), str(tmp_path / "m"))
+    path = tmp_path / "m" / "config.json"
+    meta = json.loads(path.read_text())
+    del meta["model"]["block"]
+    path.write_text(json.dumps(meta))
+    rec = load_model(str(tmp_path / "m"))
+    assert rec.config.norm_block == "pre_norm"
+    items = window([rec.lookup(["i3", "i9", "i27"])[0]], rec.config.history_len)
+    expected = model.score(items, torch.tensor([[1, 2, 40]]))[0].tolist()
+    assert rec.score([["i3", "i9", "i27"]], [["i1", "i2", "i40"]])[0] == pytest.approx(expected, rel=1e-6)
+
+
 def test_batches_of_ragged_requests_answer_as_one_at_a_time_and_exclude_every_seen_item(tmp_path):
     """The Python API and the serving batch pad many histories and candidate lists at once: each
     row's answer is the one it gets alone, and every seen item is excluded, not only the last

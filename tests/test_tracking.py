@@ -37,7 +37,7 @@ def _lineage(**changes):
     from .conftest import make_manifest
 
     manifest = make_manifest(users=10, items=5)
-    return run_lineage(config, ModelConfig(num_items=5, dim=config.model.dim), "s3://b/ds", manifest, 2, "cpu")
+    return run_lineage(config, ModelConfig(num_items=5, dim=config.model.dim, block=config.model.block), "s3://b/ds", manifest, 2, "cpu")
 
 
 def test_a_resume_refuses_another_data_set_or_model_and_changed_settings_unless_allowed():
@@ -56,6 +56,12 @@ def test_a_resume_refuses_another_data_set_or_model_and_changed_settings_unless_
     lineage, changes = resume_lineage(stored, _lineage(**{"train.lr": 0.01, "train.epochs": 5}), allow_changes=True)
     assert changes == ["train.epochs: 200 -> 5", "train.lr: 0.001 -> 0.01"]
     assert lineage["changes"][-1]["settings"] == changes and lineage["config"]["train"]["lr"] == 0.01
+    # A run stored before `model.block` existed was built pre-norm: it resumes as pre_norm, not as today's default.
+    before = _lineage(**{"model.block": "pre_norm"})
+    del before["config"]["model"]["block"]
+    assert resume_lineage(before, _lineage(**{"model.block": "pre_norm"}), allow_changes=False)[1] == []
+    with pytest.raises(TrainingError, match=r"model\.block: 'pre_norm' -> 'post_norm'"):
+        resume_lineage(before, _lineage(**{"model.block": "post_norm"}), allow_changes=True)
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from ray_rec.config.sections import (
     PRECISIONS,
     REDIS_PASSWORD_ENV,
     REDIS_URL_ENV,
+    SAVED_BEFORE,
     SPLITS,
     STATE_BACKENDS,
     Config,
@@ -42,7 +43,7 @@ from ray_rec.config.sections import (
 
 __all__ = [
     "DEVICE_NAMES", "ENGINES", "FORMATS", "LOSSES", "MAX_REQUEST_LIST", "PRECISIONS", "PREPARE_SECTION",
-    "REDIS_PASSWORD_ENV", "REDIS_URL_ENV", "SECTIONS", "SPLITS", "STATE_BACKENDS", "Config", "DataConfig",
+    "REDIS_PASSWORD_ENV", "REDIS_URL_ENV", "SAVED_BEFORE", "SECTIONS", "SPLITS", "STATE_BACKENDS", "Config", "DataConfig",
     "EvalConfig", "ModelConfig", "PrepareOptions", "ServeConfig", "StateConfig", "TrainConfig", "build",
     "config_from_dict", "for_data", "load_config", "network_choices", "parse_overrides", "prepare_settings",
     "read_config_file", "with_catalog",

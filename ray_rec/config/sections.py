@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 LOSSES = ("auto", "ce", "sampled_softmax", "bce")
 BLOCKS = ("pre_norm", "post_norm")
+# Model settings added after models were first saved without them, with the value such a model was built
+# with: read into an artifact's or a stored run's model section where it lacks them (a default may differ).
+SAVED_BEFORE = {"block": "pre_norm"}
 DEVICE_NAMES = r"auto|cpu|cuda(?::[0-9]+)?"  # what `ray_rec.device.resolve_device` takes
 PRECISIONS = ("fp32", "bf16")  # train.precision: the training forward pass's arithmetic (`ray_rec.device.autocast`)
 
@@ -58,10 +61,11 @@ class ModelConfig(LossPolicy):
     tracker: str = "transformer"  # interest tracking network: transformer (causal self-attention), gru, or spectral (attention mixed with a low/high frequency split of the window; prefixes only)
     tracker_layers: int | None = None  # None: 1, or 2 when users average >= 40 clicks
     heads: int = 1  # attention heads of the transformer tracker
-    # The transformer and spectral trackers' block: pre_norm (SASRec's: LayerNorm before attention and
-    # a D-wide ReLU FFN) or post_norm (BERT's, as BSARec uses it: LayerNorm after each residual sum, a
-    # 4D-wide GELU FFN, the input features layer-normed, the item's not scaled by sqrt(D)).
-    block: str = "pre_norm"
+    # The transformer and spectral trackers' block: post_norm (BERT's, as BSARec uses it: LayerNorm after
+    # each residual sum, a 4D-wide GELU FFN, the input features layer-normed, the item's not scaled by
+    # sqrt(D)) or pre_norm (SASRec's: LayerNorm before attention and a D-wide ReLU FFN). None: post_norm,
+    # or pre_norm with the gru tracker, which has no blocks.
+    block: str | None = None
     enhancer: str = "augru"  # interest enhancement network: augru (DIEN's interest evolution), trend (attention over the shifts between states) or none
     relevance: str = "dot"  # relevance network: dot (u . v) or mlp (u . v + MLP(u, v))
     dropout: float | None = None  # dropout everywhere; None: 0.5, or 0.2 when users average >= 40 clicks
@@ -82,7 +86,8 @@ class ModelConfig(LossPolicy):
         for kind in ("tracker", "enhancer", "relevance"):
             check_choice(f"model.{kind}", getattr(self, kind), network_choices(kind))
         check_choice("model.loss", self.loss, LOSSES)
-        check_choice("model.block", self.block, BLOCKS)
+        if self.block is not None:
+            check_choice("model.block", self.block, BLOCKS)
         if self.block == "post_norm" and self.tracker == "gru":
             raise ValueError("model.block='post_norm' is a block of the transformer and spectral trackers; "
                              "model.tracker='gru' has none (leave model.block at 'pre_norm')")
@@ -131,6 +136,13 @@ class ModelConfig(LossPolicy):
         return SHORT_HISTORY.examples if self.examples is None else self.examples
 
     @property
+    def norm_block(self) -> str:
+        """``block``, or the tracker's default: post_norm, pre_norm for the gru tracker (no blocks)."""
+        if self.block is not None:
+            return self.block
+        return "pre_norm" if self.tracker == "gru" else "post_norm"
+
+    @property
     def on_prefixes(self) -> bool:
         """Whether training makes one example per next click (`example_kind` ``prefixes``)."""
         return self.example_kind == "prefixes"
@@ -140,15 +152,16 @@ class ModelConfig(LossPolicy):
         return (f"{self.tracker} tracker, {self.enhancer} enhancer, {self.relevance} relevance, "
                 f"{self.losses_text()}; {self.num_items:,} items, history length {self.history_len}, "
                 f"dropout {self.dropout_p:g}, {self.layers} tracker layer{'s' if self.layers > 1 else ''}"
-                f"{' (post-norm)' if self.block == 'post_norm' else ''}, "
+                f"{' (post-norm)' if self.norm_block == 'post_norm' else ''}, "
                 f"trained on {self.example_kind}")
 
     def fit_to_history(self, clicks_per_user: float) -> ModelConfig:
         """Fill the unset ``max_len``, ``dropout``, ``tracker_layers`` and ``examples`` from how many
-        clicks a user has on average."""
+        clicks a user has on average, and an unset ``block`` from the tracker (`norm_block`)."""
         defaults = LONG_HISTORY if clicks_per_user >= LONG_HISTORY_CLICKS else SHORT_HISTORY
         defaults = defaults._replace(max_len=history_window(clicks_per_user))
-        return dataclasses.replace(self, **{k: v for k, v in defaults._asdict().items() if getattr(self, k) is None})
+        fill = {k: v for k, v in defaults._asdict().items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **fill, block=self.norm_block)
 
 
 @dataclass(frozen=True)

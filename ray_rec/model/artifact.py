@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ray_rec import storage
-from ray_rec.config import ModelConfig, build
+from ray_rec.config import SAVED_BEFORE, ModelConfig, build
 from ray_rec.model.interest_model import InterestModel
 from ray_rec.vocab import Vocabulary
 
@@ -135,7 +135,7 @@ def _read_local(folder: str, max_model_mb: float = DEFAULT_MAX_MODEL_MB) -> Load
     if missing:
         raise ArtifactError(f"{folder} is not a complete ray_rec model: missing {', '.join(missing)}")
     meta = _read_meta(folder)
-    config = build(ModelConfig, meta["model"], "model")
+    config = build(ModelConfig, {**SAVED_BEFORE, **meta["model"]}, "model")
     version = _check_weights(folder, config, max_model_mb)
     if meta.get("version") != version:
         raise ArtifactError(

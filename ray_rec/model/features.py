@@ -48,7 +48,7 @@ class SequenceFeatureExtractor(nn.Module):
         self.dropout = nn.Dropout(config.dropout_p)
         # Post-norm blocks (BERT's) take layer-normed input features; pre-norm blocks (SASRec's) take the
         # item's embedding scaled by sqrt(D) over the position's, as SASRec does.
-        self.input_norm = nn.LayerNorm(d) if config.block == "post_norm" else None
+        self.input_norm = nn.LayerNorm(d) if config.norm_block == "post_norm" else None
         self.item_scale = 1.0 if self.input_norm is not None else math.sqrt(d)
         self.time_dropout = 0.1  # share of time buckets hidden in training, so serving without times works
         self._catalog: tuple[tuple[Any, ...], torch.Tensor] | None = None  # (weights' storage and versions, table), inference only

@@ -80,7 +80,7 @@ class TransformerTracker(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.heads = config.heads
-        self.post_norm = config.block == "post_norm"
+        self.post_norm = config.norm_block == "post_norm"
         self.blocks = nn.ModuleList(
             CausalBlock(config.dim, config.heads, config.dropout_p, self.post_norm) for _ in range(config.layers)
         )

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ray_rec import __version__, storage
-from ray_rec.config import Config, ModelConfig
+from ray_rec.config import SAVED_BEFORE, Config, ModelConfig
 from ray_rec.errors import TrainingError
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ def resume_lineage(stored: dict[str, Any], new: dict[str, Any], allow_changes: b
             f"not {data_now['uri']} (manifest {data_now['manifest_sha256']}); start a new run for another data set"
         )
     then, now = stored["config"], new["config"]
-    shape = _differences(then["model"], now["model"], "model")
+    shape = _differences({**SAVED_BEFORE, **then["model"]}, now["model"], "model")
     if shape:
         raise TrainingError(f"--resume: the model differs from the run's, so its weights cannot continue: {'; '.join(shape)}")
     changes = [line for section in ("data", "train", "eval") for line in _differences(then.get(section, {}), now[section], section)]

@@ -142,10 +142,12 @@ def test_the_spectral_tracker_splits_the_window_by_frequency_and_trains_on_prefi
 
 
 def test_a_new_model_tells_items_apart_more_than_positions_times_or_side_features():
-    """At initialisation an item's history feature is mostly the item: the same item at another
+    """At initialisation a pre-norm model's history feature is mostly the item: the same item at another
     position, after another gap and with the side-feature values of another item stays closer to
-    itself than two different items are (position, time and side tables start as small as the id's)."""
-    model = make(use_time=True).eval()
+    itself than two different items are (position, time and side tables start as small as the id's,
+    and SASRec's layout scales the item's by sqrt(D)). BERT's post-norm layout sums them at one scale
+    and layer-norms the sum (`test_post_norm_blocks_layer_norm_their_input_and_every_residual_sum`)."""
+    model = make(use_time=True, block="pre_norm").eval()
     fx = model.features
     fx.set_item_side(torch.arange(N + 1).remainder(6).unsqueeze(1))
     length = fx.max_len
@@ -504,7 +506,8 @@ def test_history_length_dropout_and_tracker_depth_follow_the_data_unless_set():
     assert InterestModel(unset).features.position.num_embeddings == 50
     assert len(InterestModel(unset).tracker.blocks) == 1
     assert len(InterestModel(long).tracker.blocks) == 2
-    assert InterestModel(dataclasses.replace(long, tracker="gru")).tracker.gru.num_layers == 2
+    assert long.block == "post_norm"  # filled from the tracker, so the artifact records it
+    assert InterestModel(dataclasses.replace(long, tracker="gru", block="pre_norm")).tracker.gru.num_layers == 2
     # Full cross-entropy's logits grow with catalog x history length: a longer history moves the switch.
     assert ModelConfig(num_items=FULL_SOFTMAX_MAX_CELLS // 50, max_len=50).resolved_loss == "ce"
     assert ModelConfig(num_items=FULL_SOFTMAX_MAX_CELLS // 50, max_len=200).resolved_loss == "sampled_softmax"

@@ -86,6 +86,9 @@ FULL = {
         # The default with BERT's post-norm block, as BSARec uses it (`model.block=post_norm`).
         quality("Beauty", "--variants", "default", "--set", "model.tracker_layers=1", "--set", "train.lr_patience=3",
                 "--set", "model.examples=prefixes", "--set", "model.block=post_norm", "--seeds", "0", "1", "2"),
+        # ... and with two tracker layers, as BSARec's two blocks (the bench's pinned depth).
+        quality("Beauty", "--variants", "default", "--set", "train.lr_patience=3", "--set", "model.examples=prefixes",
+                "--set", "model.block=post_norm", "--seeds", "0"),
         # The default reading a moving average of the validations (`train.smoothing`), as the product does.
         *(quality(d, "--variants", "default", "--set", "model.tracker_layers=1", "--set", "train.lr_patience=3",
                   "--set", "model.examples=prefixes", "--set", "train.smoothing=0.5", "--seeds", "0")

@@ -39,7 +39,7 @@ def reference() -> str:
         return f"`{str(value).lower() if isinstance(value, bool) else list(value) if isinstance(value, tuple) else value}`"
 
     out = ["# Configuration reference", "",
-           "Generated from `ray_rec/config/sections.py` by `ray-rec config --reference`; `ray-rec config [--config F] [--set ...] "
+           "Generated from `ray_rec/config/sections.py` and `serving.py` by `ray-rec config --reference`; `ray-rec config [--config F] [--set ...] "
            "[--data D]` prints the resolved values of a run.", ""]
     blurbs = {"model": "`--config` YAML section `model:` / `--set model.FIELD=VALUE`",
               "data": "`data:`", "train": "`train:`", "eval": "`eval:`"}

@@ -21,24 +21,26 @@ from ray_rec.config.sections import (
     ENGINES,
     FORMATS,
     LOSSES,
-    MAX_REQUEST_LIST,
     PRECISIONS,
-    REDIS_PASSWORD_ENV,
-    REDIS_URL_ENV,
     SAVED_BEFORE,
     SPLITS,
-    STATE_BACKENDS,
     Config,
     DataConfig,
     EvalConfig,
     ModelConfig,
     PrepareOptions,
-    ServeConfig,
-    StateConfig,
     TrainConfig,
     for_data,
     network_choices,
     with_catalog,
+)
+from ray_rec.config.serving import (
+    MAX_REQUEST_LIST,
+    REDIS_PASSWORD_ENV,
+    REDIS_URL_ENV,
+    STATE_BACKENDS,
+    ServeConfig,
+    StateConfig,
 )
 
 __all__ = [

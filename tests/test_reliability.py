@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from bench.output import this_ray
 from bench.serve_kill import replica_pids
 from ray_rec import load_model
 from ray_rec.config import load_config
 from ray_rec.serve.client import retrying_session
+from ray_rec.serve.local import APP_NAME
 
 from .conftest import (
     ACCESS_KEY_ID,
@@ -177,22 +177,11 @@ def keyed_service(trained, ray_cluster):
 HEADERS = {"X-API-Key": API_KEY}
 
 
-def _replica_pid() -> int:
-    from ray.util.state import list_actors
-
-    # Ray's state API keeps the first `limit` (default 100) matches in actor-id order, which is
-    # random: with a hundred actors alive from earlier tests the replica can be cut off the list.
-    # The state API can lag Serve: right after a replica was replaced, requests were already served
-    # by the new one while the listing held no alive replica (CI run on 56667e8). Ask again for a while.
-    deadline = time.monotonic() + 30
-    while True:
-        actors = list_actors(address=this_ray(), filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
-        pids = [a.pid for a in actors if "RecommenderService" in (a.class_name or "")]
-        if len(pids) == 1 or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    assert len(pids) == 1, f"{len(pids)} replicas among {len(actors)} alive actors: {sorted({a.class_name for a in actors})}"
-    return int(pids[0])
+def _replica_pid(killed: tuple[int, ...] = ()) -> int:
+    """The pid of the app's one live replica (other than ``killed``), waiting out the state API's lag."""
+    pids = replica_pids(APP_NAME, 1, killed=killed, timeout_s=30)
+    assert len(pids) == 1, f"{len(pids)} live replicas of the app"
+    return pids[0]
 
 
 @pytest.mark.slow
@@ -235,7 +224,7 @@ def test_serve_replica_killed_under_load(keyed_service):
             recovered = len(recent) == 40 and set(recent) == {"200"}
         stop.set()
     assert recovered, f"Serve did not recover: last outcomes {sorted(set(o for o, _ in results[-40:]))}"
-    assert _replica_pid() != old_pid
+    _replica_pid(killed=(old_pid,))  # a new replica is alive in the killed one's place
     outcomes = [o for o, _ in results]
     assert "hang" not in outcomes
     assert max(t for _, t in results) < timeout_s + 5, "a request waited past the request timeout"

@@ -17,7 +17,7 @@ def _source(report: dict[str, Any]) -> str:
     return f"_Command: `{report.get('command', '?')}`; machine: {report.get('machine', '?')}._"
 
 
-def _plot(path: Path, draw: Any) -> str | None:
+def _plot(path: Path, draw: Any, height: float = 3.6) -> str | None:
     try:
         import matplotlib
 
@@ -25,10 +25,10 @@ def _plot(path: Path, draw: Any) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=(6, height))
     draw(ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # a legend placed below the axes is kept
     plt.close(fig)
     return path.name
 
@@ -70,18 +70,22 @@ def curve(row: dict) -> list[dict]:
 
 
 def quality(folder: Path, rel: str) -> list[str]:
+    from bench.model_quality import MODEL_REVISION
+
     out: list[str] = []
     for r in _load(folder, "model_quality_*.json"):
         ds = r["dataset"]
         out += [f"### {ds}", "", _source(r), "", *quality_table(r)]
-        curves = {n: c for n, row in r["rows"].items() if (c := curve(row))}
+        # The current model code's rows only: every row's curve made a legend taller than the figure.
+        curves = {n: c for n, row in r["rows"].items()
+                  if row.get("model_revision", 1) == MODEL_REVISION and (c := curve(row))}
         if curves:
             def draw(ax: Any, curves: dict = curves, ds: str = ds) -> None:
                 for name, hist in curves.items():
                     pts = [(h["epoch"], h["val_NDCG@10"]) for h in hist if "val_NDCG@10" in h]
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
                 ax.set(xlabel="epoch", ylabel="validation NDCG@10", title=f"{ds}: training curves (lowest seed per row)")
-                ax.legend(fontsize=7)
+                ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(0, -0.25))
             name = _plot(folder / f"quality_{ds}.png", draw)
             if name:
                 out += ["", f"![training curves]({rel}/{name})"]

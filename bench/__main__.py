@@ -89,6 +89,14 @@ FULL = {
         # ... and with two tracker layers, as BSARec's two blocks (the bench's pinned depth).
         quality("Beauty", "--variants", "default", "--set", "train.lr_patience=3", "--set", "model.examples=prefixes",
                 "--set", "model.block=post_norm", "--seeds", "0"),
+        # ... and with BSARec's attention mixed with a frequency filter (`model.tracker=spectral`).
+        quality("Beauty", "--variants", "default", "--set", "model.tracker_layers=1", "--set", "train.lr_patience=3",
+                "--set", "model.examples=prefixes", "--set", "model.block=post_norm", "--set", "model.tracker=spectral",
+                "--seeds", "0"),
+        # ... and at BSARec's learning rate (half the default's).
+        quality("Beauty", "--variants", "default", "--set", "model.tracker_layers=1", "--set", "train.lr_patience=3",
+                "--set", "model.examples=prefixes", "--set", "model.block=post_norm", "--set", "train.lr=0.0005",
+                "--seeds", "0"),
         # The default reading a moving average of the validations (`train.smoothing`), as the product does.
         *(quality(d, "--variants", "default", "--set", "model.tracker_layers=1", "--set", "train.lr_patience=3",
                   "--set", "model.examples=prefixes", "--set", "train.smoothing=0.5", "--seeds", "0")

@@ -17,7 +17,7 @@ def _source(report: dict[str, Any]) -> str:
     return f"_Command: `{report.get('command', '?')}`; machine: {report.get('machine', '?')}._"
 
 
-def _plot(path: Path, draw: Any, height: float = 3.6) -> str | None:
+def _plot(path: Path, draw: Any) -> str | None:
     try:
         import matplotlib
 
@@ -25,7 +25,7 @@ def _plot(path: Path, draw: Any, height: float = 3.6) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(6, height))
+    fig, ax = plt.subplots(figsize=(6, 3.6))
     draw(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")  # a legend placed below the axes is kept

@@ -67,6 +67,7 @@ def replica_pids(app: str, count: int, killed: Collection[int] = (), timeout_s: 
 
     deadline = time.monotonic() + timeout_s
     while True:
+        # The state API keeps its first `limit` matches (default 100) in actor-id order, which is random.
         actors = list_actors(address=this_ray(), filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
         pids = sorted(a.pid for a in actors if "RecommenderService" in (a.class_name or "") and f"{app}#" in (a.name or "")
                       and a.pid and a.pid not in killed)
